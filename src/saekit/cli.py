@@ -1,0 +1,100 @@
+"""The `saekit` command: parse arguments, call the library, print results. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+
+from saekit.errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="saekit: train sparse autoencoders, measure feature recovery, choose hyperparameters.",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """saekit: train sparse autoencoders, measure feature recovery, choose hyperparameters."""
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    print(f"saekit: error: {first_line}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=float) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config; omitted = all defaults (the report's toy setup)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set sae.l1=[0.03,0.1]")] = None,
+    out: Annotated[Path, typer.Option("--out", help="output folder: runs.sqlite and checkpoints")] = Path("saekit-out"),
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON list (one object per SAE) on stdout")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+) -> None:
+    """Train every SAE the config describes (one, or a grid from lists)."""
+    from saekit.config import load_config
+    from saekit.train.run import run_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+        results, errors = run_config(cfg, out, progress=progress, on_result=None if as_json else _print_summary)
+    except InputError as err:
+        _fail(str(err), 2)
+    if as_json:
+        _print_json(results)
+    for e in errors:
+        print(f"saekit: error: {e}", file=sys.stderr)
+    if errors:
+        raise typer.Exit(1)
+
+
+def _print_summary(row: dict[str, Any]) -> None:
+    parts = [f"{row['run_id']}", f"status={row['status']}"]
+    for key in ("mse", "fvu", "l0", "dead_fraction", "mmcs", "recovered_0_9"):
+        if row.get(key) is not None:
+            parts.append(f"{key}={row[key]:.4g}")
+    if row.get("seconds"):
+        parts.append(f"seconds={row['seconds']:.1f}")
+    print("  ".join(parts), flush=True)
+
+
+def main() -> None:
+    """Entry point: exit 2 with one line for bad input, 1 with one line for anything unexpected."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except InputError as err:
+        _fail_plain(str(err), 2)
+    except (typer.BadParameter, typer.Abort) as err:
+        _fail_plain(str(err), 2)
+    except KeyboardInterrupt:
+        _fail_plain("interrupted", 130)
+    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
+        import click
+
+        if isinstance(err, click.ClickException):
+            _fail_plain(err.format_message(), 2)
+        _fail_plain(f"{type(err).__name__}: {err}", 1)
+
+
+def _fail_plain(message: str, code: int) -> NoReturn:
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    print(f"saekit: error: {first_line}", file=sys.stderr)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

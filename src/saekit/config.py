@@ -1,0 +1,222 @@
+"""Typed configs (pydantic v2, unknown keys refused), YAML loading, `--set` overrides, grid expansion.
+
+A config has three sections, each a flat model whose fields are documented
+below; every default is the value we recommend for the report's toy data.
+Lists in `sae.dict_size`, `sae.l1` or `train.seeds` make a grid: one SAE per
+combination.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from saekit.errors import InputError
+
+# Names of the architectures in `saekit.sae.ARCHITECTURES` (kept here so that
+# configs validate without importing torch; a test keeps the two in step).
+KNOWN_ARCHS = ("relu",)
+
+# The recommended L1 coefficient for the report's toy data with
+# `l1_reduction: mean`, measured in benchmarks/recipe_probe.py (see README).
+DEFAULT_L1 = 1e-3
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+class SourceConfig(_Section):
+    """Where activations come from. `toy` is the report's generator."""
+
+    kind: Literal["toy", "file"] = Field("toy", description="toy: the report's generator; file: a tensor on disk")
+    d: int = Field(256, gt=0, description="input width (toy); for `file` read from the data")
+    n_features: int = Field(512, gt=0, description="G, the number of true features (toy)")
+    prob_decay: float = Field(0.99, gt=0, le=1, description="feature i fires with probability proportional to prob_decay**i")
+    mean_active: float = Field(5.0, gt=0, description="expected number of active features per sample")
+    correlated: bool = Field(False, description="fire features through a Gaussian copula with a random correlation matrix")
+    magnitude_decay: float = Field(1.0, gt=0, le=1, description="feature i's coefficient is scaled by magnitude_decay**i; 1 = off")
+    noise_std: float = Field(0.0, ge=0, description="std of isotropic Gaussian noise added to every sample")
+    seed: int = Field(0, ge=0, description="seeds the true features and the data stream")
+    n_samples: int | None = Field(
+        None, gt=0, description="fixed dataset of this many samples, cycled in shuffled epochs; null = fresh samples every step"
+    )
+    path: str | None = Field(
+        None, description="`file` only: a .safetensors (tensor 'activations', optional 'ground_truth') or .npy file of shape (N, d)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
+        if self.kind == "toy" and self.mean_active > self.n_features:
+            raise ValueError(f"mean_active ({self.mean_active}) is larger than n_features ({self.n_features})")
+        if self.kind == "file" and not self.path:
+            raise ValueError("source.kind 'file' needs source.path")
+        return self
+
+
+class SAEConfig(_Section):
+    """The sparse autoencoder. Defaults: the report's SAE (ReLU, L1 on the mean, unit-norm decoder, no decoder bias)."""
+
+    arch: str = Field("relu", description=f"architecture, one of {', '.join(KNOWN_ARCHS)}")
+    dict_size: int | list[int] = Field(1024, description="number of latents m (a list makes a grid axis)")
+    l1: float | list[float] = Field(DEFAULT_L1, description="L1 coefficient alpha (a list makes a grid axis)")
+    l1_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="mean: alpha * mean over latents and batch of |c| (the report); sum: summed over latents, mean over batch"
+    )
+    decoder_bias: bool = Field(False, description="add a decoder bias b_d (subtracted before encoding); off in the report")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if arch not in KNOWN_ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(KNOWN_ARCHS)}")
+        return arch
+
+    @field_validator("dict_size")
+    @classmethod
+    def _positive_sizes(cls, v: int | list[int]) -> int | list[int]:
+        for size in _as_list(v):
+            if size <= 0:
+                raise ValueError(f"dict_size must be positive, got {size}")
+        if isinstance(v, list) and not v:
+            raise ValueError("dict_size list is empty")
+        return v
+
+    @field_validator("l1")
+    @classmethod
+    def _nonnegative_l1(cls, v: float | list[float]) -> float | list[float]:
+        for a in _as_list(v):
+            if a < 0 or not math.isfinite(a):
+                raise ValueError(f"l1 must be a finite number >= 0, got {a}")
+        if isinstance(v, list) and not v:
+            raise ValueError("l1 list is empty")
+        return v
+
+
+class TrainConfig(_Section):
+    """The optimisation. Adam with a constant learning rate, fresh samples every step."""
+
+    batch_size: int = Field(1024, gt=0, description="samples per step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr_decay: Literal["none", "linear"] = Field(
+        "linear", description="none: constant lr (the report); linear: decay to 0 over the last `lr_decay_fraction` of training"
+    )
+    lr_decay_fraction: float = Field(0.2, gt=0, le=1, description="fraction of training over which `linear` decays the lr")
+    samples: int = Field(3_000_000, gt=0, description="training samples per SAE")
+    seed: int = Field(0, ge=0, description="init seed of the SAE (used when `seeds` is not given)")
+    seeds: list[int] | None = Field(None, description="init seeds; a list is a grid axis")
+    device: str = Field("auto", description="auto = CUDA when present, else CPU; or any torch device string")
+    log_every: int = Field(100, gt=0, description="steps between rows in the metrics-over-time table")
+    checkpoint_every: int = Field(1_000_000, gt=0, description="samples between checkpoints (one is always written at the end)")
+    eval_samples: int = Field(100_000, gt=0, description="fresh samples of the final evaluation; a latent that never fires on them is dead")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("seeds list is empty")
+            if any(s < 0 for s in v):
+                raise ValueError("seeds must be >= 0")
+        return v
+
+
+class Config(_Section):
+    """A whole experiment: the data, the SAE(s), the training."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class RunSpec(BaseModel):
+    """One SAE of a grid: the config with every grid axis fixed to one value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: str
+    dict_size: int
+    l1: float
+    seed: int
+
+
+def _as_list(v: Any) -> list:
+    return list(v) if isinstance(v, list) else [v]
+
+
+def expand_grid(cfg: Config) -> list[RunSpec]:
+    """Every (dict_size, l1, seed) combination the config describes, in a stable order."""
+    seeds = cfg.train.seeds if cfg.train.seeds is not None else [cfg.train.seed]
+    return [
+        RunSpec(arch=cfg.sae.arch, dict_size=m, l1=float(a), seed=s)
+        for m, a, s in itertools.product(_as_list(cfg.sae.dict_size), _as_list(cfg.sae.l1), seeds)
+    ]
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line naming each bad key and why."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after[_check(), SourceConfig]",))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown config key"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "bad config: " + "; ".join(parts)
+
+
+def set_override(data: dict, key: str, raw_value: str) -> None:
+    """Apply `section.key=value` to a nested dict; the value is parsed as YAML (numbers, lists, booleans)."""
+    path = key.split(".")
+    if any(not p for p in path):
+        raise InputError(f"bad --set key {key!r}")
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError:
+        value = raw_value
+    node = data
+    for p in path[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise InputError(f"bad --set key {key!r}: {p!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def parse_config(data: dict) -> Config:
+    """Validate a nested dict into a Config, or raise InputError with a one-line reason."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise InputError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from the defaults when `path` is None) and apply `key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise InputError(f"config is not valid YAML: {p}{line}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise InputError(f"config must be a YAML mapping of sections, got {type(loaded).__name__}: {p}")
+        data = loaded
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        set_override(data, key.strip(), raw.strip())
+    return parse_config(data)

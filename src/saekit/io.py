@@ -1,0 +1,185 @@
+"""Save and load SAEs: a folder with `cfg.json` and `sae.safetensors` (never pickle), written atomically.
+
+`cfg.json` records the architecture and shapes, the full experiment config,
+the samples seen, and the SHA-256 of each tensor file, which `load` checks so
+that a truncated or altered file is refused. A checkpoint may also hold
+`optimizer.safetensors` (Adam's state) to resume training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saekit.errors import InputError
+from saekit.sae import ARCHITECTURES, SparseAutoencoder
+
+CFG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME = "cfg.json", "sae.safetensors", "optimizer.safetensors"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Save tensors as safetensors atomically; returns the file's SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        digest = _sha256(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return digest
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sae_init_kwargs(sae: SparseAutoencoder) -> dict[str, Any]:
+    """What it takes to rebuild an SAE of the same shape (weights aside)."""
+    return {
+        "d": sae.d,
+        "dict_size": sae.dict_size,
+        "seeds": list(sae.seeds),
+        "l1": [float(a) for a in sae.l1_coef.tolist()],
+        "l1_reduction": sae.l1_reduction,
+        "decoder_bias": sae.b_dec is not None,
+    }
+
+
+def _optimizer_tensors(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in sae.named_parameters()}
+    out = {}
+    for p, st in optimizer.state.items():
+        for key, value in st.items():
+            out[f"{names[id(p)]}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def save_checkpoint(
+    folder: str | Path,
+    sae: SparseAutoencoder,
+    *,
+    samples: int,
+    config: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `folder/sae.safetensors` (+ optimizer state) and then `folder/cfg.json`, each atomically.
+
+    cfg.json is written last, so a folder whose cfg.json names hashes that match is complete.
+    """
+    folder = Path(folder)
+    hashes = {WEIGHTS_NAME: _atomic_save_tensors(dict(sae.state_dict()), folder / WEIGHTS_NAME)}
+    if optimizer is not None:
+        hashes[OPTIMIZER_NAME] = _atomic_save_tensors(_optimizer_tensors(sae, optimizer), folder / OPTIMIZER_NAME)
+    cfg = {
+        "format_version": FORMAT_VERSION,
+        "arch": sae.arch,
+        **sae_init_kwargs(sae),
+        "samples": samples,
+        "sha256": hashes,
+        "config": config or {},
+        **(extra or {}),
+    }
+    atomic_write_bytes(folder / CFG_NAME, json.dumps(cfg, indent=2).encode())
+    return folder
+
+
+def read_cfg(folder: str | Path) -> dict[str, Any]:
+    """The checkpoint's cfg.json as a dict; InputError if missing or malformed."""
+    path = Path(folder) / CFG_NAME
+    if not path.is_file():
+        raise InputError(f"not a saekit checkpoint: {path} is missing")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: malformed JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    for key in ("arch", "d", "dict_size", "seeds", "l1", "sha256"):
+        if key not in cfg:
+            raise InputError(f"{path}: missing key {key!r}")
+    if cfg["arch"] not in ARCHITECTURES:
+        raise InputError(f"{path}: unknown architecture {cfg['arch']!r}")
+    return cfg
+
+
+def _load_checked(folder: Path, name: str, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = folder / name
+    if not path.is_file():
+        raise InputError(f"checkpoint file missing: {path}")
+    expected = cfg["sha256"].get(name)
+    if expected is not None and _sha256(path) != expected:
+        raise InputError(f"checkpoint file corrupt (checksum mismatch): {path}")
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise InputError(f"checkpoint file unreadable: {path} ({type(err).__name__})") from None
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Rebuild an SAE from a checkpoint folder, checking every file against its stored checksum."""
+    folder = Path(folder)
+    cfg = read_cfg(folder)
+    try:
+        sae = ARCHITECTURES[cfg["arch"]](
+            d=int(cfg["d"]),
+            dict_size=int(cfg["dict_size"]),
+            seeds=[int(s) for s in cfg["seeds"]],
+            l1=[float(a) for a in cfg["l1"]],
+            l1_reduction=cfg.get("l1_reduction", "mean"),
+            decoder_bias=bool(cfg.get("decoder_bias", False)),
+        )
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{folder / CFG_NAME}: bad values ({err})") from None
+    tensors = _load_checked(folder, WEIGHTS_NAME, cfg)
+    try:
+        sae.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise InputError(f"{folder / WEIGHTS_NAME}: tensors do not match cfg.json ({str(err).splitlines()[0]})") from None
+    return sae.to(device)
+
+
+def load_optimizer_state(folder: str | Path, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> None:
+    """Restore Adam's state saved by `save_checkpoint` into `optimizer` (built over `sae`'s parameters)."""
+    folder = Path(folder)
+    tensors = _load_checked(folder, OPTIMIZER_NAME, read_cfg(folder))
+    for name, p in sae.named_parameters():
+        state = {
+            key.removeprefix(name + "."): v.to(p.device)
+            for key, v in tensors.items()
+            if key.startswith(name + ".") and "." not in key.removeprefix(name + ".")
+        }
+        if state:
+            optimizer.state[p] = state

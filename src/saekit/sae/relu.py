@@ -1,0 +1,138 @@
+"""The report's sparse autoencoder: c = ReLU(W_e x + b_e), x_hat = W_d c, unit-norm decoder directions.
+
+Sharkey, Braun & Millidge (2022). Parameters are stacked on a leading member
+axis K so that an ensemble of SAEs of one size trains in one batched step;
+K = 1 is the ordinary case. Members never interact: the total loss is the sum
+of the members' losses, and Adam is elementwise.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from saekit.sae.base import SparseAutoencoder, random_unit_rows
+
+
+def _append_column(t: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (..., n + 1) with the new last column filled with `value` (a scalar or a (K,) tensor)."""
+    col = torch.empty(*t.shape[:-1], 1, dtype=t.dtype, device=t.device)
+    col.copy_(value[:, None, None].expand_as(col) if torch.is_tensor(value) else torch.tensor(value, dtype=t.dtype))
+    return torch.cat([t, col], dim=-1)
+
+
+class _FusedReluLoss(torch.autograd.Function):
+    """Reconstruction and L1 terms of stacked ReLU SAEs with a hand-written backward.
+
+    Same values and gradients as autograd through encode/decode/loss_terms
+    (a test checks this), but with as few passes as possible over the large
+    (K, B, m) code tensors, which on a CPU cost about as much as a matmul each:
+    biases and the constant L1 gradient ride inside the matmuls as an extra
+    row/column of ones, and the ReLU mask is one threshold_backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, sum_over_latents: bool):
+        xc = x if b_dec is None else x - b_dec[:, None, :]  # (B, d) or (K, B, d)
+        K, d, m = W_enc.shape
+        B = xc.shape[-2]
+        xc_aug = _append_column(xc, 1.0).expand(K, B, d + 1)  # (K, B, d+1)
+        W_enc_aug = torch.cat([W_enc, b_enc[:, None, :]], dim=1)  # (K, d+1, m)
+        c = torch.bmm(xc_aug, W_enc_aug).relu_()  # (K, B, m)
+        err = torch.bmm(c, W_dec).sub_(xc)  # x_hat - x: (K, B, d)
+        reconstruction = err.pow(2).mean(dim=(1, 2))
+        sparsity = c.sum(dim=(1, 2)) / (B if sum_over_latents else B * m)
+        ctx.save_for_backward(xc_aug, c, err, W_enc, W_dec)
+        ctx.has_b_dec, ctx.l1_scale, ctx.x_shared = b_dec is not None, (1.0 / B if sum_over_latents else 1.0 / (B * m)), x.ndim == 2
+        ctx.mark_non_differentiable(c)
+        return reconstruction, sparsity, c
+
+    @staticmethod
+    def backward(ctx, g_rec, g_sp, _g_c):
+        xc_aug, c, err, W_enc, W_dec = ctx.saved_tensors
+        K, B, m = c.shape
+        d = err.shape[2]
+        g_err = err * (g_rec * (2.0 / (B * d)))[:, None, None]  # dLoss/dx_hat: (K, B, d)
+        g_W_dec = torch.bmm(c.transpose(1, 2), g_err)
+        # dLoss/dc = g_err W_dec^T + g_sp * l1_scale (|c| = c on the ReLU's support), then the ReLU mask.
+        g_err_aug = _append_column(g_err, g_sp * ctx.l1_scale)  # (K, B, d+1)
+        W_dec_t_aug = torch.cat([W_dec.transpose(1, 2), torch.ones(K, 1, m, dtype=W_dec.dtype, device=W_dec.device)], dim=1)
+        g_pre = torch.ops.aten.threshold_backward(torch.bmm(g_err_aug, W_dec_t_aug), c, 0.0)  # (K, B, m)
+        g_W_enc_aug = torch.bmm(xc_aug.transpose(1, 2), g_pre)  # (K, d+1, m): last row is the bias gradient
+        g_W_enc, g_b_enc = g_W_enc_aug[:, :d], g_W_enc_aug[:, d]
+        g_b_dec = None
+        if ctx.has_b_dec:
+            g_b_dec = g_err.sum(dim=1) - torch.bmm(g_b_enc[:, None, :], W_enc.transpose(1, 2))[:, 0]
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_x = torch.bmm(g_pre, W_enc.transpose(1, 2)) - g_err
+            if ctx.x_shared:
+                g_x = g_x.sum(dim=0)
+        return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None
+
+
+class ReluSAE(SparseAutoencoder):
+    """K ReLU SAEs of width `dict_size` on inputs of width `d`.
+
+    W_enc: (K, d, m), b_enc: (K, m), W_dec: (K, m, d) with unit rows,
+    b_dec: (K, d) when `decoder_bias` (subtracted before encoding, added after decoding).
+    Loss = MSE (mean over batch and d) + l1_coef * L1, where L1 is the mean of
+    |c| over latents and batch (`l1_reduction="mean"`, the report) or its sum
+    over latents averaged over the batch (`"sum"`).
+    """
+
+    arch = "relu"
+
+    def __init__(
+        self,
+        d: int,
+        dict_size: int,
+        seeds: list[int],
+        l1: list[float],
+        l1_reduction: Literal["mean", "sum"] = "mean",
+        decoder_bias: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        if len(l1) != len(seeds):
+            raise ValueError("one l1 coefficient per member")
+        self.d, self.dict_size, self.n_members = d, dict_size, len(seeds)
+        self.l1_reduction = l1_reduction
+        self.seeds = list(seeds)
+        W_dec = torch.stack([random_unit_rows(dict_size, d, seed) for seed in seeds]).to(device)
+        self.W_dec = nn.Parameter(W_dec)  # (K, m, d)
+        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())  # (K, d, m)
+        self.b_enc = nn.Parameter(torch.zeros(self.n_members, dict_size, device=device))  # (K, m)
+        self.b_dec = nn.Parameter(torch.zeros(self.n_members, d, device=device)) if decoder_bias else None  # (K, d)
+        self.register_buffer("l1_coef", torch.tensor(l1, dtype=torch.float32, device=device))  # (K,)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, d) shared by all members, or (K, B, d) -> codes c: (K, B, m)."""
+        if self.b_dec is not None:
+            x = x - self.b_dec[:, None, :]
+        return torch.relu(torch.matmul(x, self.W_enc) + self.b_enc[:, None, :])
+
+    def decode(self, c: torch.Tensor) -> torch.Tensor:
+        """c: (K, B, m) -> x_hat: (K, B, d)."""
+        x_hat = torch.bmm(c, self.W_dec)
+        if self.b_dec is not None:
+            x_hat = x_hat + self.b_dec[:, None, :]
+        return x_hat
+
+    def sparsity_term(self, c: torch.Tensor) -> torch.Tensor:
+        """The L1 term per member, before its coefficient: (K,)."""
+        l1 = c.abs()
+        return l1.mean(dim=(1, 2)) if self.l1_reduction == "mean" else l1.sum(dim=2).mean(dim=1)
+
+    def training_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Like `loss_terms(x, *self(x))` plus 'codes', computed with a fused backward (see _FusedReluLoss)."""
+        reconstruction, sparsity, c = _FusedReluLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_reduction == "sum")
+        return {"reconstruction": reconstruction, "sparsity": sparsity, "loss": reconstruction + self.l1_coef * sparsity, "codes": c}
+
+    def loss_terms(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{'reconstruction': (K,), 'sparsity': (K,), 'loss': (K,)}; `loss` = reconstruction + l1_coef * sparsity."""
+        reconstruction = (x_hat - x).pow(2).mean(dim=(1, 2))
+        sparsity = self.sparsity_term(c)
+        return {"reconstruction": reconstruction, "sparsity": sparsity, "loss": reconstruction + self.l1_coef * sparsity}

@@ -1,0 +1,60 @@
+"""Producers of activation batches.
+
+Every source has `d`, `ground_truth` ((G, d) unit rows, or None), and
+`batch(batch_size, step, stream)` returning float32 (B, d); batch `step` of a
+stream is deterministic, so training can restart at any step. Stream 0 is for
+training, other streams for evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from saekit.config import SourceConfig
+from saekit.errors import InputError
+from saekit.sources.tensor_file import TensorSource, load_tensor_file
+from saekit.sources.toy import ToySource
+
+EVAL_STREAM = 1
+
+
+class Source(Protocol):
+    d: int
+    ground_truth: torch.Tensor | None
+
+    def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor: ...
+
+
+def stream_batches(source: Source, batch_size: int, stream: int = 0, start_step: int = 0) -> Iterator[torch.Tensor]:
+    """An endless iterator over the batches of one stream, from `start_step` on."""
+    step = start_step
+    while True:
+        yield source.batch(batch_size, step, stream)
+        step += 1
+
+
+def make_source(cfg: SourceConfig, device: str | torch.device = "cpu") -> Source:
+    """Build the source a config describes (reads and checks files; raises InputError on bad data)."""
+    if cfg.kind == "toy":
+        return ToySource(
+            d=cfg.d,
+            n_features=cfg.n_features,
+            prob_decay=cfg.prob_decay,
+            mean_active=cfg.mean_active,
+            correlated=cfg.correlated,
+            magnitude_decay=cfg.magnitude_decay,
+            noise_std=cfg.noise_std,
+            seed=cfg.seed,
+            n_samples=cfg.n_samples,
+            device=device,
+        )
+    data, truth = load_tensor_file(cfg.path)
+    if "d" in cfg.model_fields_set and cfg.d != data.shape[1]:
+        raise InputError(f"source.d is {cfg.d} but {cfg.path} has width {data.shape[1]}")
+    return TensorSource(data, truth, seed=cfg.seed, device=device)
+
+
+__all__ = ["EVAL_STREAM", "Source", "TensorSource", "ToySource", "load_tensor_file", "make_source", "stream_batches"]

@@ -1,0 +1,132 @@
+"""The run registry: `OUT/runs.sqlite` (SQLite in WAL mode), one row per SAE plus metrics over time.
+
+Table `runs`: run_id, arch, dict_size, l1, seed, status (running | done | failed),
+samples, seconds, the headline metrics as columns, all final metrics as JSON,
+the full config as JSON, the checkpoint folder, and an error message.
+Table `history`: (run_id, samples, name, value) rows logged during training.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+HEADLINE = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "recovered_0_9")
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    arch TEXT NOT NULL,
+    dict_size INTEGER NOT NULL,
+    l1 REAL NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    samples INTEGER NOT NULL DEFAULT 0,
+    seconds REAL NOT NULL DEFAULT 0,
+    {", ".join(f"{name} REAL" for name in HEADLINE)},
+    metrics TEXT,
+    config TEXT NOT NULL,
+    checkpoint TEXT,
+    error TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    samples INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL,
+    PRIMARY KEY (run_id, samples, name)
+);
+"""
+
+
+class RunStore:
+    """A handle on `OUT/runs.sqlite`; creates the folder and tables on first use."""
+
+    FILENAME = "runs.sqlite"
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / self.FILENAME
+        self.db = sqlite3.connect(self.path, timeout=30.0)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        with self.db:
+            self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def start_run(self, run_id: str, *, arch: str, dict_size: int, l1: float, seed: int, config: dict[str, Any], checkpoint: str) -> None:
+        """Register a run as `running` (or mark an existing one running again, keeping its progress)."""
+        now = time.time()
+        with self.db:
+            self.db.execute(
+                """INSERT INTO runs (run_id, arch, dict_size, l1, seed, status, config, checkpoint, created, updated)
+                   VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)
+                   ON CONFLICT(run_id) DO UPDATE SET status='running', error=NULL, updated=excluded.updated""",
+                (run_id, arch, dict_size, l1, seed, json.dumps(config, sort_keys=True), checkpoint, now, now),
+            )
+
+    def log_history(self, run_id: str, samples: int, values: dict[str, float]) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO history (run_id, samples, name, value) VALUES (?, ?, ?, ?)",
+                [(run_id, samples, name, float(v)) for name, v in values.items()],
+            )
+
+    def record_progress(self, run_id: str, samples: int, seconds: float) -> None:
+        with self.db:
+            self.db.execute("UPDATE runs SET samples=?, seconds=?, updated=? WHERE run_id=?", (samples, seconds, time.time(), run_id))
+
+    def finish_run(self, run_id: str, *, samples: int, seconds: float, metrics: dict[str, float]) -> None:
+        cols = ", ".join(f"{name}=?" for name in HEADLINE)
+        with self.db:
+            self.db.execute(
+                f"UPDATE runs SET status='done', samples=?, seconds=?, {cols}, metrics=?, updated=? WHERE run_id=?",
+                (samples, seconds, *[metrics.get(name) for name in HEADLINE], json.dumps(metrics, sort_keys=True), time.time(), run_id),
+            )
+
+    def fail_run(self, run_id: str, error: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE runs SET status='failed', error=?, updated=? WHERE run_id=?", (error, time.time(), run_id))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return _row_dict(row) if row is not None else None
+
+    def runs(self, status: str | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM runs", ()
+        if status is not None:
+            query, args = query + " WHERE status=?", (status,)
+        return [_row_dict(r) for r in self.db.execute(query + " ORDER BY dict_size, l1, seed, run_id", args)]
+
+    def history(self, run_id: str) -> list[dict[str, Any]]:
+        """Rows {samples, name: value, ...} in order of samples."""
+        rows: dict[int, dict[str, Any]] = {}
+        for r in self.db.execute("SELECT samples, name, value FROM history WHERE run_id=? ORDER BY samples", (run_id,)):
+            rows.setdefault(r["samples"], {"samples": r["samples"]})[r["name"]] = r["value"]
+        return list(rows.values())
+
+
+def _row_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["config"] = json.loads(d["config"])
+    d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else None
+    return d
