@@ -73,7 +73,8 @@ def _print_summary(row: dict[str, Any]) -> None:
 def main() -> None:
     """Entry point: exit 2 with one line for bad input, 1 with one line for anything unexpected."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the code of a typer.Exit here
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except InputError as err:

@@ -130,9 +130,28 @@ def read_cfg(folder: str | Path) -> dict[str, Any]:
     for key in ("arch", "d", "dict_size", "seeds", "l1", "sha256"):
         if key not in cfg:
             raise InputError(f"{path}: missing key {key!r}")
-    if cfg["arch"] not in ARCHITECTURES:
+    if not isinstance(cfg["arch"], str) or cfg["arch"] not in ARCHITECTURES:
         raise InputError(f"{path}: unknown architecture {cfg['arch']!r}")
+    for key in ("d", "dict_size"):
+        if not _is_int(cfg[key]) or cfg[key] <= 0:
+            raise InputError(f"{path}: {key} must be a positive integer, got {cfg[key]!r}")
+    if not isinstance(cfg["seeds"], list) or not cfg["seeds"] or not all(_is_int(s) for s in cfg["seeds"]):
+        raise InputError(f"{path}: seeds must be a non-empty list of integers")
+    if not isinstance(cfg["l1"], list) or len(cfg["l1"]) != len(cfg["seeds"]) or not all(_is_number(a) for a in cfg["l1"]):
+        raise InputError(f"{path}: l1 must be a list of numbers, one per seed")
+    if not isinstance(cfg["sha256"], dict):
+        raise InputError(f"{path}: sha256 must be an object of file name -> hash")
+    if cfg.get("l1_reduction", "mean") not in ("mean", "sum"):
+        raise InputError(f"{path}: l1_reduction must be 'mean' or 'sum'")
     return cfg
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _load_checked(folder: Path, name: str, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -161,8 +180,8 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
             l1_reduction=cfg.get("l1_reduction", "mean"),
             decoder_bias=bool(cfg.get("decoder_bias", False)),
         )
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{folder / CFG_NAME}: bad values ({err})") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputError(f"{folder / CFG_NAME}: bad values ({str(err).splitlines()[0]})") from None
     tensors = _load_checked(folder, WEIGHTS_NAME, cfg)
     try:
         sae.load_state_dict(tensors)
@@ -176,10 +195,10 @@ def load_optimizer_state(folder: str | Path, sae: SparseAutoencoder, optimizer: 
     folder = Path(folder)
     tensors = _load_checked(folder, OPTIMIZER_NAME, read_cfg(folder))
     for name, p in sae.named_parameters():
-        state = {
-            key.removeprefix(name + "."): v.to(p.device)
-            for key, v in tensors.items()
-            if key.startswith(name + ".") and "." not in key.removeprefix(name + ".")
-        }
+        prefix = name + "."
+        state = {key.removeprefix(prefix): v.to(p.device) for key, v in tensors.items() if key.startswith(prefix)}
+        for key, v in state.items():
+            if key != "step" and v.shape != p.shape:
+                raise InputError(f"{folder / OPTIMIZER_NAME}: {name}.{key} has shape {tuple(v.shape)}, the SAE has {tuple(p.shape)}")
         if state:
             optimizer.state[p] = state

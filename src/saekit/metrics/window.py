@@ -51,4 +51,8 @@ class WindowStats:
     def sparsity(self, reduction: str) -> torch.Tensor:
         """(K,) the L1 term: mean |c| over latents and samples ("mean") or summed over latents ("sum")."""
         per_sample = self.abs_sum / self.n
-        return per_sample / self.dict_size if reduction == "mean" else per_sample
+        if reduction == "mean":
+            return per_sample / self.dict_size
+        if reduction == "sum":
+            return per_sample
+        raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'")

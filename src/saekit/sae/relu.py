@@ -98,6 +98,8 @@ class ReluSAE(SparseAutoencoder):
         super().__init__()
         if len(l1) != len(seeds):
             raise ValueError("one l1 coefficient per member")
+        if l1_reduction not in ("mean", "sum"):
+            raise ValueError(f"l1_reduction must be 'mean' or 'sum', got {l1_reduction!r}")
         self.d, self.dict_size, self.n_members = d, dict_size, len(seeds)
         self.l1_reduction = l1_reduction
         self.seeds = list(seeds)

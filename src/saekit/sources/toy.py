@@ -96,11 +96,11 @@ class ToySource:
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """A fresh batch (B, d) drawn with `generator` (a CPU generator; tensors are moved to the device)."""
+    def sample_coefficients(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """The true codes of a fresh batch: (B, G), zero where a feature is off, in [0, magnitude_i) where on."""
         B, G = batch_size, self.n_features
         if self.correlation is None:
-            # One uniform per (sample, feature) gives both events: fire iff u < p, and then
+            # One uniform u per (sample, feature) gives both events: fire iff u < p, and then
             # u / p ~ Uniform[0, 1) independently of which features fired.
             coef = torch.rand(B, G, generator=generator).to(self.device).mul_(self._inv_p)
             coef.masked_fill_(coef >= 1.0, 0.0)
@@ -108,11 +108,13 @@ class ToySource:
             eps = torch.randn(B, G, generator=generator).to(self.device)
             fire = (eps @ self._chol_t) < self._z_threshold
             coef = torch.where(fire, torch.rand(B, G, generator=generator).to(self.device), 0.0)
-        if self._scaled:
-            coef = coef * self.magnitudes
-        x = coef @ self.ground_truth
+        return coef * self.magnitudes if self._scaled else coef
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """A fresh batch (B, d) drawn with `generator` (a CPU generator; tensors are moved to the device)."""
+        x = self.sample_coefficients(batch_size, generator) @ self.ground_truth
         if self.noise_std > 0:
-            x = x + self.noise_std * torch.randn(B, self.d, generator=generator).to(self.device)
+            x = x + self.noise_std * torch.randn(batch_size, self.d, generator=generator).to(self.device)
         return x
 
     def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:

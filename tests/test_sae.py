@@ -1,0 +1,100 @@
+"""The report's SAE: values, gradients, decoder constraint, initialisation, members."""
+
+import pytest
+import torch
+
+from saekit.config import KNOWN_ARCHS
+from saekit.sae import ARCHITECTURES, ReluSAE
+
+
+def test_registry_matches_config_names():
+    assert set(ARCHITECTURES) == set(KNOWN_ARCHS)
+
+
+def _identity_sae(reduction: str) -> ReluSAE:
+    sae = ReluSAE(d=2, dict_size=2, seeds=[0], l1=[0.1], l1_reduction=reduction)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2)[None])
+        sae.W_dec.copy_(torch.eye(2)[None])
+    return sae
+
+
+def test_loss_terms_hand_computed():
+    x = torch.tensor([[1.0, -1.0]])
+    sae = _identity_sae("mean")
+    x_hat, c = sae(x)
+    # c = ReLU(I x) = (1, 0); x_hat = I c = (1, 0); squared error (0, 1) -> mean over d = 0.5.
+    torch.testing.assert_close(c, torch.tensor([[[1.0, 0.0]]]))
+    terms = sae.loss_terms(x, x_hat, c)
+    assert terms["reconstruction"].item() == pytest.approx(0.5)
+    assert terms["sparsity"].item() == pytest.approx(0.5)  # mean |c| over 2 latents = 1/2
+    assert terms["loss"].item() == pytest.approx(0.5 + 0.1 * 0.5)
+    sae_sum = _identity_sae("sum")
+    assert sae_sum.loss_terms(x, *sae_sum(x))["sparsity"].item() == pytest.approx(1.0)  # sum over latents
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("decoder_bias", [False, True])
+@pytest.mark.parametrize("members", [1, 3])
+def test_fused_training_loss_matches_autograd(reduction, decoder_bias, members):
+    torch.manual_seed(0)
+    sae = ReluSAE(12, 20, list(range(members)), [0.05 * (k + 1) for k in range(members)], reduction, decoder_bias).double()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        if decoder_bias:
+            sae.b_dec.normal_(0, 0.3)
+    x = torch.randn(16, 12, dtype=torch.float64, requires_grad=True)
+    fused = sae.training_loss(x)
+    fused["loss"].sum().backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    gx = x.grad.clone()
+    sae.zero_grad()
+    x.grad = None
+    ref = sae.loss_terms(x, *sae(x))
+    ref["loss"].sum().backward()
+    for key in ("reconstruction", "sparsity", "loss"):
+        torch.testing.assert_close(fused[key], ref[key])
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+    torch.testing.assert_close(gx, x.grad)
+
+
+def test_init_unit_decoder_encoder_transposed_and_seeded():
+    sae = ReluSAE(8, 16, [3, 4], [0.1, 0.1])
+    torch.testing.assert_close(sae.W_dec.norm(dim=2), torch.ones(2, 16))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.transpose(1, 2))
+    assert torch.equal(sae.W_dec[0], ReluSAE(8, 16, [3], [0.1]).W_dec[0])
+    assert not torch.equal(sae.W_dec[0], sae.W_dec[1])
+    assert sae.b_dec is None and torch.count_nonzero(sae.b_enc) == 0
+
+
+def test_parallel_gradient_removed_and_rows_renormalised():
+    sae = ReluSAE(8, 16, [0], [0.1])
+    x = torch.rand(32, 8)
+    sae.training_loss(x)["loss"].sum().backward()
+    assert (sae.W_dec.grad * sae.W_dec).sum(dim=2).abs().max() > 1e-6  # there was a parallel part
+    sae.remove_parallel_grad()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(dim=2), torch.zeros(1, 16), atol=1e-7, rtol=0)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=2), torch.ones(1, 16))
+
+
+def test_members_are_independent():
+    """Member k of an ensemble computes what the SAE with member k's seed and l1 computes alone."""
+    x = torch.rand(10, 8)
+    pair = ReluSAE(8, 16, [1, 2], [0.1, 0.3])
+    alone = ReluSAE(8, 16, [2], [0.3])
+    t_pair, t_alone = pair.training_loss(x), alone.training_loss(x)
+    torch.testing.assert_close(t_pair["loss"][1], t_alone["loss"][0])
+    t_pair["loss"].sum().backward()
+    t_alone["loss"].sum().backward()
+    torch.testing.assert_close(pair.W_enc.grad[1], alone.W_enc.grad[0])
+
+
+def test_directions_are_unit_rows():
+    sae = ReluSAE(8, 16, [0], [0.1])
+    with torch.no_grad():
+        sae.W_dec.mul_(2.0)
+    torch.testing.assert_close(sae.directions().norm(dim=2), torch.ones(1, 16))
