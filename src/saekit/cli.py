@@ -60,6 +60,36 @@ def train(
         raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch.set_num_threads for every measurement")] = 2,
+    quick: Annotated[bool, typer.Option("--quick", help="fewer repeats (a smoke test, not a measurement)")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+) -> None:
+    """Measure training throughput against this machine's matmul rate and a plain PyTorch loop."""
+    from saekit.bench import run_benchmarks
+    from saekit.train.run import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except InputError as err:
+        _fail(str(err), 2)
+    results = run_benchmarks(threads=threads, quick=quick, device=str(dev))
+    if as_json:
+        _print_json(results)
+        return
+    for name, r in results.items():
+        print(
+            f"{name}: d={r['d']} m={r['dict_size']} batch={r['batch_size']} threads={r['threads']}\n"
+            f"  saekit step {r['step_ms']:.2f} ms = {r['samples_per_second']:,.0f} samples/s = {r['achieved_gflops']:.0f} GFLOP/s\n"
+            f"  bare matmuls of the step {r['matmul_ms']:.2f} ms ({r['matmul_gflops']:.0f} GFLOP/s): matmul_fraction {r['matmul_fraction']:.2f}\n"
+            f"  plain PyTorch loop {r['plain_step_ms']:.2f} ms: speedup_vs_plain {r['speedup_vs_plain']:.2f}\n"
+            f"  toy batch {r['data_ms']:.2f} ms ({r['data_fraction_of_step']:.2f} of a step), "
+            f"correlated {r['data_correlated_ms']:.2f} ms ({r['data_correlated_fraction_of_step']:.2f})"
+        )
+
+
 def _print_summary(row: dict[str, Any]) -> None:
     parts = [f"{row['run_id']}", f"status={row['status']}"]
     for key in ("mse", "fvu", "l0", "dead_fraction", "mmcs", "recovered_0_9"):

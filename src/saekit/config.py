@@ -22,9 +22,12 @@ from saekit.errors import InputError
 # configs validate without importing torch; a test keeps the two in step).
 KNOWN_ARCHS = ("relu",)
 
-# The recommended L1 coefficient for the report's toy data with
-# `l1_reduction: mean`, measured in benchmarks/recipe_probe.py (see README).
-DEFAULT_L1 = 1e-3
+# The recommended L1 coefficient for the report's toy data (d=256, G=512, 1024
+# latents) with `l1_reduction: mean`, batch 256, Adam lr 1e-3: on fresh seeds it
+# reached MMCS >= 0.996 with every true feature recovered at cosine 0.9 within 3M
+# samples (README, "Results"). 0.1 and 1.0 were both worse (MMCS 0.986, 0.982).
+# With the mean reduction the effective penalty per latent shrinks as 1/dict_size.
+DEFAULT_L1 = 0.3
 
 
 class _Section(BaseModel):
@@ -101,10 +104,10 @@ class SAEConfig(_Section):
 class TrainConfig(_Section):
     """The optimisation. Adam with a constant learning rate, fresh samples every step."""
 
-    batch_size: int = Field(1024, gt=0, description="samples per step")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(256, gt=0, description="samples per step (the report: 256)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (the report: 1e-3)")
     lr_decay: Literal["none", "linear"] = Field(
-        "linear", description="none: constant lr (the report); linear: decay to 0 over the last `lr_decay_fraction` of training"
+        "none", description="none: constant lr (the report); linear: decay to 0 over the last `lr_decay_fraction` of training"
     )
     lr_decay_fraction: float = Field(0.2, gt=0, le=1, description="fraction of training over which `linear` decays the lr")
     samples: int = Field(3_000_000, gt=0, description="training samples per SAE")

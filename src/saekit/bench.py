@@ -1,0 +1,125 @@
+"""Speed measurements, all taken in one run so their ratios are meaningful on a noisy shared machine.
+
+- saekit's training step for one SAE (loss, backward, decoder constraint, Adam, renormalisation);
+- the bare matmuls of that step with the same shapes (the machine's matmul rate for the same FLOPs);
+- a plain PyTorch loop (autograd through encode/decode, stock Adam) doing the same step;
+- generating a toy batch (independent and correlated features).
+
+Each figure is the median over `repeats` timings of `steps` iterations, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from saekit.sae import ReluSAE
+from saekit.sources import ToySource
+
+
+def _median_seconds(fn: Callable[[], None], steps: int, repeats: int, sync: Callable[[], None]) -> float:
+    for _ in range(max(2, steps // 5)):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def _saekit_step(sae: ReluSAE, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    terms = sae.training_loss(x)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].sum().backward()
+    sae.remove_parallel_grad()
+    opt.step()
+    sae.normalize_decoder()
+
+
+def _plain_step(sae: ReluSAE, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """What a researcher writes first: autograd through the modules, torch.optim.Adam defaults."""
+    x_hat, c = sae(x)
+    loss = sae.loss_terms(x, x_hat, c)["loss"].sum()
+    opt.zero_grad()
+    loss.backward()
+    sae.remove_parallel_grad()
+    opt.step()
+    sae.normalize_decoder()
+
+
+def bench_training(
+    d: int = 256, dict_size: int = 1024, batch_size: int = 1024, steps: int = 20, repeats: int = 5, device: str = "cpu"
+) -> dict[str, Any]:
+    """Training throughput of one ReLU SAE against the bare matmuls of its step and a plain loop."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    src = ToySource(d=d, n_features=max(1, dict_size // 2), mean_active=5, seed=0, device=dev)
+    xs = [src.batch(batch_size, t) for t in range(8)]
+    it = iter(range(10**12))
+
+    sae = ReluSAE(d, dict_size, [0], [0.3]).to(dev)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
+    step_s = _median_seconds(lambda: _saekit_step(sae, opt, xs[next(it) % 8]), steps, repeats, sync)
+
+    plain = ReluSAE(d, dict_size, [0], [0.3]).to(dev)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    plain_s = _median_seconds(lambda: _plain_step(plain, plain_opt, xs[next(it) % 8]), steps, repeats, sync)
+
+    # The five matmuls of a step: encode, decode, and in the backward dW_dec = c^T g, dc = g W_dec^T, dW_enc = x^T g_pre.
+    B, m = batch_size, dict_size
+    x, w_enc, w_dec = torch.randn(B, d, device=dev), torch.randn(d, m, device=dev), torch.randn(m, d, device=dev)
+    c, g = torch.randn(B, m, device=dev), torch.randn(B, d, device=dev)
+
+    def gemms() -> None:
+        x @ w_enc
+        c @ w_dec
+        c.T @ g
+        g @ w_dec.T
+        x.T @ c
+
+    gemm_s = _median_seconds(gemms, steps, repeats, sync)
+    flops_per_step = 10 * B * d * m
+
+    gen = ToySource(d=d, n_features=512, mean_active=5, seed=0, device=dev)
+    gen_s = _median_seconds(lambda: gen.batch(batch_size, next(it)), steps, repeats, sync)
+    corr = ToySource(d=d, n_features=512, mean_active=5, correlated=True, seed=0, device=dev)
+    corr_s = _median_seconds(lambda: corr.batch(batch_size, next(it)), steps, repeats, sync)
+    return {
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "d": d,
+        "dict_size": dict_size,
+        "batch_size": batch_size,
+        "flops_per_sample": flops_per_step / B,
+        "step_ms": step_s * 1e3,
+        "samples_per_second": B / step_s,
+        "achieved_gflops": flops_per_step / step_s / 1e9,
+        "matmul_ms": gemm_s * 1e3,
+        "matmul_gflops": flops_per_step / gemm_s / 1e9,
+        "matmul_fraction": gemm_s / step_s,
+        "plain_step_ms": plain_s * 1e3,
+        "speedup_vs_plain": plain_s / step_s,
+        "data_ms": gen_s * 1e3,
+        "data_fraction_of_step": gen_s / step_s,
+        "data_correlated_ms": corr_s * 1e3,
+        "data_correlated_fraction_of_step": corr_s / step_s,
+    }
+
+
+def run_benchmarks(threads: int | None = None, quick: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Everything `saekit bench` reports. `threads` sets torch.set_num_threads (default: all cores)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    steps, repeats = (5, 3) if quick else (20, 7)
+    return {
+        "training": bench_training(batch_size=1024, steps=steps, repeats=repeats, device=device),
+        "training_batch_256": bench_training(batch_size=256, steps=steps * 2, repeats=repeats, device=device),
+    }
