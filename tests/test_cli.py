@@ -59,21 +59,7 @@ def test_train_json_contract(tmp_path):
     rows = json.loads(r.stdout)
     assert len(rows) == 2 and {row["seed"] for row in rows} == {0, 1}
     for row in rows:
-        for key in (
-            "run_id",
-            "arch",
-            "dict_size",
-            "l1",
-            "seed",
-            "samples",
-            "seconds",
-            "mse",
-            "fvu",
-            "l0",
-            "dead_fraction",
-            "mmcs",
-            "recovered_0_9",
-        ):
+        for key in CONTRACT_FIELDS:
             assert key in row, key
         assert row["arch"] == "relu" and row["dict_size"] == 16 and row["l1"] == 0.1 and row["samples"] == 4096
         assert 0 <= row["mmcs"] <= 1 and 0 <= row["recovered_0_9"] <= 1 and 0 <= row["dead_fraction"] <= 1
