@@ -98,3 +98,52 @@ def test_directions_are_unit_rows():
     with torch.no_grad():
         sae.W_dec.mul_(2.0)
     torch.testing.assert_close(sae.directions().norm(dim=2), torch.ones(1, 16))
+
+
+def test_resample_latents_reinitialises_only_the_dead():
+    torch.manual_seed(0)
+    sae = ReluSAE(8, 6, [0, 1], [0.1, 0.1])
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.rand(32, 8)
+    sae.training_loss(x)["loss"].sum().backward()
+    opt.step()
+    sae.normalize_decoder()
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    moments_before = opt.state[sae.W_dec]["exp_avg"].clone()
+    assert moments_before.abs().sum() > 0
+    dead = torch.zeros(2, 6, dtype=torch.bool)
+    dead[0, [1, 4]] = True
+    # Only one input has any reconstruction error worth sampling: make the others exactly reconstructable (zero).
+    inputs = torch.zeros(5, 8)
+    inputs[3] = torch.arange(1.0, 9.0)
+    g = torch.Generator().manual_seed(0)
+    assert sae.resample_latents(dead, inputs, opt, g) == 2
+    direction = inputs[3] / inputs[3].norm()
+    for j in (1, 4):
+        torch.testing.assert_close(sae.W_dec[0, j], direction)  # the normalised high-loss input
+        assert sae.b_enc[0, j].item() == 0.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[sae.W_dec][key][0, j].abs().sum() == 0
+            assert opt.state[sae.W_enc][key][0, :, j].abs().sum() == 0
+    live = [0, 2, 3, 5]
+    # encoder column = direction * 0.2 * mean norm of the live encoder columns (Towards Monosemanticity)
+    expected_scale = 0.2 * before["W_enc"][0][:, live].norm(dim=0).mean()
+    torch.testing.assert_close(sae.W_enc[0][:, 1], direction * expected_scale)
+    torch.testing.assert_close(sae.W_dec[0, live], before["W_dec"][0, live])
+    torch.testing.assert_close(sae.W_dec[1], before["W_dec"][1])  # the other member is untouched
+    torch.testing.assert_close(opt.state[sae.W_dec]["exp_avg"][:, live], moments_before[:, live])
+
+
+def test_training_with_resampling_revives_dead_latents():
+    from saekit.config import TrainConfig
+    from saekit.sources import ToySource
+    from saekit.train.evaluate import evaluate
+    from saekit.train.loop import train
+
+    src = ToySource(d=16, n_features=20, mean_active=2, seed=0)
+    results = {}
+    for every in (0, 20_000):
+        sae = ReluSAE(16, 64, [0], [30.0])  # a penalty strong enough to kill latents
+        state = train(sae, src, TrainConfig(samples=200_000, lr=3e-3, resample_every=every, resample_until=0.9), progress=False)
+        results[every] = state.resampled
+    assert results[0] == 0 and results[20_000] > 0

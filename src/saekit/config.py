@@ -110,6 +110,10 @@ class TrainConfig(_Section):
         "none", description="none: constant lr (the report); linear: decay to 0 over the last `lr_decay_fraction` of training"
     )
     lr_decay_fraction: float = Field(0.2, gt=0, le=1, description="fraction of training over which `linear` decays the lr")
+    resample_every: int = Field(
+        0, ge=0, description="every this many samples, latents that did not fire since the last check are resampled; 0 = never (the report)"
+    )
+    resample_until: float = Field(0.5, gt=0, le=1, description="no resampling after this fraction of training")
     samples: int = Field(3_000_000, gt=0, description="training samples per SAE")
     seed: int = Field(0, ge=0, description="init seed of the SAE (used when `seeds` is not given)")
     seeds: list[int] | None = Field(None, description="init seeds; a list is a grid axis")

@@ -36,6 +36,10 @@ class SparseAutoencoder(nn.Module):
     def loss_terms(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def resample_latents(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+        """Re-initialise the `dead` (K, m) latents from inputs x (N, d); returns how many."""
+        raise NotImplementedError
+
     def training_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of a training step, each (K,), plus 'codes' (K, B, m) detached."""
         x_hat, c = self(x)

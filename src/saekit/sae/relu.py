@@ -133,6 +133,41 @@ class ReluSAE(SparseAutoencoder):
         reconstruction, sparsity, c = _FusedReluLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_reduction == "sum")
         return {"reconstruction": reconstruction, "sparsity": sparsity, "loss": reconstruction + self.l1_coef * sparsity, "codes": c}
 
+    @torch.no_grad()
+    def resample_latents(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+        """Re-initialise dead latents on inputs the SAE reconstructs badly (Bricken et al. 2023, "Towards Monosemanticity").
+
+        dead: (K, m) bool; x: (N, d) recent inputs. For each member, inputs are drawn with probability
+        proportional to their squared reconstruction error; a dead latent's decoder row becomes the
+        normalised input, its encoder column that direction scaled to 0.2 x the mean norm of the live
+        encoder columns, its bias 0, and its Adam moments 0. Returns how many latents were resampled.
+        """
+        x_hat, _ = self(x)
+        sq_err = (x_hat - x).pow(2).sum(dim=2)  # (K, N)
+        total = 0
+        for k in range(self.n_members):
+            idx = dead[k].nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            weights = sq_err[k].double().cpu()
+            weights = weights if weights.sum() > 0 else torch.ones_like(weights)
+            picks = torch.multinomial(weights, idx.numel(), replacement=True, generator=generator).to(x.device)
+            xin = x[picks] if self.b_dec is None else x[picks] - self.b_dec[k]
+            dirs = xin / xin.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n_dead, d)
+            enc_norms = self.W_enc[k].norm(dim=0)  # (m,)
+            live = ~dead[k]
+            scale = 0.2 * (enc_norms[live].mean() if live.any() else torch.tensor(1.0, device=x.device))
+            self.W_dec[k, idx] = dirs
+            self.W_enc[k][:, idx] = dirs.T * scale
+            self.b_enc[k, idx] = 0.0
+            for param, index in ((self.W_dec, (k, idx)), (self.W_enc, (k, slice(None), idx)), (self.b_enc, (k, idx))):
+                state = optimizer.state.get(param, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][index] = 0.0
+            total += idx.numel()
+        return total
+
     def loss_terms(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """{'reconstruction': (K,), 'sparsity': (K,), 'loss': (K,)}; `loss` = reconstruction + l1_coef * sparsity."""
         reconstruction = (x_hat - x).pow(2).mean(dim=(1, 2))

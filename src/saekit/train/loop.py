@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +25,7 @@ class TrainState:
     step: int
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    history: list[dict] = field(default_factory=list)
+    resampled: int = 0
 
 
 def lr_factor(step: int, n_steps: int, cfg: TrainConfig) -> float:
@@ -48,6 +48,22 @@ def make_optimizer(
         opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, n_steps, cfg))
     return opt, sched
+
+
+RESAMPLE_STREAM = 2
+
+
+def resample_dead(sae: SparseAutoencoder, source: Source, dead: torch.Tensor, state: TrainState, batch_size: int) -> int:
+    """Resample `dead` (K, m) latents on a fresh batch of at least 8192 inputs from their own stream."""
+    if not dead.any():
+        return 0
+    n = max(8192, batch_size)
+    x = source.batch(n, state.step, RESAMPLE_STREAM)
+    g = torch.Generator()
+    g.manual_seed(state.step)
+    count = sae.resample_latents(dead, x, state.optimizer, g)
+    state.resampled += count
+    return count
 
 
 def n_steps_for(cfg: TrainConfig) -> int:
@@ -77,7 +93,11 @@ def train(
         opt, sched = make_optimizer(sae, cfg, n_steps)
         state = TrainState(step=0, optimizer=opt, scheduler=sched)
     B = cfg.batch_size
-    nonfinite = torch.zeros((), dtype=torch.bool, device=sae.W_dec.device)
+    device = sae.W_dec.device
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    resampling = cfg.resample_every > 0
+    fired = torch.zeros(sae.n_members, sae.dict_size, dtype=torch.bool, device=device)
+    next_resample = (state.step * B // cfg.resample_every + 1) * cfg.resample_every if resampling else 0
     next_ckpt = (state.step * B // cfg.checkpoint_every + 1) * cfg.checkpoint_every
     bar = tqdm(
         total=n_steps * B, initial=state.step * B, unit="sample", unit_scale=True, disable=not progress, desc=description, leave=False
@@ -95,6 +115,13 @@ def train(
             nonfinite |= ~torch.isfinite(terms["loss"]).all()
             state.step += 1
             samples = state.step * B
+            if resampling:
+                fired |= (terms["codes"] > 0).any(dim=1)
+                if samples >= next_resample:
+                    if samples <= cfg.resample_until * cfg.samples:
+                        resample_dead(sae, source, ~fired, state, B)
+                    fired.zero_()
+                    next_resample += cfg.resample_every
             last = state.step == n_steps
             if state.step % cfg.log_every == 0 or last or samples >= next_ckpt:
                 if nonfinite.item():
