@@ -137,7 +137,6 @@ def test_resample_latents_reinitialises_only_the_dead():
 def test_training_with_resampling_revives_dead_latents():
     from saekit.config import TrainConfig
     from saekit.sources import ToySource
-    from saekit.train.evaluate import evaluate
     from saekit.train.loop import train
 
     src = ToySource(d=16, n_features=20, mean_active=2, seed=0)
