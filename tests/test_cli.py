@@ -143,3 +143,18 @@ def test_diverging_run_fails_in_one_line_and_keeps_last_good_checkpoint(tmp_path
     assert "NaN/Inf" in r.stderr and "Traceback" not in r.stderr
     rows = json.loads(r.stdout)
     assert rows[0]["status"] == "failed"
+
+
+def test_bench_json_reports_ratios():
+    r = saekit("bench", "--json", "--quick", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)
+    for name in ("training", "training_batch_256"):
+        row = results[name]
+        assert row["threads"] == 1 and row["d"] == 256 and row["dict_size"] == 1024
+        for key in ("step_ms", "matmul_ms", "plain_step_ms", "data_ms", "data_correlated_ms"):
+            assert row[key] > 0, key
+        # The ratios are the quotients of the timings they name (not asserted against any speed target).
+        assert row["matmul_fraction"] == pytest.approx(row["matmul_ms"] / row["step_ms"])
+        assert row["speedup_vs_plain"] == pytest.approx(row["plain_step_ms"] / row["step_ms"])
+        assert row["data_fraction_of_step"] == pytest.approx(row["data_ms"] / row["step_ms"])
