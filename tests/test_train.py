@@ -117,3 +117,13 @@ def test_run_config_fills_the_store(tmp_path):
         assert [h["samples"] for h in hist] == [256, 512, 768, 1024, 1280]
         assert runs[0]["config"]["sae"]["dict_size"] == 8 and runs[0]["samples"] == 1280
         assert runs[0]["metrics"]["eval_samples"] == 1000
+
+
+def test_duplicate_latents_keeps_the_first_of_each_copy_group():
+    from saekit.train.loop import duplicate_latents
+
+    s = 0.6**0.5  # a row at cosine 0.6**0.5 = 0.775 with e1: similar, not a copy at threshold 0.9
+    rows = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.99, 0.141, 0], [s, 0.4**0.5, 0], [1.0, 0, 0]])
+    rows = rows / rows.norm(dim=1, keepdim=True)
+    # Latent 2 has cosine 0.99 with latent 0 and latent 4 is an exact copy of it; latent 3 (0.775) is not a copy.
+    assert duplicate_latents(rows[None], 0.9).tolist() == [[False, False, True, False, True]]

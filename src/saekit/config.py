@@ -113,6 +113,10 @@ class TrainConfig(_Section):
     resample_every: int = Field(
         0, ge=0, description="every this many samples, latents that did not fire since the last check are resampled; 0 = never (the report)"
     )
+    resample_duplicates: bool = Field(
+        False, description="also resample latents whose decoder direction nearly copies another's (cosine > duplicate_cosine)"
+    )
+    duplicate_cosine: float = Field(0.9, gt=0, le=1, description="cosine above which two decoder directions count as copies")
     resample_until: float = Field(0.5, gt=0, le=1, description="no resampling after this fraction of training")
     samples: int = Field(3_000_000, gt=0, description="training samples per SAE")
     seed: int = Field(0, ge=0, description="init seed of the SAE (used when `seeds` is not given)")

@@ -53,6 +53,16 @@ def make_optimizer(
 RESAMPLE_STREAM = 2
 
 
+def duplicate_latents(directions: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(K, m) bool: latents whose decoder direction has cosine > `threshold` with a lower-numbered latent's.
+
+    directions: (K, m, d) unit rows. Of each group of near-copies the lowest-numbered latent is kept.
+    """
+    cos = torch.bmm(directions, directions.transpose(1, 2))  # (K, m, m)
+    earlier = torch.ones(cos.shape[1], cos.shape[2], dtype=torch.bool, device=cos.device).tril(diagonal=-1)
+    return ((cos > threshold) & earlier).any(dim=2)
+
+
 def resample_dead(sae: SparseAutoencoder, source: Source, dead: torch.Tensor, state: TrainState, batch_size: int) -> int:
     """Resample `dead` (K, m) latents on a fresh batch of at least 8192 inputs from their own stream."""
     if not dead.any():
@@ -119,7 +129,10 @@ def train(
                 fired |= (terms["codes"] > 0).any(dim=1)
                 if samples >= next_resample:
                     if samples <= cfg.resample_until * cfg.samples:
-                        resample_dead(sae, source, ~fired, state, B)
+                        stale = ~fired
+                        if cfg.resample_duplicates:
+                            stale |= duplicate_latents(sae.directions(), cfg.duplicate_cosine)
+                        resample_dead(sae, source, stale, state, B)
                     fired.zero_()
                     next_resample += cfg.resample_every
             last = state.step == n_steps
