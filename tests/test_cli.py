@@ -155,6 +155,6 @@ def test_bench_json_reports_ratios():
         for key in ("step_ms", "matmul_ms", "plain_step_ms", "data_ms", "data_correlated_ms"):
             assert row[key] > 0, key
         # The ratios are the quotients of the timings they name (not asserted against any speed target).
-        assert row["matmul_fraction"] == pytest.approx(row["matmul_ms"] / row["step_ms"])
+        assert row["roofline_fraction"] == pytest.approx(row["matmul_ms"] / row["step_ms"])
         assert row["speedup_vs_plain"] == pytest.approx(row["plain_step_ms"] / row["step_ms"])
         assert row["data_fraction_of_step"] == pytest.approx(row["data_ms"] / row["step_ms"])

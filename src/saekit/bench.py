@@ -104,7 +104,7 @@ def bench_training(
         "achieved_gflops": flops_per_step / step_s / 1e9,
         "matmul_ms": gemm_s * 1e3,
         "matmul_gflops": flops_per_step / gemm_s / 1e9,
-        "matmul_fraction": gemm_s / step_s,
+        "roofline_fraction": gemm_s / step_s,
         "plain_step_ms": plain_s * 1e3,
         "speedup_vs_plain": plain_s / step_s,
         "data_ms": gen_s * 1e3,

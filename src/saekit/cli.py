@@ -84,7 +84,7 @@ def bench(
             f"{name}: d={r['d']} m={r['dict_size']} batch={r['batch_size']} threads={r['threads']}\n"
             f"  saekit step {r['step_ms']:.2f} ms = {r['samples_per_second']:,.0f} samples/s = {r['achieved_gflops']:.0f} GFLOP/s\n"
             f"  bare matmuls of the step {r['matmul_ms']:.2f} ms ({r['matmul_gflops']:.0f} GFLOP/s): "
-            f"matmul_fraction {r['matmul_fraction']:.2f}\n"
+            f"roofline_fraction {r['roofline_fraction']:.2f}\n"
             f"  plain PyTorch loop {r['plain_step_ms']:.2f} ms: speedup_vs_plain {r['speedup_vs_plain']:.2f}\n"
             f"  toy batch {r['data_ms']:.2f} ms ({r['data_fraction_of_step']:.2f} of a step), "
             f"correlated {r['data_correlated_ms']:.2f} ms ({r['data_correlated_fraction_of_step']:.2f})"
