@@ -266,3 +266,11 @@ def test_seeds_validation():
     """An empty or negative seeds list is refused."""
     assert "train.seeds" in _error(parse_config, {"train": {"seeds": []}})
     assert "train.seeds" in _error(parse_config, {"train": {"seeds": [1, -1]}})
+
+
+def test_seeds_min_size_limits_extra_seeds_to_large_dictionaries():
+    from saekit.config import Config, expand_grid
+
+    cfg = Config.model_validate({"sae": {"dict_size": [64, 128, 256], "l1": 0.1}, "train": {"seeds": [3, 4], "seeds_min_size": 128}})
+    # 64 < 128 trains only the first seed (3); 128 and 256 train both: 1 + 2 + 2 = 5 SAEs.
+    assert [(s.dict_size, s.seed) for s in expand_grid(cfg)] == [(64, 3), (128, 3), (128, 4), (256, 3), (256, 4)]

@@ -42,14 +42,22 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="output folder: runs.sqlite and checkpoints")] = Path("saekit-out"),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON list (one object per SAE) on stdout")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    max_memory: Annotated[
+        Optional[str], typer.Option("--max-memory", help="refuse sweeps estimated to need more, e.g. 12G (default: 80% of available RAM)")
+    ] = None,
 ) -> None:
-    """Train every SAE the config describes (one, or a grid from lists)."""
+    """Train every SAE the config describes (one, or a grid from lists), sizes as ensembles in lockstep."""
     from saekit.config import load_config
     from saekit.train.run import run_config
+    from saekit.train.sweep import parse_bytes
 
     try:
         cfg = load_config(config, set_ or [])
-        results, errors = run_config(cfg, out, progress=progress, on_result=None if as_json else _print_summary)
+        try:
+            limit = parse_bytes(max_memory) if max_memory is not None else None
+        except ValueError as err:
+            raise InputError(f"--max-memory: {err}") from None
+        results, errors = run_config(cfg, out, progress=progress, on_result=None if as_json else _print_summary, max_memory=limit)
     except InputError as err:
         _fail(str(err), 2)
     if as_json:

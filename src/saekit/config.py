@@ -121,6 +121,11 @@ class TrainConfig(_Section):
     samples: int = Field(3_000_000, gt=0, description="training samples per SAE")
     seed: int = Field(0, ge=0, description="init seed of the SAE (used when `seeds` is not given)")
     seeds: list[int] | None = Field(None, description="init seeds; a list is a grid axis")
+    seeds_min_size: int = Field(
+        0,
+        ge=0,
+        description="dictionaries smaller than this train only the first of `seeds` (seed consensus needs two only at the largest sizes)",
+    )
     device: str = Field("auto", description="auto = CUDA when present, else CPU; or any torch device string")
     log_every: int = Field(100, gt=0, description="steps between rows in the metrics-over-time table")
     checkpoint_every: int = Field(1_000_000, gt=0, description="samples between checkpoints (one is always written at the end)")
@@ -166,6 +171,7 @@ def expand_grid(cfg: Config) -> list[RunSpec]:
     return [
         RunSpec(arch=cfg.sae.arch, dict_size=m, l1=float(a), seed=s)
         for m, a, s in itertools.product(_as_list(cfg.sae.dict_size), _as_list(cfg.sae.l1), seeds)
+        if m >= cfg.train.seeds_min_size or s == seeds[0]
     ]
 
 

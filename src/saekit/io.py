@@ -22,6 +22,7 @@ from saekit.errors import InputError
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
 
 CFG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME = "cfg.json", "sae.safetensors", "optimizer.safetensors"
+LATENTS_NAME = "latents.safetensors"  # per-latent statistics of the final evaluation (fire_counts)
 FORMAT_VERSION = 1
 
 
@@ -65,18 +66,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def sae_init_kwargs(sae: SparseAutoencoder) -> dict[str, Any]:
-    """What it takes to rebuild an SAE of the same shape (weights aside)."""
-    return {
-        "d": sae.d,
-        "dict_size": sae.dict_size,
-        "seeds": list(sae.seeds),
-        "l1": [float(a) for a in sae.l1_coef.tolist()],
-        "l1_reduction": sae.l1_reduction,
-        "decoder_bias": sae.b_dec is not None,
-    }
-
-
 def _optimizer_tensors(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     names = {id(p): n for n, p in sae.named_parameters()}
     out = {}
@@ -94,6 +83,7 @@ def save_checkpoint(
     config: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, Any] | None = None,
+    latent_stats: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `folder/sae.safetensors` (+ optimizer state) and then `folder/cfg.json`, each atomically.
 
@@ -103,10 +93,12 @@ def save_checkpoint(
     hashes = {WEIGHTS_NAME: _atomic_save_tensors(dict(sae.state_dict()), folder / WEIGHTS_NAME)}
     if optimizer is not None:
         hashes[OPTIMIZER_NAME] = _atomic_save_tensors(_optimizer_tensors(sae, optimizer), folder / OPTIMIZER_NAME)
+    if latent_stats is not None:
+        hashes[LATENTS_NAME] = _atomic_save_tensors(latent_stats, folder / LATENTS_NAME)
     cfg = {
         "format_version": FORMAT_VERSION,
         "arch": sae.arch,
-        **sae_init_kwargs(sae),
+        **sae.init_kwargs(),
         "samples": samples,
         "sha256": hashes,
         "config": config or {},
@@ -202,3 +194,12 @@ def load_optimizer_state(folder: str | Path, sae: SparseAutoencoder, optimizer: 
                 raise InputError(f"{folder / OPTIMIZER_NAME}: {name}.{key} has shape {tuple(v.shape)}, the SAE has {tuple(p.shape)}")
         if state:
             optimizer.state[p] = state
+
+
+def load_latent_stats(folder: str | Path) -> dict[str, torch.Tensor] | None:
+    """The per-latent statistics saved with a finished run (e.g. 'fire_counts' (m,)), or None if absent."""
+    folder = Path(folder)
+    cfg = read_cfg(folder)
+    if LATENTS_NAME not in cfg["sha256"]:
+        return None
+    return _load_checked(folder, LATENTS_NAME, cfg)

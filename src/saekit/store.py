@@ -83,10 +83,14 @@ class RunStore:
             )
 
     def log_history(self, run_id: str, samples: int, values: dict[str, float]) -> None:
+        self.log_history_many([(run_id, samples, values)])
+
+    def log_history_many(self, rows: list[tuple[str, int, dict[str, float]]]) -> None:
+        """Several (run_id, samples, {name: value}) rows in one transaction."""
         with self.db:
             self.db.executemany(
                 "INSERT OR REPLACE INTO history (run_id, samples, name, value) VALUES (?, ?, ?, ?)",
-                [(run_id, samples, name, float(v)) for name, v in values.items()],
+                [(run_id, samples, name, float(v)) for run_id, samples, values in rows for name, v in values.items()],
             )
 
     def record_progress(self, run_id: str, samples: int, seconds: float) -> None:

@@ -27,6 +27,20 @@ class SparseAutoencoder(nn.Module):
     n_members: int
     W_dec: nn.Parameter
 
+    def init_kwargs(self) -> dict:
+        """Keyword arguments that rebuild an SAE of the same shape and hyperparameters (weights aside)."""
+        raise NotImplementedError
+
+    def member(self, k: int) -> SparseAutoencoder:
+        """Member k as an ensemble of one (a copy)."""
+        kwargs = self.init_kwargs()
+        kwargs.update({key: [kwargs[key][k]] for key in self.member_keys})
+        single = type(self)(**kwargs).to(self.W_dec.device)
+        single.load_state_dict({name: t[k : k + 1].clone() for name, t in self.state_dict().items()})
+        return single
+
+    member_keys: tuple[str, ...] = ("seeds",)  # init kwargs that hold one value per member
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -84,6 +84,7 @@ class ReluSAE(SparseAutoencoder):
     """
 
     arch = "relu"
+    member_keys = ("seeds", "l1")
 
     def __init__(
         self,
@@ -108,7 +109,18 @@ class ReluSAE(SparseAutoencoder):
         self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())  # (K, d, m)
         self.b_enc = nn.Parameter(torch.zeros(self.n_members, dict_size, device=device))  # (K, m)
         self.b_dec = nn.Parameter(torch.zeros(self.n_members, d, device=device)) if decoder_bias else None  # (K, d)
+        self.l1_values = [float(a) for a in l1]
         self.register_buffer("l1_coef", torch.tensor(l1, dtype=torch.float32, device=device))  # (K,)
+
+    def init_kwargs(self) -> dict:
+        return {
+            "d": self.d,
+            "dict_size": self.dict_size,
+            "seeds": list(self.seeds),
+            "l1": list(self.l1_values),
+            "l1_reduction": self.l1_reduction,
+            "decoder_bias": self.b_dec is not None,
+        }
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, d) shared by all members, or (K, B, d) -> codes c: (K, B, m)."""

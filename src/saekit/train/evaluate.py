@@ -10,9 +10,16 @@ from saekit.sae.base import SparseAutoencoder
 from saekit.sources import EVAL_STREAM, Source
 
 
-@torch.no_grad()
 def evaluate(sae: SparseAutoencoder, source: Source, n_samples: int, batch_size: int, l1_reduction: str = "mean") -> list[dict[str, float]]:
-    """Per member: mse, fvu, l0, dead_fraction, dense_fraction, reconstruction/sparsity/l1 terms over
+    """Per-member metrics of `evaluate_window` (without the fire counts)."""
+    return evaluate_window(sae, source, n_samples, batch_size, l1_reduction)[0]
+
+
+@torch.no_grad()
+def evaluate_window(
+    sae: SparseAutoencoder, source: Source, n_samples: int, batch_size: int, l1_reduction: str = "mean"
+) -> tuple[list[dict[str, float]], torch.Tensor]:
+    """(rows, fire_counts (K, m)). Rows per member: mse, fvu, l0, dead_fraction, dense_fraction, reconstruction/sparsity/l1 terms over
     `n_samples` fresh samples of the evaluation stream; with ground truth also mmcs (truth -> dictionary),
     mmcs_dict (dictionary -> truth), recovered_0_9 and recovered_0_9_matched."""
     stats = WindowStats(sae.n_members, sae.d, sae.dict_size, device=sae.W_dec.device)
@@ -46,4 +53,4 @@ def evaluate(sae: SparseAutoencoder, source: Source, n_samples: int, batch_size:
             row["recovered_0_9"] = recovered_fraction(directions[k], truth, 0.9, "max")
             row["recovered_0_9_matched"] = recovered_fraction(directions[k], truth, 0.9, "matched")
         rows.append(row)
-    return rows
+    return rows, stats.fire_counts

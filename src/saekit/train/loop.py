@@ -1,10 +1,15 @@
-"""The training loop over an ensemble of SAEs: Adam, lr schedule, decoder constraint, logging, checkpoints."""
+"""The training loop: ensembles of SAEs stepped in lockstep on one data stream.
+
+One step of an ensemble: loss terms -> backward -> drop the decoder gradient's parallel part ->
+Adam -> renormalise decoder rows (-> optionally resample dead latents). Every ensemble of a
+sweep sees the same batch t at its step t, so batches are generated once per step.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -13,6 +18,8 @@ from saekit.config import TrainConfig
 from saekit.sae.base import SparseAutoencoder
 from saekit.sources import Source
 
+RESAMPLE_STREAM = 2
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
@@ -20,12 +27,17 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Where a run is: the step it will do next, and the optimiser (for checkpoints)."""
+    """One ensemble in training: its SAE, Adam, the step it does next, and bookkeeping."""
 
-    step: int
+    sae: SparseAutoencoder
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
     resampled: int = 0
+    diverged: torch.Tensor | None = None  # (K,) bool: members whose loss was ever NaN/Inf
+    fired: torch.Tensor | None = None  # (K, m) bool: latents that fired since the last resampling
+    label: str = ""
+    resumed_from: int = 0  # the step a resumed ensemble restarted at (0 = trained from scratch)
+    failed: set[int] = field(default_factory=set)  # members reported as diverged
 
 
 def lr_factor(step: int, n_steps: int, cfg: TrainConfig) -> float:
@@ -37,20 +49,26 @@ def lr_factor(step: int, n_steps: int, cfg: TrainConfig) -> float:
     return 1.0 if step < start else max(0.0, (n_steps - step) / decay_steps)
 
 
-def make_optimizer(
-    sae: SparseAutoencoder, cfg: TrainConfig, n_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Adam (fused where the device supports it) with the config's schedule."""
+def make_state(sae: SparseAutoencoder, cfg: TrainConfig, step: int = 0, label: str = "") -> TrainState:
+    """A fresh TrainState with Adam (fused where the device supports it)."""
     params = list(sae.parameters())
     try:
         opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, n_steps, cfg))
-    return opt, sched
+    device = sae.W_dec.device
+    return TrainState(
+        sae=sae,
+        optimizer=opt,
+        step=step,
+        diverged=torch.zeros(sae.n_members, dtype=torch.bool, device=device),
+        fired=torch.zeros(sae.n_members, sae.dict_size, dtype=torch.bool, device=device),
+        label=label,
+    )
 
 
-RESAMPLE_STREAM = 2
+def n_steps_for(cfg: TrainConfig) -> int:
+    return math.ceil(cfg.samples / cfg.batch_size)
 
 
 def duplicate_latents(directions: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -63,21 +81,112 @@ def duplicate_latents(directions: torch.Tensor, threshold: float) -> torch.Tenso
     return ((cos > threshold) & earlier).any(dim=2)
 
 
-def resample_dead(sae: SparseAutoencoder, source: Source, dead: torch.Tensor, state: TrainState, batch_size: int) -> int:
+def resample_dead(state: TrainState, source: Source, dead: torch.Tensor, batch_size: int) -> int:
     """Resample `dead` (K, m) latents on a fresh batch of at least 8192 inputs from their own stream."""
     if not dead.any():
         return 0
-    n = max(8192, batch_size)
-    x = source.batch(n, state.step, RESAMPLE_STREAM)
+    x = source.batch(max(8192, batch_size), state.step, RESAMPLE_STREAM)
     g = torch.Generator()
     g.manual_seed(state.step)
-    count = sae.resample_latents(dead, x, state.optimizer, g)
+    count = state.sae.resample_latents(dead, x, state.optimizer, g)
     state.resampled += count
     return count
 
 
-def n_steps_for(cfg: TrainConfig) -> int:
-    return math.ceil(cfg.samples / cfg.batch_size)
+def training_step(state: TrainState, x: torch.Tensor, source: Source, cfg: TrainConfig, n_steps: int) -> dict[str, torch.Tensor]:
+    """One optimisation step of an ensemble on batch x (B, d); returns its loss terms."""
+    sae, opt = state.sae, state.optimizer
+    lr = cfg.lr * lr_factor(state.step, n_steps, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    terms = sae.training_loss(x)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].sum().backward()
+    sae.remove_parallel_grad()
+    opt.step()
+    sae.normalize_decoder()
+    state.diverged |= ~torch.isfinite(terms["loss"])
+    state.step += 1
+    if cfg.resample_every > 0:
+        state.fired |= (terms["codes"] > 0).any(dim=1)
+        samples = state.step * cfg.batch_size
+        if samples // cfg.resample_every > (samples - cfg.batch_size) // cfg.resample_every:
+            if samples <= cfg.resample_until * cfg.samples:
+                stale = ~state.fired
+                if cfg.resample_duplicates:
+                    stale |= duplicate_latents(sae.directions(), cfg.duplicate_cosine)
+                resample_dead(state, source, stale, cfg.batch_size)
+            state.fired.zero_()
+    terms["lr"] = torch.tensor([lr])
+    return terms
+
+
+def _log_row(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    codes = terms["codes"]
+    return {
+        "loss": terms["loss"].detach(),
+        "reconstruction": terms["reconstruction"].detach(),
+        "sparsity": terms["sparsity"].detach(),
+        "l0": (codes != 0).sum(dim=2).float().mean(dim=1),
+        "lr": terms["lr"].expand(codes.shape[0]),
+    }
+
+
+def train_lockstep(
+    states: list[TrainState],
+    source: Source,
+    cfg: TrainConfig,
+    *,
+    on_log: Callable[[TrainState, int, dict[str, torch.Tensor]], None] | None = None,
+    on_checkpoint: Callable[[TrainState, int], None] | None = None,
+    on_diverged: Callable[[TrainState, list[int], str], None] | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> list[TrainState]:
+    """Train every ensemble to `cfg.samples` samples, all on the same stream; returns those still training.
+
+    Ensembles may start at different steps (after a resume); batch t is generated once and given to
+    every ensemble whose next step is t. Every `log_every` steps `on_log(state, samples, row)` gets
+    per-member (K,) tensors; every `checkpoint_every` samples and at the end, `on_checkpoint(state, samples)`.
+    Members whose loss became NaN/Inf are reported to `on_diverged(state, members, message)` at the next
+    log or checkpoint boundary, before any checkpoint; an ensemble whose members all diverged stops
+    (no checkpoint of its bad parameters is written).
+    """
+    n_steps, B = n_steps_for(cfg), cfg.batch_size
+    active = [s for s in states if s.step < n_steps]
+    start = min((s.step for s in active), default=n_steps)
+    total_sae_steps = sum(n_steps - s.step for s in active)
+    bar = tqdm(total=total_sae_steps * B, unit="sample", unit_scale=True, disable=not progress, desc=description, leave=False)
+    try:
+        for t in range(start, n_steps):
+            due = [s for s in active if s.step == t]
+            if not due:
+                continue
+            x = source.batch(B, t, 0)
+            for state in due:
+                terms = training_step(state, x, source, cfg, n_steps)
+                samples = state.step * B
+                last = state.step == n_steps
+                log_now = state.step % cfg.log_every == 0 or last
+                ckpt_now = last or samples // cfg.checkpoint_every > (samples - B) // cfg.checkpoint_every
+                if log_now or ckpt_now:
+                    bad = [k for k in state.diverged.nonzero().flatten().tolist() if k not in state.failed]
+                    if bad:
+                        msg = f"loss became NaN/Inf by step {state.step} (samples {samples}); try a smaller train.lr"
+                        state.failed.update(bad)
+                        if on_diverged is not None:
+                            on_diverged(state, bad, msg)
+                    if len(state.failed) == state.sae.n_members:
+                        active.remove(state)
+                        continue
+                    if log_now and on_log is not None:
+                        on_log(state, samples, _log_row(terms))
+                    if ckpt_now and on_checkpoint is not None:
+                        on_checkpoint(state, min(samples, cfg.samples))
+                bar.update(B)
+    finally:
+        bar.close()
+    return active
 
 
 def train(
@@ -91,71 +200,23 @@ def train(
     progress: bool = True,
     description: str = "train",
 ) -> TrainState:
-    """Train `sae` on batches 0.. of the source's training stream for `cfg.samples` samples.
+    """Train one ensemble (often K = 1) on batches 0.. of the source's training stream.
 
-    One step: loss terms -> backward -> drop the decoder gradient's parallel part -> Adam
-    -> renormalise decoder rows. Every `log_every` steps `on_log(samples, row)` gets per-member
-    (K,) tensors; every `checkpoint_every` samples and at the end `on_checkpoint(state, samples)`.
-    A non-finite loss raises TrainingDiverged before any checkpoint of the bad parameters.
+    Raises TrainingDiverged when any member's loss became NaN/Inf (before checkpointing it).
     """
-    n_steps = n_steps_for(cfg)
-    if state is None:
-        opt, sched = make_optimizer(sae, cfg, n_steps)
-        state = TrainState(step=0, optimizer=opt, scheduler=sched)
-    B = cfg.batch_size
-    device = sae.W_dec.device
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    resampling = cfg.resample_every > 0
-    fired = torch.zeros(sae.n_members, sae.dict_size, dtype=torch.bool, device=device)
-    next_resample = (state.step * B // cfg.resample_every + 1) * cfg.resample_every if resampling else 0
-    next_ckpt = (state.step * B // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-    bar = tqdm(
-        total=n_steps * B, initial=state.step * B, unit="sample", unit_scale=True, disable=not progress, desc=description, leave=False
+    state = state or make_state(sae, cfg)
+
+    def diverged(st: TrainState, members: list[int], msg: str) -> None:
+        raise TrainingDiverged(msg)
+
+    train_lockstep(
+        [state],
+        source,
+        cfg,
+        on_log=None if on_log is None else (lambda st, samples, row: on_log(samples, row)),
+        on_checkpoint=on_checkpoint,
+        on_diverged=diverged,
+        progress=progress,
+        description=description,
     )
-    try:
-        while state.step < n_steps:
-            x = source.batch(B, state.step, 0)
-            terms = sae.training_loss(x)
-            state.optimizer.zero_grad(set_to_none=True)
-            terms["loss"].sum().backward()
-            sae.remove_parallel_grad()
-            state.optimizer.step()
-            state.scheduler.step()
-            sae.normalize_decoder()
-            nonfinite |= ~torch.isfinite(terms["loss"]).all()
-            state.step += 1
-            samples = state.step * B
-            if resampling:
-                fired |= (terms["codes"] > 0).any(dim=1)
-                if samples >= next_resample:
-                    if samples <= cfg.resample_until * cfg.samples:
-                        stale = ~fired
-                        if cfg.resample_duplicates:
-                            stale |= duplicate_latents(sae.directions(), cfg.duplicate_cosine)
-                        resample_dead(sae, source, stale, state, B)
-                    fired.zero_()
-                    next_resample += cfg.resample_every
-            last = state.step == n_steps
-            if state.step % cfg.log_every == 0 or last or samples >= next_ckpt:
-                if nonfinite.item():
-                    raise TrainingDiverged(f"loss became NaN/Inf by step {state.step} (samples {samples}); try a smaller train.lr")
-                if on_log is not None and (state.step % cfg.log_every == 0 or last):
-                    codes = terms["codes"]
-                    on_log(
-                        samples,
-                        {
-                            "loss": terms["loss"].detach(),
-                            "reconstruction": terms["reconstruction"].detach(),
-                            "sparsity": terms["sparsity"].detach(),
-                            "l0": (codes != 0).sum(dim=2).float().mean(dim=1),
-                            "lr": torch.tensor([state.optimizer.param_groups[0]["lr"]]),
-                        },
-                    )
-                if on_checkpoint is not None and (samples >= next_ckpt or last):
-                    on_checkpoint(state, min(samples, cfg.samples))
-                while next_ckpt <= samples:
-                    next_ckpt += cfg.checkpoint_every
-            bar.update(B)
-    finally:
-        bar.close()
     return state

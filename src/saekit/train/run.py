@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +14,13 @@ import torch
 
 from saekit.config import Config, RunSpec, expand_grid
 from saekit.errors import InputError
-from saekit.io import save_checkpoint
+from saekit.io import load_optimizer_state, load_sae, read_cfg, save_checkpoint
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
-from saekit.sources import Source, make_source
+from saekit.sources import make_source
 from saekit.store import RunStore
-from saekit.train.evaluate import evaluate
-from saekit.train.loop import TrainingDiverged, TrainState, train
+from saekit.train.evaluate import evaluate_window
+from saekit.train.loop import TrainState, make_state, train_lockstep
+from saekit.train.sweep import EnsemblePlan, available_memory_bytes, format_bytes, plan_ensembles, sweep_memory_bytes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,54 +46,41 @@ def run_config_dict(cfg: Config, spec: RunSpec) -> dict[str, Any]:
     return data
 
 
+# Keys that change how a run is watched or where it runs, not what it computes: left out of its id.
+_NOT_IN_RUN_ID = ("device", "log_every", "checkpoint_every")
+
+
 def run_id_for(cfg: Config, spec: RunSpec) -> str:
     """Readable and deterministic: the same config and spec always give the same id."""
-    digest = hashlib.sha256(json.dumps(run_config_dict(cfg, spec), sort_keys=True).encode()).hexdigest()[:8]
+    data = run_config_dict(cfg, spec)
+    for key in _NOT_IN_RUN_ID:
+        data["train"].pop(key)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
     return f"{spec.arch}-m{spec.dict_size}-l1_{spec.l1:g}-s{spec.seed}-{digest}"
 
 
-def build_sae(cfg: Config, spec: RunSpec, d: int, device: torch.device) -> SparseAutoencoder:
-    return ARCHITECTURES[spec.arch](
+def build_ensemble(cfg: Config, plan: EnsemblePlan, d: int, device: torch.device) -> SparseAutoencoder:
+    """A fresh stacked SAE whose member k is the plan's k-th run (its seed and l1)."""
+    return ARCHITECTURES[plan.arch](
         d=d,
-        dict_size=spec.dict_size,
-        seeds=[spec.seed],
-        l1=[spec.l1],
+        dict_size=plan.dict_size,
+        seeds=[s.seed for s in plan.specs],
+        l1=[s.l1 for s in plan.specs],
         l1_reduction=cfg.sae.l1_reduction,
         decoder_bias=cfg.sae.decoder_bias,
     ).to(device)
 
 
-def train_one(cfg: Config, spec: RunSpec, source: Source, store: RunStore, device: torch.device, progress: bool) -> dict[str, Any]:
-    """Train, checkpoint and evaluate one SAE; returns its result row (also written to the store)."""
-    run_id = run_id_for(cfg, spec)
-    folder = store.out_dir / "runs" / run_id
-    config = run_config_dict(cfg, spec)
-    done = store.get(run_id)
-    if done is not None and done["status"] == "done":
-        return result_row(done)
-    store.start_run(run_id, arch=spec.arch, dict_size=spec.dict_size, l1=spec.l1, seed=spec.seed, config=config, checkpoint=str(folder))
-    sae = build_sae(cfg, spec, source.d, device)
-    started = time.perf_counter()
-
-    def on_log(samples: int, row: dict[str, torch.Tensor]) -> None:
-        store.log_history(run_id, samples, {name: v[0].item() for name, v in row.items()})
-
-    def on_checkpoint(state: TrainState, samples: int) -> None:
-        save_checkpoint(
-            folder, sae, samples=samples, config=config, optimizer=state.optimizer, extra={"step": state.step, "run_id": run_id}
-        )
-        store.record_progress(run_id, samples, time.perf_counter() - started)
-
-    try:
-        train(sae, source, cfg.train, on_log=on_log, on_checkpoint=on_checkpoint, progress=progress, description=run_id)
-    except TrainingDiverged as err:
-        store.fail_run(run_id, str(err))
-        raise
-    seconds = time.perf_counter() - started
-    metrics = evaluate(sae, source, cfg.train.eval_samples, max(cfg.train.batch_size, 4096), cfg.sae.l1_reduction)[0]
-    metrics["eval_seconds"] = time.perf_counter() - started - seconds
-    store.finish_run(run_id, samples=cfg.train.samples, seconds=seconds, metrics=metrics)
-    return result_row(store.get(run_id))
+def start_ensemble(cfg: Config, plan: EnsemblePlan, folder: Path, d: int, device: torch.device) -> TrainState:
+    """The ensemble's TrainState: resumed from its checkpoint folder when one exists, else fresh."""
+    if (folder / "cfg.json").is_file():
+        saved = read_cfg(folder)
+        sae = load_sae(folder, device)
+        state = make_state(sae, cfg.train, step=int(saved.get("step", 0)), label=plan.ensemble_id)
+        state.resumed_from = state.step
+        load_optimizer_state(folder, sae, state.optimizer)
+        return state
+    return make_state(build_ensemble(cfg, plan, d, device), cfg.train, label=plan.ensemble_id)
 
 
 def result_row(run: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +88,16 @@ def result_row(run: dict[str, Any]) -> dict[str, Any]:
     row = {key: run[key] for key in ("run_id", "arch", "dict_size", "l1", "seed", "samples", "seconds", "status")}
     row.update(run["metrics"] or {})
     row["checkpoint"] = run["checkpoint"]
+    if run.get("error"):
+        row["error"] = run["error"]
     return row
+
+
+def _unique(specs: list[RunSpec], run_ids: list[str]) -> tuple[list[RunSpec], list[str]]:
+    seen: dict[str, RunSpec] = {}
+    for spec, run_id in zip(specs, run_ids):
+        seen.setdefault(run_id, spec)
+    return list(seen.values()), list(seen)
 
 
 def run_config(
@@ -108,24 +106,128 @@ def run_config(
     *,
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    max_memory: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Train every SAE the config describes into `out_dir`. Returns (result rows, errors of failed runs).
+    """Train every SAE the config describes into `out_dir`; returns (result rows, errors of failed runs).
 
-    Everything that can be checked is checked before the run store is touched: the device and
-    the source (including any data file) are built first.
+    SAEs of one size form an ensemble (one stacked model, one batched step); all ensembles train in
+    lockstep on one data stream. Finished SAEs in `out_dir` are skipped, unfinished ensembles resume
+    from their last checkpoint. Everything that can be checked (device, source and its data files,
+    memory) is checked before anything is written.
     """
     device = resolve_device(cfg.train.device)
     source = make_source(cfg.source, device)
-    specs = expand_grid(cfg)
-    results, errors = [], []
-    with RunStore(out_dir) as store:
-        for spec in specs:
-            try:
-                row = train_one(cfg, spec, source, store, device, progress)
-            except TrainingDiverged as err:
-                errors.append(f"{run_id_for(cfg, spec)}: {err}")
-                row = result_row(store.get(run_id_for(cfg, spec)))
+    specs, run_ids = _unique(expand_grid(cfg), [run_id_for(cfg, s) for s in expand_grid(cfg)])
+    out = Path(out_dir)
+    done: set[str] = set()
+    if (out / RunStore.FILENAME).is_file():
+        with RunStore(out) as existing:
+            done = {r["run_id"] for r in existing.runs("done")}
+    plans = plan_ensembles(specs, run_ids, skip=done)
+    eval_batch = max(cfg.train.batch_size, 4096)
+    need = sweep_memory_bytes(plans, source.d, cfg.train.batch_size, eval_batch)
+    limit = max_memory if max_memory is not None else int(0.8 * available_memory_bytes())
+    if need > limit:
+        raise InputError(
+            f"the sweep needs about {format_bytes(need)} of memory, more than --max-memory {format_bytes(limit)}; "
+            "train fewer sizes or L1 values at once, or a smaller train.batch_size"
+        )
+    errors: list[str] = []
+    with RunStore(out) as store:
+        states = _start(cfg, plans, store, source.d, device)
+        started = time.perf_counter()
+        by_state = {id(state): plan for state, plan in zip(states, plans)}
+
+        def on_log(state: TrainState, samples: int, row: dict[str, torch.Tensor]) -> None:
+            plan = by_state[id(state)]
+            store.log_history_many(
+                [(rid, samples, {n: v[k].item() for n, v in row.items()}) for k, rid in enumerate(plan.run_ids) if k not in state.failed]
+            )
+
+        def on_checkpoint(state: TrainState, samples: int) -> None:
+            plan = by_state[id(state)]
+            save_checkpoint(
+                out / "ensembles" / plan.ensemble_id,
+                state.sae,
+                samples=samples,
+                optimizer=state.optimizer,
+                extra={"step": state.step, "run_ids": list(plan.run_ids)},
+            )
+            for rid in plan.run_ids:
+                store.record_progress(rid, samples, time.perf_counter() - started)
+
+        def on_diverged(state: TrainState, members: list[int], message: str) -> None:
+            plan = by_state[id(state)]
+            for k in members:
+                store.fail_run(plan.run_ids[k], message)
+                errors.append(f"{plan.run_ids[k]}: {message}")
+
+        n_saes = sum(len(p.specs) for p in plans)
+        train_lockstep(
+            states,
+            source,
+            cfg.train,
+            on_log=on_log,
+            on_checkpoint=on_checkpoint,
+            on_diverged=on_diverged,
+            progress=progress,
+            description=f"{n_saes} SAEs in {len(plans)} ensembles",
+        )
+        seconds = time.perf_counter() - started
+        for state, plan in zip(states, plans):
+            _finish(cfg, plan, state, store, source, seconds)
+        results = []
+        for rid in run_ids:
+            row = result_row(store.get(rid))
             results.append(row)
             if on_result is not None:
                 on_result(row)
     return results, errors
+
+
+def _start(cfg: Config, plans: list[EnsemblePlan], store: RunStore, d: int, device: torch.device) -> list[TrainState]:
+    states = []
+    for plan in plans:
+        folder = store.out_dir / "ensembles" / plan.ensemble_id
+        state = start_ensemble(cfg, plan, folder, d, device)
+        for spec, rid in zip(plan.specs, plan.run_ids):
+            store.start_run(
+                rid,
+                arch=spec.arch,
+                dict_size=spec.dict_size,
+                l1=spec.l1,
+                seed=spec.seed,
+                config=run_config_dict(cfg, spec),
+                checkpoint=str(store.out_dir / "runs" / rid),
+            )
+        states.append(state)
+    return states
+
+
+def _finish(cfg: Config, plan: EnsemblePlan, state: TrainState, store: RunStore, source: Any, seconds: float) -> None:
+    """Evaluate the ensemble's healthy members, write each one's final checkpoint, mark them done."""
+    if len(state.failed) == len(plan.specs):
+        return
+    t0 = time.perf_counter()
+    metrics, fire_counts = evaluate_window(state.sae, source, cfg.train.eval_samples, max(cfg.train.batch_size, 4096), cfg.sae.l1_reduction)
+    eval_seconds = (time.perf_counter() - t0) / len(plan.specs)
+    for k, (spec, rid) in enumerate(zip(plan.specs, plan.run_ids)):
+        if k in state.failed:
+            continue
+        save_checkpoint(
+            store.out_dir / "runs" / rid,
+            state.sae.member(k),
+            samples=cfg.train.samples,
+            config=run_config_dict(cfg, spec),
+            extra={"run_id": rid},
+            latent_stats={"fire_counts": fire_counts[k], "eval_samples": torch.tensor(metrics[k]["eval_samples"])},
+        )
+        row = {
+            **metrics[k],
+            "eval_seconds": eval_seconds,
+            "ensemble_id": plan.ensemble_id,
+            "ensemble_size": len(plan.specs),
+            "resumed_from_samples": state.resumed_from * cfg.train.batch_size,
+        }
+        store.finish_run(rid, samples=cfg.train.samples, seconds=seconds, metrics=row)
+    shutil.rmtree(store.out_dir / "ensembles" / plan.ensemble_id, ignore_errors=True)

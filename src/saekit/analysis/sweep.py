@@ -1,0 +1,61 @@
+"""A finished sweep as the analysis sees it: the store's rows plus each run's learned directions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saekit.errors import InputError
+from saekit.io import load_latent_stats, load_sae
+from saekit.store import RunStore
+
+
+@dataclass
+class Sweep:
+    """Finished runs of one output folder; directions are read from checkpoints on first use."""
+
+    out_dir: Path
+    runs: list[dict[str, Any]]
+    _directions: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def dict_sizes(self) -> list[int]:
+        return sorted({r["dict_size"] for r in self.runs})
+
+    @property
+    def l1s(self) -> list[float]:
+        return sorted({r["l1"] for r in self.runs})
+
+    def select(self, dict_size: int | None = None, l1: float | None = None) -> list[dict[str, Any]]:
+        """Runs of one size and/or one L1, ordered by seed."""
+        return sorted(
+            (r for r in self.runs if (dict_size is None or r["dict_size"] == dict_size) and (l1 is None or r["l1"] == l1)),
+            key=lambda r: r["seed"],
+        )
+
+    def live_directions(self, run: dict[str, Any]) -> torch.Tensor:
+        """Unit decoder directions (n_live, d) of the latents that fired during the run's final evaluation."""
+        run_id = run["run_id"]
+        if run_id not in self._directions:
+            sae = load_sae(run["checkpoint"])
+            directions = sae.directions()[0]
+            stats = load_latent_stats(run["checkpoint"])
+            if stats is not None:
+                directions = directions[stats["fire_counts"] > 0]
+            self._directions[run_id] = directions
+        return self._directions[run_id]
+
+
+def load_sweep(out_dir: str | Path) -> Sweep:
+    """The finished runs in `out_dir/runs.sqlite`; InputError if there is no store or no finished run."""
+    out = Path(out_dir)
+    if not (out / RunStore.FILENAME).is_file():
+        raise InputError(f"no saekit run store in {out} (expected {out / RunStore.FILENAME})")
+    with RunStore(out) as store:
+        runs = [r for r in store.runs("done") if r["metrics"]]
+    if not runs:
+        raise InputError(f"{out} has no finished runs")
+    return Sweep(out, runs)
