@@ -1,0 +1,480 @@
+"""The report's figures: matplotlib (object-oriented API, Agg canvas) drawn to PNG data URIs.
+
+Each public function takes plain rows (run rows, analysis dicts) and returns `FigureBlock`s: a PNG
+data URI plus a caption, or no image and a short note saying why the figure was skipped. Nothing here
+touches pyplot or matplotlib's global state, so importing this module cannot change other code's plots.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLocator
+
+# Okabe & Ito (2008), safe for the common colour-vision deficiencies; yellow last (weak on white).
+OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+HEATMAP_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="#e4e4e4")
+DPI = 110
+
+
+@dataclass(frozen=True)
+class FigureBlock:
+    """One figure slot of the page: `png` is a `data:image/png;base64,...` URI, or None with `note` saying why."""
+
+    key: str
+    title: str
+    caption: str
+    png: str | None = None
+    note: str | None = None
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+
+def finite(v: Any) -> float | None:
+    """`v` as a float, or None when missing or not finite."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def mean_by(rows: Iterable[dict[str, Any]], keys: Sequence[str], value: str) -> dict[tuple, float]:
+    """Mean of `rows[value]` grouped by the tuple of `keys` (e.g. averaging over seeds); skips missing values."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        v = finite(r.get(value))
+        if v is None or any(r.get(k) is None for k in keys):
+            continue
+        acc[tuple(r[k] for k in keys)].append(v)
+    return {k: float(np.mean(vs)) for k, vs in acc.items()}
+
+
+def series_colors(n: int) -> list[str]:
+    """`n` colour-blind-safe line colours: Okabe–Ito up to 8, else evenly spaced viridis (its pale end left out)."""
+    if n <= len(OKABE_ITO):
+        return list(OKABE_ITO[:n])
+    cmap = matplotlib.colormaps["viridis"]
+    return [matplotlib.colors.to_hex(cmap(x)) for x in np.linspace(0.0, 0.85, n)]
+
+
+def fmt_l1(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _to_data_uri(fig: Figure) -> str:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _size_axis(ax: Any, sizes: Sequence[int], which: str = "x") -> None:
+    """A base-2 log axis with a labelled tick at each dictionary size of the grid."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log", base=2)
+    ticks = sorted(set(sizes))
+    step = 1 if len(ticks) <= 7 else 2
+    (ax.set_xticks if which == "x" else ax.set_yticks)(ticks, labels=[str(t) if i % step == 0 else "" for i, t in enumerate(ticks)])
+    axis.set_minor_locator(NullLocator())
+    if which == "x" and len(ticks) > 5:
+        _rotate_x(ax)
+
+
+def _rotate_x(ax: Any) -> None:
+    """Slant crowded x tick labels, each anchored at its tick."""
+    for label in ax.get_xticklabels():
+        label.set(rotation=35, ha="right", rotation_mode="anchor")
+
+
+def _l1_axis(ax: Any, l1s: Sequence[float]) -> None:
+    """A log-10 axis with a labelled tick at each L1 coefficient of the grid (every other one when crowded)."""
+    ax.set_xscale("log")
+    ticks = sorted(set(l1s))
+    step = 1 if len(ticks) <= 7 else 2
+    ax.set_xticks(ticks, labels=[fmt_l1(t) if i % step == 0 else "" for i, t in enumerate(ticks)])
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(ticks) > 5:
+        _rotate_x(ax)
+
+
+def wants_log(values: Iterable[float], decades: float = 1.5) -> bool:
+    """Whether a log axis suits `values`: all positive and spanning more than `decades` decades."""
+    vs = [v for v in values if v is not None]
+    return bool(vs) and min(vs) > 0 and max(vs) / min(vs) > 10**decades
+
+
+def _plain_log_labels(axis: Any, values: Iterable[float]) -> None:
+    """Label a log axis with plain numbers (0.05, not 5×10⁻²): every tick within a decade, 1-2-5 ticks up to three."""
+    vs = [v for v in values if v is not None and v > 0]
+    span = math.log10(max(vs) / min(vs)) if vs else 0.0
+    keep = {1, 2, 3, 4, 5, 6, 7, 8, 9} if span < 1 else {1, 2, 5} if span < 3 else {1}
+
+    def label(v: float, _pos: Any) -> str:
+        if v <= 0:
+            return ""
+        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+        return f"{v:g}" if mantissa in keep else ""
+
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(FuncFormatter(label) if len(keep) > 1 else NullFormatter())
+
+
+def _reference_lines(ax: Any, true_features: int | None, estimate: float | None, axis: str = "x") -> None:
+    line = ax.axvline if axis == "x" else ax.axhline
+    if true_features:
+        line(true_features, color="#777777", ls="--", lw=1.2, label=f"true feature count G = {true_features}")
+    if estimate:
+        line(estimate, color="#D55E00", ls=":", lw=1.6, label=f"estimated feature count ≈ {estimate:.4g}")
+
+
+def _skip(key: str, title: str, caption: str, note: str) -> FigureBlock:
+    return FigureBlock(key=key, title=title, caption=caption, png=None, note=note)
+
+
+# -- 2. recovery heatmaps --------------------------------------------------------------------------
+
+RECOVERY_CAPTION = (
+    "Each cell is one (L1 coefficient α, dictionary size) pair, averaged over seeds. Left: MMCS, the mean over true "
+    "features of the best cosine similarity with any decoder direction. Right: the fraction of true features recovered "
+    "with a cosine of at least 0.9. Colour scales are fixed to [0, 1]; grey cells were not trained or have no value. "
+    "Sharkey et al. found that a plain L1-penalised autoencoder recovers nearly all true features (MMCS close to 1) "
+    "once the dictionary is at least as large as the true feature count and α sits in the right band: too small an α "
+    "leaves directions mixed, too large kills or shrinks features."
+)
+
+
+def recovery_heatmaps(runs: list[dict[str, Any]]) -> list[FigureBlock]:
+    """MMCS and recovered-fraction heatmaps over (L1 on x, dict size on y), one figure per architecture with ground truth."""
+    title = "Recovery of the true features"
+    archs = sorted({str(r.get("arch")) for r in runs if finite(r.get("mmcs")) is not None})
+    if not archs:
+        return [_skip("recovery", title, RECOVERY_CAPTION, "No ground truth in this data (MMCS is empty for every run): heatmaps skipped.")]
+    blocks = []
+    for arch in archs:
+        rows = [r for r in runs if str(r.get("arch")) == arch]
+        mmcs = mean_by(rows, ("dict_size", "l1"), "mmcs")
+        rec = mean_by(rows, ("dict_size", "l1"), "recovered_0_9")
+        sizes = sorted({k[0] for k in mmcs})
+        l1s = sorted({k[1] for k in mmcs})
+        height = max(3.3, 0.42 * len(sizes) + 1.9)
+        width = min(13.0, max(9.0, 1.3 * len(l1s) + 4.0))
+        fig = Figure(figsize=(width, height), layout="constrained")
+        axes = fig.subplots(1, 2)
+        for ax, values, label in ((axes[0], mmcs, "MMCS"), (axes[1], rec, "fraction recovered (cos ≥ 0.9)")):
+            grid = np.full((len(sizes), len(l1s)), np.nan)
+            for (s, a), v in values.items():
+                if s in sizes and a in l1s:
+                    grid[sizes.index(s), l1s.index(a)] = v
+            im = ax.imshow(grid, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0, origin="lower", aspect="auto", interpolation="nearest")
+            fontsize = 9 if grid.size <= 30 else 7
+            for i in range(len(sizes)):
+                for j in range(len(l1s)):
+                    v = grid[i, j]
+                    if np.isnan(v):
+                        ax.text(j, i, "–", ha="center", va="center", fontsize=fontsize, color="#555555")
+                        continue
+                    r, g, b, _ = HEATMAP_CMAP(v)
+                    dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize, color="white" if dark else "black")
+            ax.set_xticks(range(len(l1s)), labels=[fmt_l1(a) for a in l1s])
+            ax.set_yticks(range(len(sizes)), labels=[str(s) for s in sizes])
+            if len(l1s) > 6:
+                _rotate_x(ax)
+            ax.set_xlabel("L1 coefficient α (log grid)")
+            ax.set_ylabel("dictionary size (latents, log₂ grid)")
+            ax.set_title(f"{label} ({arch})")
+            fig.colorbar(im, ax=ax, label=f"{label} (0–1)", shrink=0.9)
+        best = max(mmcs.items(), key=lambda kv: kv[1])
+        (bs, ba), bv = best
+        block_title = f"Recovery of the true features ({arch}): best MMCS {bv:.3f} at dictionary size {bs}, α = {fmt_l1(ba)}"
+        blocks.append(FigureBlock(key=f"recovery-{arch}", title=block_title, caption=RECOVERY_CAPTION, png=_to_data_uri(fig)))
+    return blocks
+
+
+# -- 3. dead latents -------------------------------------------------------------------------------
+
+DEAD_CAPTION = (
+    "Left: the fraction of latents that never fire on the evaluation data, against dictionary size (log₂ axis), one line "
+    "per L1 coefficient α, averaged over seeds. Right: the number of live latents; the grey diagonal is 'every latent "
+    "alive'. Heuristic (a) of Sharkey et al.: dead latents appear once the dictionary is larger than the true feature "
+    "count, so the dead fraction should stay near zero up to that size and rise beyond it, while the live count levels "
+    "off near the number of true features."
+)
+
+
+def dead_latents(
+    analysis: dict[str, Any], runs: list[dict[str, Any]], *, true_features: int | None = None, estimate: float | None = None
+) -> FigureBlock:
+    """Dead fraction and live latents vs dictionary size, one line per L1 (from `analysis['dead']`, else the run rows)."""
+    title = "Dead latents vs dictionary size"
+    rows = list(analysis.get("dead") or [])
+    source_note = ""
+    if not rows:
+        rows = runs
+        source_note = " (Derived from the run table: the analysis had no dead-latent rows.)"
+    rows = [_with_live_latents(r) for r in rows]
+    dead = mean_by(rows, ("l1", "dict_size"), "dead_fraction")
+    live = mean_by(rows, ("l1", "dict_size"), "live_latents")
+    sizes = sorted({k[1] for k in dead})
+    if len(sizes) < 2:
+        return _skip("dead", title, DEAD_CAPTION, "Needs at least two dictionary sizes: skipped.")
+    l1s = sorted({k[0] for k in dead})
+    fig = Figure(figsize=(11.5, 4.2), layout="constrained")
+    ax_dead, ax_live = fig.subplots(1, 2)
+    for color, marker, a in zip(series_colors(len(l1s)), MARKERS * 10, l1s, strict=False):
+        xs = [s for s in sizes if (a, s) in dead]
+        ax_dead.plot(xs, [dead[(a, s)] for s in xs], marker=marker, color=color, ms=5, lw=1.6, label=f"α = {fmt_l1(a)}")
+        xl = [s for s in sizes if (a, s) in live]
+        ax_live.plot(xl, [live[(a, s)] for s in xl], marker=marker, color=color, ms=5, lw=1.6)
+    ax_live.plot(sizes, sizes, color="#aaaaaa", lw=1, ls="-", zorder=0, label="all latents alive")
+    for ax in (ax_dead, ax_live):
+        _size_axis(ax, sizes)
+        _reference_lines(ax, true_features, estimate)
+        ax.set_xlabel("dictionary size (latents)")
+        ax.grid(alpha=0.3)
+    top = max(dead.values())
+    ax_dead.set_ylim(-0.02, min(1.02, max(0.1, top * 1.1)))
+    ax_dead.set_ylabel("dead fraction (of latents)")
+    ax_dead.set_title("Dead latents appear above the true size")
+    if live and min(live.values()) > 0:
+        _size_axis(ax_live, sizes, "y")
+    ax_live.set_ylabel("live latents (count)")
+    ax_live.set_title("Live latents level off near the feature count")
+    _figure_legend(fig, [ax_dead, ax_live], "L1 coefficient")
+    block_title = "Dead latents vs dictionary size"
+    first = _first_size_with_dead(dead, sizes)
+    if first is not None:
+        block_title += f": dead latents (≥ 5%) first appear at {first} latents"
+    else:
+        block_title += ": no dictionary has more than 5% dead latents"
+    return FigureBlock(key="dead", title=block_title, caption=DEAD_CAPTION + source_note, png=_to_data_uri(fig))
+
+
+def _with_live_latents(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with `live_latents` = dict_size x (1 - dead_fraction) filled in when it is missing."""
+    if finite(row.get("live_latents")) is not None:
+        return row
+    dead, size = finite(row.get("dead_fraction")), finite(row.get("dict_size"))
+    return {**row, "live_latents": size * (1.0 - dead)} if dead is not None and size is not None else row
+
+
+def _first_size_with_dead(dead: dict[tuple, float], sizes: list[int], threshold: float = 0.05) -> int | None:
+    for s in sizes:
+        if any(v >= threshold for (a, size), v in dead.items() if size == s):
+            return s
+    return None
+
+
+def _figure_legend(fig: Figure, axes: Sequence[Any], title: str) -> None:
+    """One legend for the whole figure, outside on the right, without duplicate labels."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=False):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(
+            list(seen.values()), list(seen.keys()), loc="outside right upper", title=title, fontsize=8, title_fontsize=9, frameon=False
+        )
+
+
+# -- 4. loss terms ---------------------------------------------------------------------------------
+
+LOSS_CAPTION = (
+    "The two terms of the training loss against the L1 coefficient α (log axis), one line per dictionary size, "
+    "averaged over seeds: the reconstruction loss (mean squared error, log axis) and the sparsity loss (the latents' "
+    "absolute values, averaged or summed over latents as the run's L1 reduction says, before multiplying by α). "
+    "Diamonds mark each size's collapse point found by the analysis; the small panel plots those points against "
+    "dictionary size on log–log axes with a power-law fit. Heuristic (b) of Sharkey et al.: looked at separately "
+    "rather than summed, the two terms change regime at the right α and dictionary size, so the collapse points "
+    "should line up along a clear trend."
+)
+
+
+def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]]) -> FigureBlock:
+    """Reconstruction and sparsity loss vs L1, one line per dict size, with collapse points; plus l1_collapse vs size (log–log)."""
+    title = "Loss terms vs L1 coefficient"
+    rows = list(analysis.get("loss_terms") or [])
+    source_note = ""
+    if not rows:
+        rows = [{**r, **(r.get("metrics") or {})} for r in runs if r.get("metrics")]
+        source_note = " (Derived from the run table: the analysis had no loss-term rows.)"
+    recon = mean_by(rows, ("dict_size", "l1"), "reconstruction_loss")
+    sparse = mean_by(rows, ("dict_size", "l1"), "sparsity_loss")
+    l1s = sorted({k[1] for k in (*recon, *sparse)})
+    if len(l1s) < 2:
+        return _skip("loss", title, LOSS_CAPTION, "Needs at least two L1 coefficients (and recorded loss terms): skipped.")
+    sizes = sorted({k[0] for k in (*recon, *sparse)})
+    collapse = analysis.get("collapse") or {}
+    points = {
+        int(p["dict_size"]): float(p["l1_collapse"])
+        for p in collapse.get("points") or []
+        if finite(p.get("l1_collapse")) and finite(p.get("dict_size")) and float(p["l1_collapse"]) > 0
+    }
+    fit = collapse.get("power_law") or None
+    scaling = len(points) >= 2
+    fig = Figure(figsize=(13.0 if scaling else 11.5, 4.3), layout="constrained")
+    axes = fig.subplots(1, 3 if scaling else 2, width_ratios=[1, 1, 0.75] if scaling else None)
+    ax_rec, ax_sp = axes[0], axes[1]
+    colors = dict(zip(sizes, series_colors(len(sizes)), strict=False))
+    markers = dict(zip(sizes, MARKERS * 10, strict=False))
+    log_rec = bool(recon) and min(recon.values()) > 0
+    log_sp = wants_log(sparse.values())
+    for ax, values, log_y in ((ax_rec, recon, log_rec), (ax_sp, sparse, log_sp)):
+        if log_y:
+            ax.set_yscale("log")
+            _plain_log_labels(ax.yaxis, values.values())
+        for s in sizes:
+            xs = [a for a in l1s if (s, a) in values]
+            if not xs:
+                continue
+            ys = [values[(s, a)] for a in xs]
+            ax.plot(xs, ys, marker=markers[s], ms=4, lw=1.5, color=colors[s], label=f"{s} latents")
+            if s in points and len(xs) >= 2 and min(xs) <= points[s] <= max(xs):
+                yc = _interp_log(points[s], xs, ys, log_y=log_y)
+                ax.plot([points[s]], [yc], marker="D", ms=8, color=colors[s], mec="black", mew=1.0, ls="none", zorder=5)
+        _l1_axis(ax, l1s)
+        ax.set_xlabel("L1 coefficient α")
+        ax.grid(alpha=0.3)
+    ax_rec.set_ylabel("reconstruction loss (MSE per element)")
+    ax_rec.set_title("Reconstruction loss rises with α")
+    ax_sp.set_ylabel("sparsity loss (|latents|, before × α)")
+    ax_sp.set_title("Sparsity loss falls with α")
+    if points:
+        ax_rec.plot([], [], marker="D", ms=7, color="white", mec="black", ls="none", label="collapse point")
+    _figure_legend(fig, [ax_rec, ax_sp], "dictionary size")
+    if scaling:
+        ax_c = axes[2]
+        xs = sorted(points)
+        ax_c.plot(xs, [points[s] for s in xs], "o", color="#0072B2", ms=6, label="collapse α")
+        if fit and finite(fit.get("exponent")) is not None and finite(fit.get("prefactor")) is not None:
+            grid = np.geomspace(min(xs), max(xs), 50)
+            exp, pre = float(fit["exponent"]), float(fit["prefactor"])
+            r2 = finite(fit.get("r2"))
+            label = f"fit α ∝ $m^{{{exp:.2f}}}$" + (f", R² = {r2:.2f}" if r2 is not None else "")
+            ax_c.plot(grid, pre * grid**exp, "--", color="#D55E00", lw=1.5, label=label)
+        _size_axis(ax_c, xs)
+        ax_c.set_yscale("log")
+        _plain_log_labels(ax_c.yaxis, points.values())
+        ax_c.set_xlabel("dictionary size m (latents)")
+        ax_c.set_ylabel("collapse α")
+        ax_c.set_title("Collapse α vs size", fontsize=10)
+        ax_c.grid(alpha=0.3, which="both")
+        ax_c.legend(fontsize=7.5, loc="best")
+    block_title = "Reconstruction and sparsity losses vs L1, looked at separately"
+    if fit and finite(fit.get("exponent")) is not None:
+        block_title += f": collapse α scales as size^{float(fit['exponent']):.2f}"
+    note = None if points else "No collapse points in the analysis: none are marked."
+    return FigureBlock(key="loss", title=block_title, caption=LOSS_CAPTION + source_note, png=_to_data_uri(fig), note=note)
+
+
+def _interp_log(x: float, xs: Sequence[float], ys: Sequence[float], *, log_y: bool) -> float:
+    """y at `x` on the polyline (xs, ys), interpolating in log x (and log y when `log_y`)."""
+    lx = np.log(np.asarray(xs, dtype=float))
+    y = np.log(np.asarray(ys, dtype=float)) if log_y else np.asarray(ys, dtype=float)
+    v = float(np.interp(math.log(x), lx, y))
+    return math.exp(v) if log_y else v
+
+
+# -- 5. MMCS with larger dictionaries ---------------------------------------------------------------
+
+CROSS_CAPTION = (
+    "For each L1 coefficient α, the MMCS of each dictionary's decoder directions against the larger dictionaries "
+    "trained at the same α (left), and the fraction of its directions matched in them (right), against the smaller "
+    "dictionary's size (log₂ axis); values averaged over the larger sizes and seeds. This needs no ground truth. "
+    "Heuristic (c) of Sharkey et al.: the MMCS with larger dictionaries stays high up to the true feature count and "
+    "falls beyond it, because only the true features are found again and again."
+)
+
+
+def cross_size(analysis: dict[str, Any], *, true_features: int | None = None, estimate: float | None = None) -> FigureBlock:
+    """MMCS and matched fraction against larger dictionaries vs dict size, one line per L1 (from `analysis['cross_size']`)."""
+    title = "MMCS with larger dictionaries"
+    rows = list(analysis.get("cross_size") or [])
+    mmcs = mean_by(rows, ("l1", "dict_size"), "mmcs")
+    matched = mean_by(rows, ("l1", "dict_size"), "matched_fraction")
+    sizes = sorted({k[1] for k in (*mmcs, *matched)})
+    if len(sizes) < 2:
+        return _skip("cross", title, CROSS_CAPTION, "Needs cross-size comparisons at two or more dictionary sizes: skipped.")
+    l1s = sorted({k[0] for k in (*mmcs, *matched)})
+    fig = Figure(figsize=(11.5, 4.2), layout="constrained")
+    ax_m, ax_f = fig.subplots(1, 2)
+    for color, marker, a in zip(series_colors(len(l1s)), MARKERS * 10, l1s, strict=False):
+        for ax, values in ((ax_m, mmcs), (ax_f, matched)):
+            xs = [s for s in sizes if (a, s) in values]
+            if xs:
+                ax.plot(xs, [values[(a, s)] for s in xs], marker=marker, ms=5, lw=1.6, color=color, label=f"α = {fmt_l1(a)}")
+    for ax in (ax_m, ax_f):
+        _size_axis(ax, sizes)
+        _reference_lines(ax, true_features, estimate)
+        ax.set_xlabel("dictionary size (latents)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    ax_m.set_ylabel("MMCS with larger dictionaries")
+    ax_m.set_title("High up to the true size, lower beyond")
+    ax_f.set_ylabel("matched fraction (of latents)")
+    ax_f.set_title("Fraction of directions found again")
+    _figure_legend(fig, [ax_m, ax_f], "L1 coefficient")
+    return FigureBlock(key="cross", title="MMCS with larger dictionaries at the same α", caption=CROSS_CAPTION, png=_to_data_uri(fig))
+
+
+# -- 6. consensus ----------------------------------------------------------------------------------
+
+CONSENSUS_CAPTION = (
+    "For each L1 coefficient α, the number of directions that independently trained dictionaries agree on (left) and "
+    "how strongly they agree (right), one line per dictionary size. Directions found again across seeds and sizes "
+    "are candidates for true features, so a count that stays flat over a range of α is evidence for that many "
+    "features; Sharkey et al. used the same idea (features recurring across dictionaries) to choose hyperparameters "
+    "without ground truth."
+)
+
+
+def consensus(analysis: dict[str, Any], *, true_features: int | None = None, estimate: float | None = None) -> FigureBlock:
+    """Consensus count and agreement vs L1, one line per dict size (from `analysis['consensus']`)."""
+    title = "Consensus across dictionaries"
+    rows = list(analysis.get("consensus") or [])
+    count = mean_by(rows, ("dict_size", "l1"), "count")
+    agree = mean_by(rows, ("dict_size", "l1"), "agreement")
+    l1s = sorted({k[1] for k in (*count, *agree)})
+    if len(l1s) < 2:
+        return _skip("consensus", title, CONSENSUS_CAPTION, "No consensus counts at two or more L1 coefficients: skipped.")
+    sizes = sorted({k[0] for k in (*count, *agree)})
+    fig = Figure(figsize=(11.5, 4.0), layout="constrained")
+    ax_c, ax_a = fig.subplots(1, 2)
+    for color, marker, s in zip(series_colors(len(sizes)), MARKERS * 10, sizes, strict=False):
+        for ax, values in ((ax_c, count), (ax_a, agree)):
+            xs = [a for a in l1s if (s, a) in values]
+            if xs:
+                ax.plot(xs, [values[(s, a)] for a in xs], marker=marker, ms=5, lw=1.6, color=color, label=f"{s} latents")
+    for ax in (ax_c, ax_a):
+        _l1_axis(ax, l1s)
+        ax.set_xlabel("L1 coefficient α")
+        ax.grid(alpha=0.3)
+    _reference_lines(ax_c, true_features, estimate, axis="y")
+    if wants_log(count.values()):
+        ax_c.set_yscale("log", base=2)
+        _plain_log_labels(ax_c.yaxis, count.values())
+    else:
+        ax_c.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_c.set_ylabel("consensus features (count)")
+    ax_c.set_title("Directions the dictionaries agree on")
+    ax_a.set_ylabel("agreement (0–1)")
+    ax_a.set_title("Strength of agreement")
+    _figure_legend(fig, [ax_c, ax_a], "dictionary size")
+    return FigureBlock(
+        key="consensus", title="Consensus feature counts vs L1 coefficient", caption=CONSENSUS_CAPTION, png=_to_data_uri(fig)
+    )

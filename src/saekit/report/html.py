@@ -1,0 +1,282 @@
+"""The report page: one self-contained HTML document (inline CSS, a few lines of inline JS, figures as data URIs).
+
+Every piece of text that comes from the data is passed through `html.escape`; nothing on the page refers to
+an outside resource, so the file opens offline and can be mailed or archived as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import Counter
+from typing import Any
+
+from saekit.report.figures import FigureBlock
+
+RUN_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    # (key, header, numeric)
+    ("run_id", "run_id", False),
+    ("arch", "arch", False),
+    ("dict_size", "dict_size", True),
+    ("l1", "l1", True),
+    ("seed", "seed", True),
+    ("status", "status", False),
+    ("samples", "samples", True),
+    ("seconds", "seconds (s)", True),
+    ("mse", "mse", True),
+    ("fvu", "fvu", True),
+    ("l0", "l0", True),
+    ("dead_fraction", "dead_fraction", True),
+    ("mmcs", "mmcs", True),
+    ("recovered_0_9", "recovered_0_9", True),
+)
+
+SECTIONS: tuple[tuple[str, str, str], ...] = (
+    # (key of the figure blocks, section id, heading)
+    ("recovery", "recovery", "Recovery of the true features"),
+    ("dead", "dead", "Dead latents"),
+    ("loss", "loss", "Loss terms"),
+    ("cross", "cross", "MMCS with larger dictionaries"),
+)
+
+_CSS = """
+:root { color-scheme: light; --ink: #1b1b1b; --muted: #5b5b5b; --line: #d9d9d9; --accent: #0072B2; --bad: #D55E00; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--ink); background: #fbfbfa;
+       font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1440px; margin: 0 auto; padding: 24px 28px 64px; }
+h1 { font-size: 1.7rem; margin: 0 0 4px; }
+h2 { font-size: 1.3rem; margin: 40px 0 8px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
+h3 { font-size: 1.02rem; margin: 0 0 8px; }
+.meta { color: var(--muted); margin: 0 0 12px; }
+nav { margin: 8px 0 0; font-size: 0.9rem; }
+nav a { color: var(--accent); margin-right: 14px; text-decoration: none; }
+nav a:hover { text-decoration: underline; }
+.config { display: flex; flex-wrap: wrap; gap: 6px; margin: 8px 0; padding: 0; list-style: none; }
+.config li { background: #eef3f7; border: 1px solid #d6e2ec; border-radius: 4px; padding: 1px 7px; font-size: 0.85rem; }
+.config code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.estimate { background: #fff; border-left: 4px solid var(--accent); padding: 10px 14px; margin: 14px 0 0; }
+.estimate p { margin: 4px 0; }
+figure { background: #fff; border: 1px solid var(--line); border-radius: 6px; margin: 16px 0; padding: 14px 16px; }
+figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
+figcaption { color: #333; font-size: 0.92rem; margin-top: 10px; max-width: 110ch; }
+.note { color: var(--muted); font-style: italic; margin: 8px 0; }
+table { border-collapse: collapse; font-size: 0.85rem; background: #fff; }
+th, td { padding: 4px 8px; border-bottom: 1px solid #ececec; text-align: left; white-space: nowrap; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+thead th { background: #f0f0ee; border-bottom: 2px solid var(--line); }
+.table-wrap thead th { position: sticky; top: 0; z-index: 1; }
+table.sortable thead th { cursor: pointer; user-select: none; }
+table.sortable thead th:hover { background: #e4ecf2; }
+table.sortable thead th::after { content: " \\2195"; color: #aaa; font-size: 0.8em; }
+table.sortable thead th[aria-sort="ascending"]::after { content: " \\25B2"; color: var(--accent); }
+table.sortable thead th[aria-sort="descending"]::after { content: " \\25BC"; color: var(--accent); }
+tbody tr:nth-child(even) { background: #fafafa; }
+tr.failed td { color: var(--bad); }
+.table-wrap { overflow: auto; max-height: 80vh; border: 1px solid var(--line); border-radius: 6px; }
+.table-wrap table { width: 100%; }
+table.signals { margin: 8px 0 16px; border: 1px solid var(--line); }
+.yes { color: #009E73; font-weight: 600; }
+.no { color: var(--bad); font-weight: 600; }
+td.wrap { white-space: normal; min-width: 24ch; }
+"""
+
+_JS = """
+(function () {
+  function cellKey(row, col, numeric) {
+    var cell = row.cells[col];
+    var v = cell.hasAttribute("data-v") ? cell.getAttribute("data-v") : cell.textContent.trim();
+    if (v === "") return null;
+    if (numeric) { var n = parseFloat(v); return isNaN(n) ? null : n; }
+    return v.toLowerCase();
+  }
+  document.querySelectorAll("table.sortable").forEach(function (table) {
+    var headers = table.tHead.rows[0].cells;
+    Array.prototype.forEach.call(headers, function (th, col) {
+      function sort() {
+        var asc = th.getAttribute("aria-sort") !== "ascending";
+        Array.prototype.forEach.call(headers, function (h) { h.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+        var numeric = th.getAttribute("data-type") === "num";
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (a, b) {
+          var x = cellKey(a, col, numeric), y = cellKey(b, col, numeric);
+          if (x === null && y === null) return 0;
+          if (x === null) return 1;   /* missing values last, either direction */
+          if (y === null) return -1;
+          var c = numeric ? x - y : x.localeCompare(y, undefined, { numeric: true });
+          return asc ? c : -c;
+        });
+        rows.forEach(function (r) { body.appendChild(r); });
+      }
+      th.addEventListener("click", sort);
+      th.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sort(); } });
+    });
+  });
+})();
+"""
+
+
+def esc(value: Any) -> str:
+    """Text for HTML: `html.escape` of `str(value)` (quotes included, so it is safe in attributes too)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def fmt_number(value: Any) -> str:
+    """A number for reading: ints as they are, floats to 4 significant digits, large floats rounded; None as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(f):
+        return "nan"
+    if math.isinf(f):
+        return "∞" if f > 0 else "−∞"
+    if 1e4 <= abs(f) < 1e15:
+        return f"{round(f):d}"
+    return f"{f:.4g}"
+
+
+def _sort_value(value: Any) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return repr(f) if math.isfinite(f) else None
+
+
+def render_figure(block: FigureBlock) -> str:
+    """One `<figure>` (image, title, caption), or a short note when the figure was skipped."""
+    if block.png is None:
+        return f'<p class="note" data-figure="{esc(block.key)}">{esc(block.title)}: {esc(block.note or "skipped")}</p>'
+    note = f'<p class="note">{esc(block.note)}</p>' if block.note else ""
+    return (
+        f'<figure data-figure="{esc(block.key)}"><h3>{esc(block.title)}</h3>'
+        f'<img src="{block.png}" alt="{esc(block.title)}">'
+        f"<figcaption>{esc(block.caption)}</figcaption>{note}</figure>"
+    )
+
+
+def estimate_sentence(estimate: dict[str, Any] | None) -> str:
+    """The estimate in one sentence (plain text), or a sentence saying there is none."""
+    if not estimate:
+        return "No feature-count estimate was made for this sweep."
+    n, low, high = estimate.get("n_features"), estimate.get("low"), estimate.get("high")
+    parts = []
+    if n is not None:
+        rng = f" (range {fmt_number(low)}–{fmt_number(high)})" if low is not None and high is not None else ""
+        parts.append(f"Estimated number of true features: {fmt_number(n)}{rng}.")
+    if estimate.get("dict_size") is not None or estimate.get("l1") is not None:
+        parts.append(
+            f"Recommended dictionary size {fmt_number(estimate.get('dict_size'))} with L1 coefficient α = {fmt_number(estimate.get('l1'))}."
+        )
+    return " ".join(parts) or "The estimate has no values."
+
+
+def _header(runs: list[dict[str, Any]], estimate: dict[str, Any] | None, generated: str) -> str:
+    source = (runs[0].get("config") or {}).get("source") if runs else None
+    if isinstance(source, dict) and source:
+        items = "".join(
+            f"<li><code>{esc(k)}={esc(v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True))}</code></li>"
+            for k, v in source.items()
+        )
+        config = f'<ul class="config" aria-label="data config">{items}</ul>'
+    else:
+        config = '<p class="note">No data config recorded.</p>'
+    status = Counter(str(r.get("status")) for r in runs)
+    status_text = ", ".join(f"{n} {esc(s)}" for s, n in sorted(status.items()))
+    summary = f"<p>{esc(estimate.get('summary'))}</p>" if estimate and estimate.get("summary") else ""
+    nav = (
+        "".join(f'<a href="#{sid}">{esc(h)}</a>' for _, sid, h in SECTIONS) + '<a href="#estimate">Estimate</a><a href="#runs">All runs</a>'
+    )
+    return (
+        "<header><h1>saekit sweep report</h1>"
+        f'<p class="meta">Generated {esc(generated)} · {len(runs)} run{"s" if len(runs) != 1 else ""}'
+        f"{' (' + status_text + ')' if status_text else ''}</p>"
+        f"<h3>Data</h3>{config}"
+        f'<div class="estimate"><p><strong>{esc(estimate_sentence(estimate))}</strong></p>{summary}</div>'
+        f"<nav>{nav}</nav></header>"
+    )
+
+
+def _signals_table(estimate: dict[str, Any] | None) -> str:
+    signals = (estimate or {}).get("signals") or []
+    if not signals:
+        return '<p class="note">No evidence signals recorded.</p>'
+    rows = []
+    for s in signals:
+        agrees = s.get("agrees")
+        mark = '<span class="yes">✓ agrees</span>' if agrees else '<span class="no">✗ disagrees</span>' if agrees is not None else "—"
+        value = s.get("value")
+        value_text = fmt_number(value) if isinstance(value, (int, float)) or value is None else str(value)
+        rows.append(
+            f'<tr><td>{esc(s.get("name"))}</td><td class="num">{esc(value_text)}</td><td>{mark}</td>'
+            f'<td class="wrap">{esc(s.get("note"))}</td></tr>'
+        )
+    head = '<tr><th>signal</th><th class="num">value</th><th>agrees</th><th>note</th></tr>'
+    return f'<table class="signals"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _runs_table(runs: list[dict[str, Any]]) -> str:
+    if not runs:
+        return '<p class="note">No runs in the store.</p>'
+    head = "".join(
+        f'<th scope="col" tabindex="0" data-type="{"num" if numeric else "text"}"{" class=num" if numeric else ""}>{esc(label)}</th>'
+        for _, label, numeric in RUN_COLUMNS
+    )
+    body = []
+    for r in runs:
+        cells = []
+        for key, _, numeric in RUN_COLUMNS:
+            v = r.get(key)
+            if numeric:
+                sv = _sort_value(v)
+                attr = f' data-v="{esc(sv)}"' if sv is not None else ""
+                cells.append(f'<td class="num"{attr}>{esc(fmt_number(v))}</td>')
+            else:
+                cells.append(f"<td>{esc(v)}</td>")
+        failed = r.get("status") == "failed"
+        title = f' title="{esc(r.get("error"))}"' if failed and r.get("error") else ""
+        body.append(f"<tr{' class=failed' if failed else ''}{title}>{''.join(cells)}</tr>")
+    return (
+        '<p class="meta">Click a column header to sort (again to reverse). Failed runs are shown in orange; hover for the error.</p>'
+        f'<div class="table-wrap"><table class="sortable runs" id="runs-table"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def render_page(
+    *,
+    runs: list[dict[str, Any]],
+    estimate: dict[str, Any] | None,
+    figures: dict[str, list[FigureBlock]],
+    generated: str,
+) -> str:
+    """The whole page as a string; `figures` maps a section key (recovery, dead, loss, cross, consensus) to its blocks."""
+    parts = [_header(runs, estimate, generated)]
+    for key, sid, heading in SECTIONS:
+        blocks = figures.get(key) or []
+        inner = "".join(render_figure(b) for b in blocks) or '<p class="note">Nothing to show.</p>'
+        parts.append(f'<section id="{sid}"><h2>{esc(heading)}</h2>{inner}</section>')
+    consensus = "".join(render_figure(b) for b in figures.get("consensus") or [])
+    parts.append(
+        '<section id="estimate"><h2>The estimate and its evidence</h2>'
+        f"<p>{esc(estimate_sentence(estimate))}</p>{_signals_table(estimate)}{consensus}</section>"
+    )
+    parts.append(f'<section id="runs"><h2>All runs</h2>{_runs_table(runs)}</section>')
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>saekit report</title><style>{_CSS}</style></head>\n"
+        f"<body><main>{''.join(parts)}</main><script>{_JS}</script></body></html>\n"
+    )
