@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import saekit.report as report
 from saekit.report import figures, render_report, write_report
 from saekit.report.html import RUN_COLUMNS, esc, estimate_sentence, fmt_number, render_figure
 
@@ -294,7 +293,9 @@ def test_write_report_is_atomic_when_writing_fails(tmp_path: Path, monkeypatch: 
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
+    import saekit.io
+
+    monkeypatch.setattr(saekit.io.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_report(tmp_path, make_runs()[:2], {}, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

@@ -69,6 +69,81 @@ def train(
 
 
 @app.command()
+def estimate(
+    out: Annotated[Path, typer.Argument(help="a finished sweep's output folder (with runs.sqlite)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
+) -> None:
+    """Estimate the number of true features and recommend (dict_size, l1) from a sweep, without ground truth."""
+    from saekit.analysis import estimate as estimate_features
+    from saekit.analysis import load_sweep
+
+    try:
+        result = estimate_features(load_sweep(out))
+    except InputError as err:
+        _fail(str(err), 2)
+    if as_json:
+        _print_json(result)
+        return
+    print(f"n_features ~ {result['n_features']} (range {result['low']}-{result['high']})")
+    print(f"recommended: dict_size={result['dict_size']} l1={result['l1']:g}")
+    for s in result["signals"]:
+        mark = {True: "agrees", False: "disagrees", None: "no verdict"}[s["agrees"]]
+        print(f"  {s['name']}: {s['value']} ({mark}) - {s['note']}")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="a finished sweep's output folder (with runs.sqlite)")],
+) -> None:
+    """Write OUT/report.html: heuristics, estimate and a table of all runs, in one self-contained page."""
+    from saekit.pipeline import analyse_and_report
+
+    try:
+        _, path = analyse_and_report(out)
+    except InputError as err:
+        _fail(str(err), 2)
+    print(path)
+
+
+@app.command()
+def reproduce(
+    preset: Annotated[
+        str, typer.Option("--preset", help="quick (about 10 minutes on 2 CPU cores) or paper (the report's full grid)")
+    ] = "quick",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set source.n_features=256")] = None,
+    out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("saekit-reproduce"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the estimate and the runs as one JSON document on stdout")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="refuse sweeps estimated to need more, e.g. 12G")] = None,
+) -> None:
+    """The report's toy experiment end to end: a sweep over size and L1, the estimate, and OUT/report.html."""
+    from saekit.pipeline import analyse_and_report
+    from saekit.presets import describe, preset_config
+    from saekit.train.run import run_config
+    from saekit.train.sweep import parse_bytes
+
+    try:
+        cfg = preset_config(preset, set_ or [])
+        try:
+            limit = parse_bytes(max_memory) if max_memory is not None else None
+        except ValueError as err:
+            raise InputError(f"--max-memory: {err}") from None
+        print(describe(preset, cfg), file=sys.stderr, flush=True)
+        results, errors = run_config(cfg, out, progress=progress, max_memory=limit)
+        result, path = analyse_and_report(out)
+    except InputError as err:
+        _fail(str(err), 2)
+    if as_json:
+        _print_json({"estimate": result, "report": str(path), "runs": results, "errors": errors})
+    else:
+        if result is not None:
+            print(result["summary"])
+        print(f"report: {path}")
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command()
 def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch.set_num_threads for every measurement")] = 2,

@@ -7,13 +7,11 @@ page (`html.py`) and writes it atomically.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from saekit.io import atomic_write_bytes
 from saekit.report import figures
 from saekit.report.html import render_page
 
@@ -58,19 +56,6 @@ def write_report(out_dir: Path, runs: list[dict[str, Any]], analysis: dict[str, 
     """
     out_dir = Path(out_dir)
     page = render_report(runs, analysis, estimate)
-    out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / REPORT_NAME
-    fd, tmp_name = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=out_dir)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    atomic_write_bytes(target, page.encode("utf-8"))
     return target

@@ -1,0 +1,154 @@
+"""The feature-count and hyperparameter estimate, from a finished sweep and without ground truth.
+
+The count comes from seed consensus (features two SAEs with different init seeds both learned) at the
+largest dictionary trained with two seeds, at the L1 where the seeds agree best. The report's own
+heuristics are computed alongside and reported as signals that agree or not with that count.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from saekit.analysis.heuristics import heuristics
+from saekit.analysis.sweep import Sweep
+from saekit.errors import InputError
+
+DEAD_THRESHOLD = 0.05  # a dictionary "has dead latents" when more than 5% never fired
+MATCH_THRESHOLD = 0.9  # cross-size: a dictionary "is contained" in a larger one when 90% of its live latents match
+
+
+def _neighbours(values: list[float], value: float) -> list[float]:
+    i = values.index(value)
+    return values[max(0, i - 1) : i + 2]
+
+
+def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: float = 0.15) -> dict[str, Any]:
+    """{n_features, low, high, dict_size, l1, signals, summary} (DESIGN.md's contract for `saekit estimate`)."""
+    h = analysis if analysis is not None else heuristics(sweep)
+    consensus = h["consensus"]
+    if not consensus:
+        raise InputError(
+            "estimate needs SAEs trained with two init seeds at the largest sizes (e.g. --set train.seeds=[0,1]); this sweep has none"
+        )
+    sizes_with_seeds = sorted({r["dict_size"] for r in consensus})
+    top = sizes_with_seeds[-1]
+    at_top = sorted((r for r in consensus if r["dict_size"] == top), key=lambda r: r["l1"])
+    best = max(at_top, key=lambda r: r["agreement"])
+    n_features = best["count"]
+    l1_grid = [r["l1"] for r in at_top]
+    near = [r["count"] for r in at_top if r["l1"] in _neighbours(l1_grid, best["l1"])]
+    others = [max((r for r in consensus if r["dict_size"] == s), key=lambda r: r["agreement"])["count"] for s in sizes_with_seeds[:-1]]
+    spread = near + others[-1:]
+    low, high = min(spread + [n_features]), max(spread + [n_features])
+    stable = all(abs(c - n_features) <= tolerance * n_features for c in near)
+
+    dict_size, l1 = recommend(sweep, h, n_features)
+    signals = [
+        {
+            "name": "seed consensus",
+            "value": n_features,
+            "agrees": stable,
+            "note": f"at {top} latents and L1 {best['l1']:g} (seed agreement {best['agreement']:.3f}); "
+            f"neighbouring L1 values give {', '.join(str(c) for c in near)}",
+        }
+    ]
+    signals += _report_signals(sweep, h, n_features, best["l1"], tolerance)
+    agreeing = [s["name"] for s in signals[1:] if s["agrees"]]
+    disagreeing = [s["name"] for s in signals[1:] if s["agrees"] is False]
+    summary = (
+        f"About {n_features} features (range {low}-{high}), counted as the features two init seeds both learned "
+        f"at {top} latents; {'stable' if stable else 'NOT stable'} across neighbouring L1 values. "
+        f"Agreeing: {', '.join(agreeing) or 'none'}. Not agreeing: {', '.join(disagreeing) or 'none'}. "
+        f"Recommended SAE: {dict_size} latents at L1 {l1:g}."
+    )
+    return {
+        "n_features": n_features,
+        "low": low,
+        "high": high,
+        "dict_size": dict_size,
+        "l1": l1,
+        "stable": stable,
+        "signals": signals,
+        "summary": summary,
+    }
+
+
+def recommend(sweep: Sweep, h: dict[str, Any], n_features: int) -> tuple[int, float]:
+    """The smallest trained size of at least twice the estimated count (overcomplete dictionaries recover
+    features best: the report's MMCS was near 1 from about 2x the true count), and at that size the L1
+    whose dictionary is best contained in the larger dictionaries of the same L1 (cross-size matched
+    fraction), or where its seeds agree best when it is the largest size."""
+    sizes = sweep.dict_sizes
+    dict_size = next((s for s in sizes if s >= 2 * n_features), sizes[-1])
+    cross = [r for r in h["cross_size"] if r["dict_size"] == dict_size]
+    if cross:
+        score: dict[float, list[float]] = {}
+        for r in cross:
+            score.setdefault(r["l1"], []).append(r["matched_fraction"])
+        l1 = max(score, key=lambda a: (statistics.fmean(score[a]), -a))
+    else:
+        own = [r for r in h["consensus"] if r["dict_size"] == dict_size]
+        l1 = max(own, key=lambda r: r["agreement"])["l1"] if own else sweep.select(dict_size=dict_size)[0]["l1"]
+    return dict_size, l1
+
+
+def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, l1: float, tolerance: float) -> list[dict[str, Any]]:
+    """The report's heuristics, each turned into a statement about the count `n`."""
+    signals = []
+    dead = {}
+    for r in h["dead"]:
+        if r["l1"] == l1:
+            dead.setdefault(r["dict_size"], []).append(r["dead_fraction"])
+    dead_mean = {s: statistics.fmean(v) for s, v in sorted(dead.items())}
+    first_dead = next((s for s, f in dead_mean.items() if f > DEAD_THRESHOLD), None)
+    signals.append(
+        {
+            "name": "dead latents (report heuristic a)",
+            "value": first_dead,
+            "agrees": None if first_dead is None else n <= first_dead,
+            "note": "no size had more than 5% dead latents at this L1"
+            if first_dead is None
+            else f"dead latents (>5%) first appear at {first_dead} latents; the report expects this once the size exceeds the count",
+        }
+    )
+    live_top = [r["live_latents"] for r in h["dead"] if r["l1"] == l1 and r["dict_size"] == max(dead_mean, default=0)]
+    if live_top:
+        live = int(statistics.fmean(live_top))
+        signals.append(
+            {
+                "name": "live latents at the largest size",
+                "value": live,
+                "agrees": abs(live - n) <= tolerance * n,
+                "note": "counts every latent that fires, copies and splits included: an upper bound without resampling",
+            }
+        )
+    contained = {}
+    for r in h["cross_size"]:
+        if r["l1"] == l1:
+            contained.setdefault(r["dict_size"], []).append(r["matched_fraction"])
+    full = [s for s, v in sorted(contained.items()) if min(v) >= MATCH_THRESHOLD]
+    if contained:
+        largest_contained = full[-1] if full else None
+        signals.append(
+            {
+                "name": "MMCS with larger dictionaries (report heuristic c)",
+                "value": largest_contained,
+                "agrees": None if largest_contained is None else largest_contained <= 2 * n,
+                "note": "largest size whose live latents are >=90% found in every larger dictionary at this L1 "
+                "(the report expects this up to about the true count)",
+            }
+        )
+    law = h["collapse"]["power_law"]
+    signals.append(
+        {
+            "name": "reconstruction collapse (report heuristic b)",
+            "value": None if law is None else round(law["exponent"], 3),
+            "agrees": None,
+            "note": "no collapse inside the L1 grid"
+            if law is None
+            else f"the L1 at which reconstruction collapses scales as size^{law['exponent']:.2f} (r2 {law['r2']:.2f}); "
+            "with the L1 averaged over latents this exponent is about 1, an artefact of the convention, not a feature count",
+        }
+    )
+    return signals
