@@ -155,8 +155,7 @@ def train_lockstep(
     n_steps, B = n_steps_for(cfg), cfg.batch_size
     active = [s for s in states if s.step < n_steps]
     start = min((s.step for s in active), default=n_steps)
-    total_sae_steps = sum(n_steps - s.step for s in active)
-    bar = tqdm(total=total_sae_steps * B, unit="sample", unit_scale=True, disable=not progress, desc=description, leave=False)
+    bar = tqdm(total=(n_steps - start) * B, unit="sample", unit_scale=True, disable=not progress, desc=description, leave=False)
     try:
         for t in range(start, n_steps):
             due = [s for s in active if s.step == t]
@@ -183,7 +182,7 @@ def train_lockstep(
                         on_log(state, samples, _log_row(terms))
                     if ckpt_now and on_checkpoint is not None:
                         on_checkpoint(state, min(samples, cfg.samples))
-                bar.update(B)
+            bar.update(B)
     finally:
         bar.close()
     return active
