@@ -1,8 +1,8 @@
 """Sweep presets for `saekit reproduce`: the grid is chosen from the data width d alone.
 
-The true feature count is unknown to a real user, so dictionary sizes run geometrically from d/2 to
-16·d and the L1 values geometrically around the recommended default; two init seeds are trained at
-the largest sizes for the seed-consensus count. `paper` is the report's full grid instead.
+The true feature count is unknown to a real user, so dictionary sizes run geometrically from d/2 up
+(to 8·d in `quick`) and the L1 values geometrically from the recommended default up; two init seeds are
+trained at the largest size for the seed-consensus count. `paper` is the report's full grid instead.
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ from saekit.config import Config, set_override
 
 PRESETS = ("quick", "paper")
 
-# The quick preset (calibrated on the report's toy data, d=256, G=512; see README "Estimate"):
-QUICK_L1 = [0.15, 0.3, 0.6, 1.2]
+# The quick preset (calibrated on toy data, see README "Estimate"): sizes d/2 .. 8 d, a second init seed
+# at the largest size only (the seed-consensus count needs two seeds where the dictionary has room for
+# twice the features, so quick counts up to about 4 d features). 16 d would not fit in 10 minutes on
+# 2 CPU cores at d = 256; `--set sae.dict_size=[...]` or the paper preset go further.
+QUICK_MAX_SIZE_PER_D = 8
+QUICK_L1 = [0.3, 0.6, 1.2, 2.4]
 QUICK_SAMPLES = 1_000_000
 QUICK_LR = 3e-3
 # The report's grid: alpha = 10^(k/4), k = -8..8; sizes G/4 .. 32 G by factors of 2.
@@ -44,8 +48,8 @@ def preset_config(preset: str, overrides: list[str] = ()) -> Config:
     d = source.d
     if preset == "quick":
         grid = {
-            "sae": {"dict_size": geometric_sizes(d / 2, 16 * d), "l1": QUICK_L1},
-            "train": {"samples": QUICK_SAMPLES, "lr": QUICK_LR, "seeds": [0, 1], "seeds_min_size": 8 * d},
+            "sae": {"dict_size": geometric_sizes(d / 2, QUICK_MAX_SIZE_PER_D * d), "l1": QUICK_L1},
+            "train": {"samples": QUICK_SAMPLES, "lr": QUICK_LR, "seeds": [0, 1], "seeds_min_size": QUICK_MAX_SIZE_PER_D * d},
         }
     else:
         g = source.n_features
@@ -70,10 +74,12 @@ def describe(preset: str, cfg: Config) -> str:
     specs = expand_grid(cfg)
     latent_samples = sum(s.dict_size for s in specs) * cfg.train.samples
     # 10 d FLOPs per latent per sample; ~200 GFLOP/s is what this step sustains on 2 CPU cores (saekit bench).
-    hours = 10 * cfg.source.d * latent_samples / 200e9 / 3600
+    minutes = 10 * cfg.source.d * latent_samples / 200e9 / 60
+    duration = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
     sizes = sorted({s.dict_size for s in specs})
+    l1s = ", ".join(f"{a:.3g}" for a in sorted({s.l1 for s in specs}))
     return (
-        f"saekit reproduce --preset {preset}: {len(specs)} SAEs, sizes {sizes}, L1 values "
-        f"{sorted({s.l1 for s in specs})}, seeds {cfg.train.seeds} (both from size {cfg.train.seeds_min_size}), "
-        f"{cfg.train.samples:,} samples each; about {hours:.1f} h at 200 GFLOP/s (2 CPU cores; far less on a GPU)."
+        f"saekit reproduce --preset {preset}: {len(specs)} SAEs, sizes {sizes}, L1 values [{l1s}], "
+        f"seeds {cfg.train.seeds} (both from size {cfg.train.seeds_min_size}), {cfg.train.samples:,} samples each; "
+        f"training alone takes about {duration} at 200 GFLOP/s (2 CPU cores; far less on a GPU)."
     )
