@@ -35,18 +35,15 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     # Trust only dictionaries with room for every feature they count (at least twice as many latents):
     # smaller ones merge features and under-count. Among those, take the (size, L1) whose seeds agree best.
     roomy = [r for r in consensus if 2 * r["count"] <= r["dict_size"] and r["count"] > 0] or consensus
+    # The count is the median over that L1 and its neighbours in the grid, so one odd L1 cannot move it.
     best = max(roomy, key=lambda r: (r["agreement"], r["dict_size"]))
     top = best["dict_size"]
-    n_features = best["count"]
     at_top = sorted((r for r in consensus if r["dict_size"] == top), key=lambda r: r["l1"])
     l1_grid = [r["l1"] for r in at_top]
     near = [r["count"] for r in at_top if r["l1"] in _neighbours(l1_grid, best["l1"])]
-    others = [
-        max((r for r in roomy if r["dict_size"] == s), key=lambda r: r["agreement"])["count"] for s in {r["dict_size"] for r in roomy}
-    ]
+    n_features = int(round(statistics.median(near)))
     stable = all(abs(c - n_features) <= tolerance * n_features for c in near)
-    in_range = [c for c in near + others if abs(c - n_features) <= 2 * tolerance * n_features]
-    low, high = min(in_range + [n_features]), max(in_range + [n_features])
+    low, high = min(near), max(near)
 
     dict_size, l1 = recommend(sweep, h, n_features)
     signals = [

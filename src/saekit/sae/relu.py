@@ -16,52 +16,42 @@ from torch import nn
 from saekit.sae.base import SparseAutoencoder, random_unit_rows
 
 
-def _append_column(t: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
-    """(..., n) -> (..., n + 1) with the new last column filled with `value` (a scalar or a (K,) tensor)."""
-    col = torch.empty(*t.shape[:-1], 1, dtype=t.dtype, device=t.device)
-    col.copy_(value[:, None, None].expand_as(col) if torch.is_tensor(value) else torch.tensor(value, dtype=t.dtype))
-    return torch.cat([t, col], dim=-1)
-
-
 class _FusedReluLoss(torch.autograd.Function):
     """Reconstruction and L1 terms of stacked ReLU SAEs with a hand-written backward.
 
     Same values and gradients as autograd through encode/decode/loss_terms
     (a test checks this), but with as few passes as possible over the large
     (K, B, m) code tensors, which on a CPU cost about as much as a matmul each:
-    biases and the constant L1 gradient ride inside the matmuls as an extra
-    row/column of ones, and the ReLU mask is one threshold_backward.
+    bias and ReLU are applied in place, the constant L1 gradient is added in
+    place to the decoder-gradient matmul, and the ReLU mask is one threshold_backward.
     """
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, sum_over_latents: bool):
-        xc = x if b_dec is None else x - b_dec[:, None, :]  # (B, d) or (K, B, d)
         K, d, m = W_enc.shape
-        B = xc.shape[-2]
-        xc_aug = _append_column(xc, 1.0).expand(K, B, d + 1)  # (K, B, d+1)
-        W_enc_aug = torch.cat([W_enc, b_enc[:, None, :]], dim=1)  # (K, d+1, m)
-        c = torch.bmm(xc_aug, W_enc_aug).relu_()  # (K, B, m)
+        xc = (x if b_dec is None else x - b_dec[:, None, :]).expand(K, -1, d)  # (K, B, d)
+        B = xc.shape[1]
+        c = torch.bmm(xc, W_enc).add_(b_enc[:, None, :]).relu_()  # (K, B, m)
         err = torch.bmm(c, W_dec).sub_(xc)  # x_hat - x: (K, B, d)
         reconstruction = err.pow(2).mean(dim=(1, 2))
         sparsity = c.sum(dim=(1, 2)) / (B if sum_over_latents else B * m)
-        ctx.save_for_backward(xc_aug, c, err, W_enc, W_dec)
+        ctx.save_for_backward(xc, c, err, W_enc, W_dec)
         ctx.has_b_dec, ctx.l1_scale, ctx.x_shared = b_dec is not None, (1.0 / B if sum_over_latents else 1.0 / (B * m)), x.ndim == 2
         ctx.mark_non_differentiable(c)
         return reconstruction, sparsity, c
 
     @staticmethod
     def backward(ctx, g_rec, g_sp, _g_c):
-        xc_aug, c, err, W_enc, W_dec = ctx.saved_tensors
+        xc, c, err, W_enc, W_dec = ctx.saved_tensors
         K, B, m = c.shape
         d = err.shape[2]
         g_err = err * (g_rec * (2.0 / (B * d)))[:, None, None]  # dLoss/dx_hat: (K, B, d)
         g_W_dec = torch.bmm(c.transpose(1, 2), g_err)
         # dLoss/dc = g_err W_dec^T + g_sp * l1_scale (|c| = c on the ReLU's support), then the ReLU mask.
-        g_err_aug = _append_column(g_err, g_sp * ctx.l1_scale)  # (K, B, d+1)
-        W_dec_t_aug = torch.cat([W_dec.transpose(1, 2), torch.ones(K, 1, m, dtype=W_dec.dtype, device=W_dec.device)], dim=1)
-        g_pre = torch.ops.aten.threshold_backward(torch.bmm(g_err_aug, W_dec_t_aug), c, 0.0)  # (K, B, m)
-        g_W_enc_aug = torch.bmm(xc_aug.transpose(1, 2), g_pre)  # (K, d+1, m): last row is the bias gradient
-        g_W_enc, g_b_enc = g_W_enc_aug[:, :d], g_W_enc_aug[:, d]
+        g_c = torch.bmm(g_err, W_dec.transpose(1, 2)).add_((g_sp * ctx.l1_scale)[:, None, None])
+        g_pre = torch.ops.aten.threshold_backward(g_c, c, 0.0)  # (K, B, m)
+        g_W_enc = torch.bmm(xc.transpose(1, 2), g_pre)  # (K, d, m)
+        g_b_enc = g_pre.sum(dim=1)
         g_b_dec = None
         if ctx.has_b_dec:
             g_b_dec = g_err.sum(dim=1) - torch.bmm(g_b_enc[:, None, :], W_enc.transpose(1, 2))[:, 0]
