@@ -19,6 +19,9 @@ if __name__ == "__main__":
         print(json.dumps(results, indent=2))
     else:
         for name, r in results.items():
+            if not isinstance(r, dict):
+                print(f"{name:36s} {r:.4g}")
+                continue
             print(name)
             for key, value in r.items():
                 print(f"  {key:34s} {value:.4g}" if isinstance(value, float) else f"  {key:34s} {value}")

@@ -149,6 +149,10 @@ def test_bench_json_reports_ratios():
     r = saekit("bench", "--json", "--quick", "--threads", "1")
     assert r.returncode == 0, r.stderr
     results = json.loads(r.stdout)
+    ens = results["ensemble"]
+    assert ens["members"] == 8 and ens["batch_size"] == 256
+    assert results["ensemble_speedup"] == pytest.approx(ens["sequential_steps_ms"] / ens["ensemble_step_ms"])
+    assert results["roofline_fraction"] == results["training"]["roofline_fraction"]
     for name in ("training", "training_batch_256"):
         row = results[name]
         assert row["threads"] == 1 and row["d"] == 256 and row["dict_size"] == 1024

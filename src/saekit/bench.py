@@ -3,7 +3,8 @@
 - saekit's training step for one SAE (loss, backward, decoder constraint, Adam, renormalisation);
 - the bare matmuls of that step with the same shapes (the machine's matmul rate for the same FLOPs);
 - a plain PyTorch loop (autograd through encode/decode, stock Adam) doing the same step;
-- generating a toy batch (independent and correlated features).
+- generating a toy batch (independent and correlated features);
+- a K = 8 ensemble's batched step against the same 8 SAEs stepped one after another.
 
 Each figure is the median over `repeats` timings of `steps` iterations, after a warm-up.
 """
@@ -114,12 +115,51 @@ def bench_training(
     }
 
 
+def bench_ensemble(
+    d: int = 256, dict_size: int = 1024, batch_size: int = 256, members: int = 8, steps: int = 10, repeats: int = 5, device: str = "cpu"
+) -> dict[str, Any]:
+    """A K-member ensemble's batched step against the same K SAEs stepped one after another on the same batch."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    src = ToySource(d=d, n_features=512, mean_active=5, seed=0, device=dev)
+    xs = [src.batch(batch_size, t) for t in range(8)]
+    it = iter(range(10**12))
+    ensemble = ReluSAE(d, dict_size, list(range(members)), [0.3] * members).to(dev)
+    opt = torch.optim.Adam(ensemble.parameters(), lr=1e-3, fused=True)
+    ensemble_s = _median_seconds(lambda: _saekit_step(ensemble, opt, xs[next(it) % 8]), steps, repeats, sync)
+    singles = [ReluSAE(d, dict_size, [k], [0.3]).to(dev) for k in range(members)]
+    opts = [torch.optim.Adam(s.parameters(), lr=1e-3, fused=True) for s in singles]
+
+    def one_after_another() -> None:
+        x = xs[next(it) % 8]
+        for sae, o in zip(singles, opts):
+            _saekit_step(sae, o, x)
+
+    sequential_s = _median_seconds(one_after_another, steps, repeats, sync)
+    return {
+        "members": members,
+        "d": d,
+        "dict_size": dict_size,
+        "batch_size": batch_size,
+        "ensemble_step_ms": ensemble_s * 1e3,
+        "sequential_steps_ms": sequential_s * 1e3,
+        "ensemble_speedup": sequential_s / ensemble_s,
+        "sae_samples_per_second": members * batch_size / ensemble_s,
+    }
+
+
 def run_benchmarks(threads: int | None = None, quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Everything `saekit bench` reports. `threads` sets torch.set_num_threads (default: all cores)."""
     if threads is not None:
         torch.set_num_threads(threads)
     steps, repeats = (5, 3) if quick else (20, 7)
+    training = bench_training(batch_size=1024, steps=steps, repeats=repeats, device=device)
+    ensemble = bench_ensemble(steps=max(2, steps // 2), repeats=repeats, device=device)
     return {
-        "training": bench_training(batch_size=1024, steps=steps, repeats=repeats, device=device),
+        "roofline_fraction": training["roofline_fraction"],
+        "ensemble_speedup": ensemble["ensemble_speedup"],
+        "data_fraction_of_step": training["data_fraction_of_step"],
+        "training": training,
         "training_batch_256": bench_training(batch_size=256, steps=steps * 2, repeats=repeats, device=device),
+        "ensemble": ensemble,
     }

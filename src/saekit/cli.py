@@ -162,7 +162,16 @@ def bench(
     if as_json:
         _print_json(results)
         return
-    for name, r in results.items():
+    e = results["ensemble"]
+    print(
+        f"roofline_fraction {results['roofline_fraction']:.2f}  ensemble_speedup {results['ensemble_speedup']:.2f}  "
+        f"data_fraction_of_step {results['data_fraction_of_step']:.2f}\n"
+        f"ensemble: K={e['members']} d={e['d']} m={e['dict_size']} batch={e['batch_size']}: "
+        f"one batched step {e['ensemble_step_ms']:.1f} ms, "
+        f"{e['members']} separate steps {e['sequential_steps_ms']:.1f} ms"
+    )
+    for name in ("training", "training_batch_256"):
+        r = results[name]
         print(
             f"{name}: d={r['d']} m={r['dict_size']} batch={r['batch_size']} threads={r['threads']}\n"
             f"  saekit step {r['step_ms']:.2f} ms = {r['samples_per_second']:,.0f} samples/s = {r['achieved_gflops']:.0f} GFLOP/s\n"
