@@ -80,7 +80,7 @@ def recommend(sweep: Sweep, h: dict[str, Any], n_features: int) -> tuple[int, fl
     """The smallest trained size of at least twice the estimated count (overcomplete dictionaries recover
     features best: the report's MMCS was near 1 from about 2x the true count), and at that size the L1
     whose dictionary is best contained in the larger dictionaries of the same L1 (cross-size matched
-    fraction), or where its seeds agree best when it is the largest size."""
+    fraction), or, at the largest size, the sparsest L1 whose seed-consensus count matches the estimate."""
     sizes = sweep.dict_sizes
     dict_size = next((s for s in sizes if s >= 2 * n_features), sizes[-1])
     cross = [r for r in h["cross_size"] if r["dict_size"] == dict_size]
@@ -90,8 +90,10 @@ def recommend(sweep: Sweep, h: dict[str, Any], n_features: int) -> tuple[int, fl
             score.setdefault(r["l1"], []).append(r["matched_fraction"])
         l1 = max(score, key=lambda a: (statistics.fmean(score[a]), -a))
     else:
-        own = [r for r in h["consensus"] if r["dict_size"] == dict_size]
-        l1 = max(own, key=lambda r: r["agreement"])["l1"] if own else sweep.select(dict_size=dict_size)[0]["l1"]
+        # The largest size has nothing larger to compare with: take the sparsest L1 whose seed-consensus count
+        # is still within 15% of the estimate (more sparsity gives cleaner directions until features are lost).
+        own = [r for r in h["consensus"] if r["dict_size"] == dict_size and abs(r["count"] - n_features) <= 0.15 * n_features]
+        l1 = max(r["l1"] for r in own) if own else sweep.select(dict_size=dict_size)[0]["l1"]
     return dict_size, l1
 
 
