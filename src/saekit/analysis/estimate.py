@@ -127,20 +127,23 @@ def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, l1: float, toleranc
                 "note": "counts every latent that fires, copies and splits included: an upper bound without resampling",
             }
         )
-    contained = {}
+    # (c) at each L1: the largest size whose live latents are >= 90% found in every larger dictionary.
+    contained: dict[float, dict[int, list[float]]] = {}
     for r in h["cross_size"]:
-        if r["l1"] == l1:
-            contained.setdefault(r["dict_size"], []).append(r["matched_fraction"])
-    full = [s for s, v in sorted(contained.items()) if min(v) >= MATCH_THRESHOLD]
+        contained.setdefault(r["l1"], {}).setdefault(r["dict_size"], []).append(r["matched_fraction"])
     if contained:
-        largest_contained = full[-1] if full else None
+        per_l1 = {a: max((s for s, v in sizes.items() if min(v) >= MATCH_THRESHOLD), default=None) for a, sizes in contained.items()}
+        found = {a: s for a, s in per_l1.items() if s is not None}
+        at_l1, largest = max(found.items(), key=lambda kv: (kv[1], -kv[0])) if found else (None, None)
         signals.append(
             {
                 "name": "MMCS with larger dictionaries (report heuristic c)",
-                "value": largest_contained,
-                "agrees": None if largest_contained is None else largest_contained <= 2 * n,
-                "note": "largest size whose live latents are >=90% found in every larger dictionary at this L1 "
-                "(the report expects this up to about the true count)",
+                "value": largest,
+                "agrees": None if largest is None else largest <= 2 * n,
+                "note": "no size's live latents were >=90% found in every larger dictionary at any L1"
+                if largest is None
+                else f"at L1 {at_l1:g}, dictionaries up to {largest} latents are >=90% contained in every larger one "
+                "(the report expects this up to about the true count, and lower beyond)",
             }
         )
     law = h["collapse"]["power_law"]
