@@ -118,22 +118,22 @@ def bench_training(
 def bench_ensemble(
     d: int = 256, dict_size: int = 1024, batch_size: int = 256, members: int = 8, steps: int = 10, repeats: int = 5, device: str = "cpu"
 ) -> dict[str, Any]:
-    """A K-member ensemble's batched step against the same K SAEs stepped one after another on the same batch."""
+    """A K-member ensemble's batched step on one toy batch against the same K SAEs each doing its own step on
+    its own toy batch, as K separate training runs would (data generation included on both sides)."""
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     src = ToySource(d=d, n_features=512, mean_active=5, seed=0, device=dev)
-    xs = [src.batch(batch_size, t) for t in range(8)]
     it = iter(range(10**12))
     ensemble = ReluSAE(d, dict_size, list(range(members)), [0.3] * members).to(dev)
     opt = torch.optim.Adam(ensemble.parameters(), lr=1e-3, fused=True)
-    ensemble_s = _median_seconds(lambda: _saekit_step(ensemble, opt, xs[next(it) % 8]), steps, repeats, sync)
+    ensemble_s = _median_seconds(lambda: _saekit_step(ensemble, opt, src.batch(batch_size, next(it))), steps, repeats, sync)
     singles = [ReluSAE(d, dict_size, [k], [0.3]).to(dev) for k in range(members)]
     opts = [torch.optim.Adam(s.parameters(), lr=1e-3, fused=True) for s in singles]
 
     def one_after_another() -> None:
-        x = xs[next(it) % 8]
+        # each SAE trained on its own (as separate runs would) draws its own batch
         for sae, o in zip(singles, opts):
-            _saekit_step(sae, o, x)
+            _saekit_step(sae, o, src.batch(batch_size, next(it)))
 
     sequential_s = _median_seconds(one_after_another, steps, repeats, sync)
     return {
