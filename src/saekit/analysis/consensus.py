@@ -10,18 +10,27 @@ from scipy.sparse.csgraph import connected_components
 from saekit.metrics import cosine_matrix, mmcs
 
 
-def consensus_count(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.9) -> int:
-    """Pool the directions a (n_a, d) and b (n_b, d), link every pair with cosine > `threshold`, and count
-    the connected components holding directions from both: features both SAEs found (copies merged)."""
-    pooled = torch.cat([a, b])
+def consensus_directions(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
+    """Pool the directions a (n_a, d) and b (n_b, d), link every pair with cosine > `threshold`, and keep the
+    connected components holding directions from both: features both SAEs found (copies merged). Returns
+    one unit direction per such component, the normalised mean of its members: (count, d)."""
+    pooled = torch.nn.functional.normalize(torch.cat([a, b]).double(), dim=1)
     cos = cosine_matrix(pooled, pooled).cpu().numpy()
     rows, cols = np.nonzero(np.triu(cos > threshold, k=1))
     n = pooled.shape[0]
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
-    from_a = set(labels[: a.shape[0]].tolist())
-    from_b = set(labels[a.shape[0] :].tolist())
-    return len(from_a & from_b)
+    shared = sorted(set(labels[: a.shape[0]].tolist()) & set(labels[a.shape[0] :].tolist()))
+    if not shared:
+        return pooled.new_zeros(0, pooled.shape[1]).float()
+    labels_t = torch.from_numpy(labels)
+    means = torch.stack([pooled[labels_t == c].mean(dim=0) for c in shared])
+    return torch.nn.functional.normalize(means, dim=1).float()
+
+
+def consensus_count(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.9) -> int:
+    """How many features two SAEs both learned (see `consensus_directions`)."""
+    return consensus_directions(a, b, threshold).shape[0]
 
 
 def seed_agreement(a: torch.Tensor, b: torch.Tensor) -> float:

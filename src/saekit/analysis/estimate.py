@@ -11,9 +11,13 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+import torch
+
+from saekit.analysis.consensus import consensus_directions
 from saekit.analysis.heuristics import heuristics
 from saekit.analysis.sweep import Sweep
 from saekit.errors import InputError
+from saekit.metrics import mmcs
 
 DEAD_THRESHOLD = 0.05  # a dictionary "has dead latents" when more than 5% never fired
 MATCH_THRESHOLD = 0.9  # cross-size: a dictionary "is contained" in a larger one when 90% of its live latents match
@@ -45,7 +49,9 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     stable = all(abs(c - n_features) <= tolerance * n_features for c in near)
     low, high = min(near), max(near)
 
-    dict_size, l1 = recommend(sweep, h, n_features)
+    seeds = sweep.select(dict_size=top, l1=best["l1"])
+    features = consensus_directions(sweep.live_directions(seeds[0]), sweep.live_directions(seeds[1]))
+    dict_size, l1 = recommend(sweep, h, features, n_features, top)
     signals = [
         {
             "name": "seed consensus",
@@ -76,25 +82,25 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     }
 
 
-def recommend(sweep: Sweep, h: dict[str, Any], n_features: int) -> tuple[int, float]:
+def recommend(sweep: Sweep, h: dict[str, Any], features: torch.Tensor, n_features: int, top: int) -> tuple[int, float]:
     """The smallest trained size of at least twice the estimated count (overcomplete dictionaries recover
-    features best: the report's MMCS was near 1 from about 2x the true count), and at that size the L1
-    whose dictionary is best contained in the larger dictionaries of the same L1 (cross-size matched
-    fraction), or, at the largest size, the sparsest L1 whose seed-consensus count matches the estimate."""
+    features best: the report's MMCS was near 1 from about twice the true count), and at that size the L1
+    whose dictionary best recovers the consensus features (the features both seeds learned at the counting
+    size, our stand-in for the unknown truth): the highest MMCS against them, averaged over seeds. When the
+    recommended size is the counting size itself that comparison would be circular, so there it is the
+    sparsest L1 whose consensus count is within 15% of the estimate."""
     sizes = sweep.dict_sizes
     dict_size = next((s for s in sizes if s >= 2 * n_features), sizes[-1])
-    cross = [r for r in h["cross_size"] if r["dict_size"] == dict_size]
-    if cross:
-        score: dict[float, list[float]] = {}
-        for r in cross:
-            score.setdefault(r["l1"], []).append(r["matched_fraction"])
-        l1 = max(score, key=lambda a: (statistics.fmean(score[a]), -a))
-    else:
-        # The largest size has nothing larger to compare with: take the sparsest L1 whose seed-consensus count
-        # is still within 15% of the estimate (more sparsity gives cleaner directions until features are lost).
-        own = [r for r in h["consensus"] if r["dict_size"] == dict_size and abs(r["count"] - n_features) <= 0.15 * n_features]
-        l1 = max(r["l1"] for r in own) if own else sweep.select(dict_size=dict_size)[0]["l1"]
-    return dict_size, l1
+    if dict_size == top:
+        matching = [r["l1"] for r in h["consensus"] if r["dict_size"] == top and abs(r["count"] - n_features) <= 0.15 * n_features]
+        if matching:
+            return dict_size, max(matching)
+    score = {}
+    for l1 in sweep.l1s:
+        runs = [r for r in sweep.select(dict_size=dict_size, l1=l1) if sweep.live_directions(r).shape[0] > 0]
+        if runs:
+            score[l1] = statistics.fmean(mmcs(sweep.live_directions(r), features) for r in runs)
+    return dict_size, max(score, key=lambda a: (score[a], -a))
 
 
 def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, l1: float, tolerance: float) -> list[dict[str, Any]]:
