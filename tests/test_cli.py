@@ -162,3 +162,15 @@ def test_bench_json_reports_ratios():
         assert row["roofline_fraction"] == pytest.approx(row["matmul_ms"] / row["step_ms"])
         assert row["speedup_vs_plain"] == pytest.approx(row["plain_step_ms"] / row["step_ms"])
         assert row["data_fraction_of_step"] == pytest.approx(row["data_ms"] / row["step_ms"])
+
+
+def test_estimate_and_report_refuse_a_folder_without_a_sweep(tmp_path):
+    for cmd in ("estimate", "report"):
+        r = saekit(cmd, str(tmp_path / "nothing"))
+        assert r.returncode == 2 and "no saekit run store" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_reproduce_unknown_preset_is_bad_input(tmp_path):
+    r = saekit("reproduce", "--preset", "huge", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "unknown preset" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -174,3 +174,43 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
         wa, wb = load_sae(a["checkpoint"]), load_sae(b["checkpoint"])
         torch.testing.assert_close(wa.W_dec, wb.W_dec, atol=1e-6, rtol=0)
         assert a["mmcs"] == pytest.approx(b["mmcs"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_reproduce_quick_end_to_end_small(tmp_path):
+    """`saekit reproduce` on a small toy (d=32, G=48): sweep, estimate within 15% of G, report page, JSON."""
+    out = tmp_path / "rep"
+    proc = _saekit(
+        [
+            "reproduce",
+            "--set",
+            "source.d=32",
+            "--set",
+            "source.n_features=48",
+            "--set",
+            "source.seed=2",
+            "--out",
+            str(out),
+            "--json",
+            "--no-progress",
+        ]
+    )
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr
+    result = json.loads(stdout)
+    est = result["estimate"]
+    for key in ("n_features", "low", "high", "dict_size", "l1"):
+        assert key in est
+    # quick grid from d=32: sizes 16..256, 4 L1 values, a second seed at 256 -> 5*4 + 4 = 24 SAEs
+    assert len(result["runs"]) == 24 and all(r["status"] == "done" for r in result["runs"])
+    assert abs(est["n_features"] - 48) <= 0.15 * 48, est["summary"]
+    recommended = [r for r in result["runs"] if r["dict_size"] == est["dict_size"] and r["l1"] == est["l1"]]
+    assert recommended and recommended[0]["mmcs"] >= 0.95
+    page = (out / "report.html").read_text()
+    assert "<img" in page and "http://" not in page
+    # estimate and report also work on their own on the same folder
+    again = subprocess.run([sys.executable, "-m", "saekit.cli", "estimate", str(out), "--json"], capture_output=True, text=True)
+    assert again.returncode == 0 and json.loads(again.stdout)["n_features"] == est["n_features"]
+    (out / "report.html").unlink()
+    rep = subprocess.run([sys.executable, "-m", "saekit.cli", "report", str(out)], capture_output=True, text=True)
+    assert rep.returncode == 0 and (out / "report.html").is_file()
