@@ -20,6 +20,7 @@ import torch
 
 from saekit.sae import ReluSAE
 from saekit.sources import ToySource
+from saekit.train.loop import optimisation_step
 
 
 def _median_seconds(fn: Callable[[], None], steps: int, repeats: int, sync: Callable[[], None]) -> float:
@@ -34,15 +35,6 @@ def _median_seconds(fn: Callable[[], None], steps: int, repeats: int, sync: Call
         sync()
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times)
-
-
-def _saekit_step(sae: ReluSAE, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
-    terms = sae.training_loss(x)
-    opt.zero_grad(set_to_none=True)
-    terms["loss"].sum().backward()
-    sae.remove_parallel_grad()
-    opt.step()
-    sae.normalize_decoder()
 
 
 def _plain_step(sae: ReluSAE, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
@@ -68,7 +60,7 @@ def bench_training(
 
     sae = ReluSAE(d, dict_size, [0], [0.3]).to(dev)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
-    step_s = _median_seconds(lambda: _saekit_step(sae, opt, xs[next(it) % 8]), steps, repeats, sync)
+    step_s = _median_seconds(lambda: optimisation_step(sae, opt, xs[next(it) % 8]), steps, repeats, sync)
 
     plain = ReluSAE(d, dict_size, [0], [0.3]).to(dev)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
@@ -126,14 +118,14 @@ def bench_ensemble(
     it = iter(range(10**12))
     ensemble = ReluSAE(d, dict_size, list(range(members)), [0.3] * members).to(dev)
     opt = torch.optim.Adam(ensemble.parameters(), lr=1e-3, fused=True)
-    ensemble_s = _median_seconds(lambda: _saekit_step(ensemble, opt, src.batch(batch_size, next(it))), steps, repeats, sync)
+    ensemble_s = _median_seconds(lambda: optimisation_step(ensemble, opt, src.batch(batch_size, next(it))), steps, repeats, sync)
     singles = [ReluSAE(d, dict_size, [k], [0.3]).to(dev) for k in range(members)]
     opts = [torch.optim.Adam(s.parameters(), lr=1e-3, fused=True) for s in singles]
 
     def one_after_another() -> None:
         # each SAE trained on its own (as separate runs would) draws its own batch
         for sae, o in zip(singles, opts):
-            _saekit_step(sae, o, src.batch(batch_size, next(it)))
+            optimisation_step(sae, o, src.batch(batch_size, next(it)))
 
     sequential_s = _median_seconds(one_after_another, steps, repeats, sync)
     return {

@@ -93,18 +93,24 @@ def resample_dead(state: TrainState, source: Source, dead: torch.Tensor, batch_s
     return count
 
 
-def training_step(state: TrainState, x: torch.Tensor, source: Source, cfg: TrainConfig, n_steps: int) -> dict[str, torch.Tensor]:
-    """One optimisation step of an ensemble on batch x (B, d); returns its loss terms."""
-    sae, opt = state.sae, state.optimizer
-    lr = cfg.lr * lr_factor(state.step, n_steps, cfg)
-    for group in opt.param_groups:
-        group["lr"] = lr
+def optimisation_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss terms -> backward -> drop the decoder gradient's parallel part -> Adam -> renormalise decoder rows."""
     terms = sae.training_loss(x)
     opt.zero_grad(set_to_none=True)
     terms["loss"].sum().backward()
     sae.remove_parallel_grad()
     opt.step()
     sae.normalize_decoder()
+    return terms
+
+
+def training_step(state: TrainState, x: torch.Tensor, source: Source, cfg: TrainConfig, n_steps: int) -> dict[str, torch.Tensor]:
+    """One optimisation step of an ensemble on batch x (B, d); returns its loss terms."""
+    sae, opt = state.sae, state.optimizer
+    lr = cfg.lr * lr_factor(state.step, n_steps, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    terms = optimisation_step(sae, opt, x)
     state.diverged |= ~torch.isfinite(terms["loss"])
     state.step += 1
     if cfg.resample_every > 0:
