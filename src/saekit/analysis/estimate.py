@@ -11,8 +11,6 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-import torch
-
 from saekit.analysis.consensus import consensus_directions
 from saekit.analysis.heuristics import heuristics
 from saekit.analysis.sweep import Sweep
@@ -49,9 +47,7 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     stable = all(abs(c - n_features) <= tolerance * n_features for c in near)
     low, high = min(near), max(near)
 
-    seeds = sweep.select(dict_size=top, l1=best["l1"])
-    features = consensus_directions(sweep.live_directions(seeds[0]), sweep.live_directions(seeds[1]))
-    dict_size, l1 = recommend(sweep, h, features, n_features, top)
+    dict_size, l1 = recommend(sweep, n_features, top)
     signals = [
         {
             "name": "seed consensus",
@@ -82,24 +78,32 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     }
 
 
-def recommend(sweep: Sweep, h: dict[str, Any], features: torch.Tensor, n_features: int, top: int) -> tuple[int, float]:
+def recommend(sweep: Sweep, n_features: int, top: int) -> tuple[int, float]:
     """The smallest trained size of at least twice the estimated count (overcomplete dictionaries recover
     features best: the report's MMCS was near 1 from about twice the true count), and at that size the L1
-    whose dictionary best recovers the consensus features (the features both seeds learned at the counting
-    size, our stand-in for the unknown truth): the highest MMCS against them, averaged over seeds. When the
-    recommended size is the counting size itself that comparison would be circular, so there it is the
-    sparsest L1 whose consensus count is within 15% of the estimate."""
+    whose dictionaries best recover the consensus features found at the counting size `top` (the features
+    both seeds learned there, per L1: our stand-in for the unknown truth): the highest MMCS against them,
+    averaged over seeds and over the L1 values whose features are compared (never a dictionary against
+    features it helped find)."""
     sizes = sweep.dict_sizes
     dict_size = next((s for s in sizes if s >= 2 * n_features), sizes[-1])
-    if dict_size == top:
-        matching = [r["l1"] for r in h["consensus"] if r["dict_size"] == top and abs(r["count"] - n_features) <= 0.15 * n_features]
-        if matching:
-            return dict_size, max(matching)
+    features = {}
+    for l1 in sweep.l1s:
+        seeds = sweep.select(dict_size=top, l1=l1)
+        if len(seeds) >= 2:
+            features[l1] = consensus_directions(sweep.live_directions(seeds[0]), sweep.live_directions(seeds[1]))
     score = {}
     for l1 in sweep.l1s:
-        runs = [r for r in sweep.select(dict_size=dict_size, l1=l1) if sweep.live_directions(r).shape[0] > 0]
-        if runs:
-            score[l1] = statistics.fmean(mmcs(sweep.live_directions(r), features) for r in runs)
+        values = [
+            mmcs(sweep.live_directions(run), found)
+            for run in sweep.select(dict_size=dict_size, l1=l1)
+            for other, found in features.items()
+            if found.shape[0] > 0 and sweep.live_directions(run).shape[0] > 0 and not (dict_size == top and other == l1)
+        ]
+        if values:
+            score[l1] = statistics.fmean(values)
+    if not score:
+        return dict_size, sweep.select(dict_size=dict_size)[0]["l1"]
     return dict_size, max(score, key=lambda a: (score[a], -a))
 
 
