@@ -174,3 +174,12 @@ def test_reproduce_unknown_preset_is_bad_input(tmp_path):
     r = saekit("reproduce", "--preset", "huge", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "unknown preset" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_over_max_memory_is_refused_with_the_figure(tmp_path):
+    out = tmp_path / "out"
+    r = saekit("train", *with_sets(*TINY, "sae.dict_size=[16,32]"), "--max-memory", "1K", "--out", str(out), "--json")
+    assert r.returncode == 2 and "needs about" in r.stderr and "--max-memory 1.0 KiB" in r.stderr
+    assert not out.exists()
+    bad = saekit("train", *with_sets(*TINY), "--max-memory", "lots", "--out", str(out))
+    assert bad.returncode == 2 and "--max-memory" in bad.stderr
