@@ -35,7 +35,6 @@ class TrainState:
     resampled: int = 0
     diverged: torch.Tensor | None = None  # (K,) bool: members whose loss was ever NaN/Inf
     fired: torch.Tensor | None = None  # (K, m) bool: latents that fired since the last resampling
-    label: str = ""
     resumed_from: int = 0  # the step a resumed ensemble restarted at (0 = trained from scratch)
     failed: set[int] = field(default_factory=set)  # members reported as diverged
 
@@ -49,7 +48,7 @@ def lr_factor(step: int, n_steps: int, cfg: TrainConfig) -> float:
     return 1.0 if step < start else max(0.0, (n_steps - step) / decay_steps)
 
 
-def make_state(sae: SparseAutoencoder, cfg: TrainConfig, step: int = 0, label: str = "") -> TrainState:
+def make_state(sae: SparseAutoencoder, cfg: TrainConfig, step: int = 0) -> TrainState:
     """A fresh TrainState with Adam (fused where the device supports it)."""
     params = list(sae.parameters())
     try:
@@ -63,7 +62,6 @@ def make_state(sae: SparseAutoencoder, cfg: TrainConfig, step: int = 0, label: s
         step=step,
         diverged=torch.zeros(sae.n_members, dtype=torch.bool, device=device),
         fired=torch.zeros(sae.n_members, sae.dict_size, dtype=torch.bool, device=device),
-        label=label,
     )
 
 

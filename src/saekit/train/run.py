@@ -76,11 +76,11 @@ def start_ensemble(cfg: Config, plan: EnsemblePlan, folder: Path, d: int, device
     if (folder / "cfg.json").is_file():
         saved = read_cfg(folder)
         sae = load_sae(folder, device)
-        state = make_state(sae, cfg.train, step=int(saved.get("step", 0)), label=plan.ensemble_id)
+        state = make_state(sae, cfg.train, step=int(saved.get("step", 0)))
         state.resumed_from = state.step
         load_optimizer_state(folder, sae, state.optimizer)
         return state
-    return make_state(build_ensemble(cfg, plan, d, device), cfg.train, label=plan.ensemble_id)
+    return make_state(build_ensemble(cfg, plan, d, device), cfg.train)
 
 
 def result_row(run: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +117,8 @@ def run_config(
     """
     device = resolve_device(cfg.train.device)
     source = make_source(cfg.source, device)
-    specs, run_ids = _unique(expand_grid(cfg), [run_id_for(cfg, s) for s in expand_grid(cfg)])
+    grid = expand_grid(cfg)
+    specs, run_ids = _unique(grid, [run_id_for(cfg, s) for s in grid])
     out = Path(out_dir)
     done: set[str] = set()
     if (out / RunStore.FILENAME).is_file():
