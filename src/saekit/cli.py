@@ -24,6 +24,18 @@ def _root() -> None:
     """saekit: train sparse autoencoders, measure feature recovery, choose hyperparameters."""
 
 
+def _memory_limit(text: str | None) -> int | None:
+    """--max-memory as bytes (None = the sweep's default of 80% of available RAM)."""
+    from saekit.train.sweep import parse_bytes
+
+    if text is None:
+        return None
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise InputError(f"--max-memory: {err}") from None
+
+
 def _fail(message: str, code: int) -> NoReturn:
     first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
     print(f"saekit: error: {first_line}", file=sys.stderr)
@@ -49,14 +61,10 @@ def train(
     """Train every SAE the config describes (one, or a grid from lists), sizes as ensembles in lockstep."""
     from saekit.config import load_config
     from saekit.train.run import run_config
-    from saekit.train.sweep import parse_bytes
 
     try:
         cfg = load_config(config, set_ or [])
-        try:
-            limit = parse_bytes(max_memory) if max_memory is not None else None
-        except ValueError as err:
-            raise InputError(f"--max-memory: {err}") from None
+        limit = _memory_limit(max_memory)
         results, errors = run_config(cfg, out, progress=progress, on_result=None if as_json else _print_summary, max_memory=limit)
     except InputError as err:
         _fail(str(err), 2)
@@ -120,14 +128,10 @@ def reproduce(
     from saekit.pipeline import analyse_and_report
     from saekit.presets import describe, preset_config
     from saekit.train.run import run_config
-    from saekit.train.sweep import parse_bytes
 
     try:
         cfg = preset_config(preset, set_ or [])
-        try:
-            limit = parse_bytes(max_memory) if max_memory is not None else None
-        except ValueError as err:
-            raise InputError(f"--max-memory: {err}") from None
+        limit = _memory_limit(max_memory)
         print(describe(preset, cfg), file=sys.stderr, flush=True)
         results, errors = run_config(cfg, out, progress=progress, max_memory=limit)
         result, path = analyse_and_report(out)
