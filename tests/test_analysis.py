@@ -91,7 +91,7 @@ def _truth_sweep(n_true=20, d=16, sizes=(10, 20, 40, 80), seeds_at=(40, 80), l1s
                 dirs[run_id] = torch.cat([found, extra])
                 runs.append(_run(run_id, size, l1, seed, dead=max(0.0, 1 - n_true / size)))
     sweep = Sweep(None, runs)
-    sweep._directions.update(dirs)
+    sweep._directions.update({(run_id, False): v for run_id, v in dirs.items()})
     return sweep
 
 
@@ -119,3 +119,14 @@ def test_estimate_needs_two_seeds():
     with pytest.raises(InputError, match="two init seeds"):
         estimate(sweep)
     assert heuristics(sweep)["consensus"] == []
+
+
+def test_count_that_still_moves_late_in_training_is_not_stable():
+    sweep = _truth_sweep()
+    assert estimate(sweep)["stable"] is True
+    # Pretend that at 80% of training the seeds at the counting size shared only 10 of the 20 features.
+    for run in sweep.select(dict_size=80):
+        sweep._directions[(run["run_id"], True)] = sweep.live_directions(run)[:10]
+    result = estimate(sweep)
+    assert result["n_features"] == 20 and result["stable"] is False
+    assert "at 80% of training it was 10" in result["signals"][0]["note"]

@@ -117,6 +117,13 @@ def test_run_config_fills_the_store(tmp_path):
         assert [h["samples"] for h in hist] == [256, 512, 768, 1024, 1280]
         assert runs[0]["config"]["sae"]["dict_size"] == 8 and runs[0]["samples"] == 1280
         assert runs[0]["metrics"]["eval_samples"] == 1000
+    from saekit.io import load_latent_stats
+
+    stats = load_latent_stats(runs[0]["checkpoint"])
+    # fire counts of the final evaluation, and the decoder at 80% of training (1024 of 1280 samples: step 8)
+    assert stats["fire_counts"].shape == (8,) and int(stats["eval_samples"]) == 1000
+    assert stats["late_directions"].shape == (8, 8)
+    torch.testing.assert_close(stats["late_directions"].norm(dim=1), torch.ones(8))
 
 
 def test_duplicate_latents_keeps_the_first_of_each_copy_group():

@@ -44,7 +44,9 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     l1_grid = [r["l1"] for r in at_top]
     near = [r["count"] for r in at_top if r["l1"] in _neighbours(l1_grid, best["l1"])]
     n_features = int(round(statistics.median(near)))
-    stable = all(abs(c - n_features) <= tolerance * n_features for c in near)
+    late = best.get("count_late")
+    settled = late is None or abs(late - best["count"]) <= tolerance * max(best["count"], 1)
+    stable = settled and all(abs(c - n_features) <= tolerance * n_features for c in near)
     low, high = min(near), max(near)
 
     dict_size, l1 = recommend(sweep, n_features, top)
@@ -54,7 +56,8 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
             "value": n_features,
             "agrees": stable,
             "note": f"at {top} latents and L1 {best['l1']:g} (seed agreement {best['agreement']:.3f}); "
-            f"neighbouring L1 values give {', '.join(str(c) for c in near)}",
+            f"neighbouring L1 values give {', '.join(str(c) for c in near)}"
+            + ("" if late is None else f"; at 80% of training it was {late}"),
         }
     ]
     signals += _report_signals(sweep, h, n_features, best["l1"], tolerance)
@@ -62,7 +65,7 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     disagreeing = [s["name"] for s in signals[1:] if s["agrees"] is False]
     summary = (
         f"About {n_features} features (range {low}-{high}), counted as the features two init seeds both learned "
-        f"at {top} latents; {'stable' if stable else 'NOT stable'} across neighbouring L1 values. "
+        f"at {top} latents; {'stable' if stable else 'NOT stable'} across neighbouring L1 values and since 80% of training. "
         f"Agreeing: {', '.join(agreeing) or 'none'}. Not agreeing: {', '.join(disagreeing) or 'none'}. "
         f"Recommended SAE: {dict_size} latents at L1 {l1:g}."
     )

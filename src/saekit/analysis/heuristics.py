@@ -121,12 +121,14 @@ def consensus_table(sweep: Sweep, threshold: float = 0.9) -> list[dict[str, Any]
             if len(runs) < 2:
                 continue
             a, b = sweep.live_directions(runs[0]), sweep.live_directions(runs[1])
+            a_late, b_late = sweep.live_directions(runs[0], late=True), sweep.live_directions(runs[1], late=True)
             rows.append(
                 {
                     "dict_size": size,
                     "l1": l1,
                     "seeds": [runs[0]["seed"], runs[1]["seed"]],
                     "count": consensus_count(a, b, threshold),
+                    "count_late": None if a_late is None or b_late is None else consensus_count(a_late, b_late, threshold),
                     "agreement": seed_agreement(a, b),
                     "live": [a.shape[0], b.shape[0]],
                 }

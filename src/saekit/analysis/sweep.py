@@ -19,7 +19,7 @@ class Sweep:
 
     out_dir: Path
     runs: list[dict[str, Any]]
-    _directions: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _directions: dict[tuple[str, bool], torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     @property
     def dict_sizes(self) -> list[int]:
@@ -36,17 +36,20 @@ class Sweep:
             key=lambda r: r["seed"],
         )
 
-    def live_directions(self, run: dict[str, Any]) -> torch.Tensor:
-        """Unit decoder directions (n_live, d) of the latents that fired during the run's final evaluation."""
-        run_id = run["run_id"]
-        if run_id not in self._directions:
-            sae = load_sae(run["checkpoint"])
-            directions = sae.directions()[0]
-            stats = load_latent_stats(run["checkpoint"])
-            if stats is not None:
+    def live_directions(self, run: dict[str, Any], late: bool = False) -> torch.Tensor | None:
+        """Unit decoder directions (n_live, d) of the latents that fired during the run's final evaluation;
+        with `late=True` the same latents' directions at 80% of training (None if not saved)."""
+        key = (run["run_id"], late)
+        if key not in self._directions:
+            stats = load_latent_stats(run["checkpoint"]) if run.get("checkpoint") else None
+            if late:
+                directions = None if stats is None else stats.get("late_directions")
+            else:
+                directions = load_sae(run["checkpoint"]).directions()[0]
+            if directions is not None and stats is not None:
                 directions = directions[stats["fire_counts"] > 0]
-            self._directions[run_id] = directions
-        return self._directions[run_id]
+            self._directions[key] = directions
+        return self._directions[key]
 
 
 def load_sweep(out_dir: str | Path) -> Sweep:

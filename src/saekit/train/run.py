@@ -46,6 +46,10 @@ def run_config_dict(cfg: Config, spec: RunSpec) -> dict[str, Any]:
     return data
 
 
+# Decoder directions are also kept from this point of training, so the analysis can check that what it
+# counts no longer changes ("stable between the last checkpoints").
+LATE_FRACTION = 0.8
+
 # Keys that change how a run is watched or where it runs, not what it computes: left out of its id.
 _NOT_IN_RUN_ID = ("device", "log_every", "checkpoint_every")
 
@@ -138,9 +142,12 @@ def run_config(
         states = _start(cfg, plans, store, source.d, device)
         started = time.perf_counter()
         by_state = {id(state): plan for state, plan in zip(states, plans)}
+        late: dict[int, torch.Tensor] = {}  # decoder directions at LATE_FRACTION of training, per ensemble
 
         def on_log(state: TrainState, samples: int, row: dict[str, torch.Tensor]) -> None:
             plan = by_state[id(state)]
+            if id(state) not in late and samples >= LATE_FRACTION * cfg.train.samples:
+                late[id(state)] = state.sae.directions().clone()
             store.log_history_many(
                 [(rid, samples, {n: v[k].item() for n, v in row.items()}) for k, rid in enumerate(plan.run_ids) if k not in state.failed]
             )
@@ -176,7 +183,7 @@ def run_config(
         )
         seconds = time.perf_counter() - started
         for state, plan in zip(states, plans):
-            _finish(cfg, plan, state, store, source, seconds)
+            _finish(cfg, plan, state, store, source, seconds, late.get(id(state)))
         results = []
         for rid in run_ids:
             row = result_row(store.get(rid))
@@ -205,7 +212,9 @@ def _start(cfg: Config, plans: list[EnsemblePlan], store: RunStore, d: int, devi
     return states
 
 
-def _finish(cfg: Config, plan: EnsemblePlan, state: TrainState, store: RunStore, source: Any, seconds: float) -> None:
+def _finish(
+    cfg: Config, plan: EnsemblePlan, state: TrainState, store: RunStore, source: Any, seconds: float, late: torch.Tensor | None
+) -> None:
     """Evaluate the ensemble's healthy members, write each one's final checkpoint, mark them done."""
     if len(state.failed) == len(plan.specs):
         return
@@ -221,7 +230,11 @@ def _finish(cfg: Config, plan: EnsemblePlan, state: TrainState, store: RunStore,
             samples=cfg.train.samples,
             config=run_config_dict(cfg, spec),
             extra={"run_id": rid},
-            latent_stats={"fire_counts": fire_counts[k], "eval_samples": torch.tensor(metrics[k]["eval_samples"])},
+            latent_stats={
+                "fire_counts": fire_counts[k],
+                "eval_samples": torch.tensor(metrics[k]["eval_samples"]),
+                **({} if late is None else {"late_directions": late[k]}),
+            },
         )
         row = {
             **metrics[k],
