@@ -131,7 +131,7 @@ def run_config(
     plans = plan_ensembles(specs, run_ids, skip=done)
     eval_batch = max(cfg.train.batch_size, 4096)
     need = sweep_memory_bytes(plans, source.d, cfg.train.batch_size, eval_batch)
-    limit = max_memory if max_memory is not None else int(0.8 * available_memory_bytes())
+    limit = max_memory if max_memory is not None else int(0.8 * available_memory_bytes(device))
     if need > limit:
         raise InputError(
             f"the sweep needs about {format_bytes(need)} of memory, more than --max-memory {format_bytes(limit)}; "

@@ -6,6 +6,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+import torch
+
 from saekit.config import RunSpec
 
 BYTES_PER_FLOAT = 4
@@ -55,8 +57,13 @@ def sweep_memory_bytes(plans: list[EnsemblePlan], d: int, batch_size: int, eval_
     return training + evaluation
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
+def available_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """Free memory where the sweep will live: the GPU's free memory for a CUDA device, else MemAvailable
+    from /proc/meminfo (Linux), else total physical memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
