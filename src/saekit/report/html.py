@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from saekit.report.figures import FigureBlock
+from saekit.report.figures import FigureBlock, finite
 
 RUN_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     # (key, header, numeric)
@@ -146,13 +146,8 @@ def fmt_number(value: Any) -> str:
 
 
 def _sort_value(value: Any) -> str | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return repr(f) if math.isfinite(f) else None
+    f = finite(value)
+    return None if f is None else repr(f)
 
 
 def render_figure(block: FigureBlock) -> str:
