@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from saekit.config import TrainConfig
 from saekit.sae import ReluSAE
 from saekit.sources import ToySource
-from saekit.train.loop import optimisation_step
+from saekit.train.loop import make_state, optimisation_step
 
 
 def _median_seconds(fn: Callable[[], None], steps: int, repeats: int, sync: Callable[[], None]) -> float:
@@ -35,6 +36,11 @@ def _median_seconds(fn: Callable[[], None], steps: int, repeats: int, sync: Call
         sync()
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times)
+
+
+def _saekit_optimizer(sae: ReluSAE) -> torch.optim.Optimizer:
+    """The optimiser saekit's trainer builds (fused Adam where the device has it), at the default lr."""
+    return make_state(sae, TrainConfig()).optimizer
 
 
 def _plain_step(sae: ReluSAE, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
@@ -59,7 +65,7 @@ def bench_training(
     it = iter(range(10**12))
 
     sae = ReluSAE(d, dict_size, [0], [0.3]).to(dev)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
+    opt = _saekit_optimizer(sae)
     step_s = _median_seconds(lambda: optimisation_step(sae, opt, xs[next(it) % 8]), steps, repeats, sync)
 
     plain = ReluSAE(d, dict_size, [0], [0.3]).to(dev)
@@ -117,10 +123,10 @@ def bench_ensemble(
     src = ToySource(d=d, n_features=512, mean_active=5, seed=0, device=dev)
     it = iter(range(10**12))
     ensemble = ReluSAE(d, dict_size, list(range(members)), [0.3] * members).to(dev)
-    opt = torch.optim.Adam(ensemble.parameters(), lr=1e-3, fused=True)
+    opt = _saekit_optimizer(ensemble)
     ensemble_s = _median_seconds(lambda: optimisation_step(ensemble, opt, src.batch(batch_size, next(it))), steps, repeats, sync)
     singles = [ReluSAE(d, dict_size, [k], [0.3]).to(dev) for k in range(members)]
-    opts = [torch.optim.Adam(s.parameters(), lr=1e-3, fused=True) for s in singles]
+    opts = [_saekit_optimizer(s) for s in singles]
 
     def one_after_another() -> None:
         # each SAE trained on its own (as separate runs would) draws its own batch
