@@ -22,16 +22,19 @@ SMALL = {
 }
 
 
-@pytest.mark.parametrize("seed", [11, 12])
-def test_small_case_recovers_the_true_features(seed):
+@pytest.mark.parametrize(("seed", "precision"), [(11, "highest"), (12, "highest"), (13, "medium")])
+def test_small_case_recovers_the_true_features(seed, precision):
+    # precision "medium": bfloat16 matmul products (float32 accumulation and weights) must not cost recovery
     torch.manual_seed(0)
-    cfg = Config.model_validate({**SMALL, "source": {**SMALL["source"], "seed": seed}})
+    train_cfg = {**SMALL["train"], "matmul_precision": precision}
+    cfg = Config.model_validate({**SMALL, "source": {**SMALL["source"], "seed": seed}, "train": train_cfg})
     src = ToySource(**cfg.source.model_dump(exclude={"kind", "path"}))
     sae = ReluSAE(32, 96, [seed + 1000], [1.0])
     train(sae, src, cfg.train, progress=False)
     metrics = evaluate(sae, src, 20_000, 4096)[0]
     assert metrics["mmcs"] >= 0.97, metrics
     assert metrics["recovered_0_9"] >= 0.9, metrics
+    assert torch.get_float32_matmul_precision() == "highest"  # restored after training
 
 
 class _BreaksAfter:

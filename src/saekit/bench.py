@@ -4,7 +4,8 @@
 - the bare matmuls of that step with the same shapes (the machine's matmul rate for the same FLOPs);
 - a plain PyTorch loop (autograd through encode/decode, stock Adam) doing the same step;
 - generating a toy batch (independent and correlated features);
-- a K = 8 ensemble's batched step against the same 8 SAEs stepped one after another.
+- a K = 8 ensemble's batched step against the same 8 SAEs stepped one after another, in float32 and
+  with train.matmul_precision=medium (bfloat16 products).
 
 Each figure is the median over `repeats` timings of `steps` iterations, after a warm-up.
 """
@@ -21,7 +22,7 @@ import torch
 from saekit.config import TrainConfig
 from saekit.sae import ReluSAE
 from saekit.sources import ToySource
-from saekit.train.loop import make_state, optimisation_step
+from saekit.train.loop import make_state, matmul_precision, optimisation_step
 
 
 def _median_seconds(fn: Callable[[], None], steps: int, repeats: int, sync: Callable[[], None]) -> float:
@@ -124,16 +125,23 @@ def bench_ensemble(
     it = iter(range(10**12))
     ensemble = ReluSAE(d, dict_size, list(range(members)), [0.3] * members).to(dev)
     opt = _saekit_optimizer(ensemble)
-    ensemble_s = _median_seconds(lambda: optimisation_step(ensemble, opt, src.batch(batch_size, next(it))), steps, repeats, sync)
     singles = [ReluSAE(d, dict_size, [k], [0.3]).to(dev) for k in range(members)]
     opts = [_saekit_optimizer(s) for s in singles]
+
+    def batched() -> None:
+        optimisation_step(ensemble, opt, src.batch(batch_size, next(it)))
 
     def one_after_another() -> None:
         # each SAE trained on its own (as separate runs would) draws its own batch
         for sae, o in zip(singles, opts):
             optimisation_step(sae, o, src.batch(batch_size, next(it)))
 
-    sequential_s = _median_seconds(one_after_another, steps, repeats, sync)
+    # Interleaved: each repeat times both sides back to back, so load changes on a shared
+    # machine hit both; the speedup is the median of the per-repeat ratios.
+    pairs = [(_median_seconds(batched, steps, 1, sync), _median_seconds(one_after_another, steps, 1, sync)) for _ in range(repeats)]
+    ensemble_s = statistics.median(e for e, _ in pairs)
+    sequential_s = statistics.median(q for _, q in pairs)
+    speedup = statistics.median(q / e for e, q in pairs)
     return {
         "members": members,
         "d": d,
@@ -141,7 +149,7 @@ def bench_ensemble(
         "batch_size": batch_size,
         "ensemble_step_ms": ensemble_s * 1e3,
         "sequential_steps_ms": sequential_s * 1e3,
-        "ensemble_speedup": sequential_s / ensemble_s,
+        "ensemble_speedup": speedup,
         "sae_samples_per_second": members * batch_size / ensemble_s,
     }
 
@@ -153,11 +161,15 @@ def run_benchmarks(threads: int | None = None, quick: bool = False, device: str 
     steps, repeats = (5, 3) if quick else (20, 7)
     training = bench_training(batch_size=1024, steps=steps, repeats=repeats, device=device)
     ensemble = bench_ensemble(steps=max(2, steps // 2), repeats=repeats, device=device)
+    with matmul_precision("medium"):  # train.matmul_precision=medium: bfloat16 products where the CPU/GPU has them
+        ensemble_medium = bench_ensemble(steps=max(2, steps // 2), repeats=repeats, device=device)
     return {
         "roofline_fraction": training["roofline_fraction"],
         "ensemble_speedup": ensemble["ensemble_speedup"],
+        "ensemble_speedup_matmul_precision_medium": ensemble_medium["ensemble_speedup"],
         "data_fraction_of_step": training["data_fraction_of_step"],
         "training": training,
         "training_batch_256": bench_training(batch_size=256, steps=steps * 2, repeats=repeats, device=device),
         "ensemble": ensemble,
+        "ensemble_matmul_precision_medium": ensemble_medium,
     }

@@ -127,6 +127,12 @@ class TrainConfig(_Section):
         description="dictionaries smaller than this train only the first of `seeds` (seed consensus needs two only at the largest sizes)",
     )
     device: str = Field("auto", description="auto = CUDA when present, else CPU; or any torch device string")
+    matmul_precision: Literal["highest", "high", "medium"] = Field(
+        "highest",
+        description="torch.set_float32_matmul_precision during training: highest = plain float32 (default); "
+        "high = TF32 on NVIDIA GPUs; medium = bfloat16 products with float32 accumulation where the hardware has them "
+        "(AMX on recent Xeons). Evaluation always runs in float32.",
+    )
     log_every: int = Field(100, gt=0, description="steps between rows in the metrics-over-time table")
     checkpoint_every: int = Field(1_000_000, gt=0, description="samples between checkpoints (one is always written at the end)")
     eval_samples: int = Field(100_000, gt=0, description="fresh samples of the final evaluation; a latent that never fires on them is dead")

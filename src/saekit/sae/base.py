@@ -74,7 +74,7 @@ class SparseAutoencoder(nn.Module):
         """Project out of each decoder row's gradient its component along the row (rows are unit norm)."""
         g, w = self.W_dec.grad, self.W_dec
         if g is not None:
-            g.addcmul_(w, (g * w).sum(dim=2, keepdim=True), value=-1.0)
+            g.addcmul_(w, torch.einsum("kmd,kmd->km", g, w).unsqueeze(2), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -38,6 +38,7 @@ class _FusedReluLoss(torch.autograd.Function):
         ctx.save_for_backward(xc, c, err, W_enc, W_dec)
         ctx.has_b_dec, ctx.l1_scale, ctx.x_shared = b_dec is not None, (1.0 / B if sum_over_latents else 1.0 / (B * m)), x.ndim == 2
         ctx.mark_non_differentiable(c)
+        ctx.set_materialize_grads(False)  # no (K, B, m) tensor of zeros for c's gradient
         return reconstruction, sparsity, c
 
     @staticmethod
@@ -45,11 +46,13 @@ class _FusedReluLoss(torch.autograd.Function):
         xc, c, err, W_enc, W_dec = ctx.saved_tensors
         K, B, m = c.shape
         d = err.shape[2]
+        g_rec = torch.zeros(K, device=c.device) if g_rec is None else g_rec
+        g_sp = torch.zeros(K, device=c.device) if g_sp is None else g_sp
         g_err = err * (g_rec * (2.0 / (B * d)))[:, None, None]  # dLoss/dx_hat: (K, B, d)
         g_W_dec = torch.bmm(c.transpose(1, 2), g_err)
         # dLoss/dc = g_err W_dec^T + g_sp * l1_scale (|c| = c on the ReLU's support), then the ReLU mask.
         g_c = torch.bmm(g_err, W_dec.transpose(1, 2)).add_((g_sp * ctx.l1_scale)[:, None, None])
-        g_pre = torch.ops.aten.threshold_backward(g_c, c, 0.0)  # (K, B, m)
+        g_pre = torch.ops.aten.threshold_backward.grad_input(g_c, c, 0.0, grad_input=g_c)  # in place: (K, B, m)
         g_W_enc = torch.bmm(xc.transpose(1, 2), g_pre)  # (K, d, m)
         g_b_enc = g_pre.sum(dim=1)
         g_b_dec = None

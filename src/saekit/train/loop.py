@@ -8,7 +8,8 @@ sweep sees the same batch t at its step t, so batches are generated once per ste
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +137,17 @@ def _log_row(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision(precision) inside the block, the previous setting after it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def train_lockstep(
     states: list[TrainState],
     source: Source,
@@ -160,7 +172,7 @@ def train_lockstep(
     active = [s for s in states if s.step < n_steps]
     start = min((s.step for s in active), default=n_steps)
     bar = tqdm(total=(n_steps - start) * B, unit="sample", unit_scale=True, disable=not progress, desc=description, leave=False)
-    try:
+    with bar, matmul_precision(cfg.matmul_precision):
         for t in range(start, n_steps):
             due = [s for s in active if s.step == t]
             if not due:
@@ -187,8 +199,6 @@ def train_lockstep(
                     if ckpt_now and on_checkpoint is not None:
                         on_checkpoint(state, min(samples, cfg.samples))
             bar.update(B)
-    finally:
-        bar.close()
     return active
 
 
