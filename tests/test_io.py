@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saekit import io as sio
+from saekit import atomic
 from saekit.errors import InputError
 from saekit.io import atomic_write_bytes, load_optimizer_state, load_sae, read_cfg, save_checkpoint
 from saekit.sae import ReluSAE
@@ -284,7 +284,7 @@ def test_atomic_write_bytes_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(sio.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk on fire"):
         atomic_write_bytes(path, b"new content")
     monkeypatch.undo()
@@ -302,7 +302,7 @@ def test_save_checkpoint_failure_keeps_previous_checkpoint(tmp_path, monkeypatch
     def failing_replace(src, dst):
         raise OSError("no")
 
-    monkeypatch.setattr(sio.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
     with pytest.raises(OSError):
         save_checkpoint(folder, sae, samples=200, optimizer=opt)
     monkeypatch.undo()

@@ -293,9 +293,9 @@ def test_write_report_is_atomic_when_writing_fails(tmp_path: Path, monkeypatch: 
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    import saekit.io
+    import saekit.atomic
 
-    monkeypatch.setattr(saekit.io.os, "replace", broken_replace)
+    monkeypatch.setattr(saekit.atomic.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_report(tmp_path, make_runs()[:2], {}, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

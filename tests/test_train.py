@@ -6,7 +6,7 @@ import torch
 from saekit.config import Config, TrainConfig, expand_grid
 from saekit.io import load_sae, read_cfg
 from saekit.sae import ReluSAE
-from saekit.sources import ToySource
+from saekit.sources import ToySource, make_source
 from saekit.store import RunStore
 from saekit.train.evaluate import evaluate
 from saekit.train.loop import TrainingDiverged, lr_factor, train
@@ -28,7 +28,7 @@ def test_small_case_recovers_the_true_features(seed, precision):
     torch.manual_seed(0)
     train_cfg = {**SMALL["train"], "matmul_precision": precision}
     cfg = Config.model_validate({**SMALL, "source": {**SMALL["source"], "seed": seed}, "train": train_cfg})
-    src = ToySource(**cfg.source.model_dump(exclude={"kind", "path"}))
+    src = make_source(cfg.source)
     sae = ReluSAE(32, 96, [seed + 1000], [1.0])
     train(sae, src, cfg.train, progress=False)
     metrics = evaluate(sae, src, 20_000, 4096)[0]

@@ -8,63 +8,20 @@ that a truncated or altered file is refused. A checkpoint may also hold
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from saekit.atomic import atomic_save_tensors, atomic_write_bytes, sha256_of_file
 from saekit.errors import InputError
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
 
 CFG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME = "cfg.json", "sae.safetensors", "optimizer.safetensors"
 LATENTS_NAME = "latents.safetensors"  # per-latent statistics of the final evaluation (fire_counts)
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    """Save tensors as safetensors atomically; returns the file's SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        digest = _sha256(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return digest
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _optimizer_tensors(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -91,11 +48,11 @@ def save_checkpoint(
     cfg.json is written last, so a folder whose cfg.json names hashes that match is complete.
     """
     folder = Path(folder)
-    hashes = {WEIGHTS_NAME: _atomic_save_tensors(dict(sae.state_dict()), folder / WEIGHTS_NAME)}
+    hashes = {WEIGHTS_NAME: atomic_save_tensors(dict(sae.state_dict()), folder / WEIGHTS_NAME)}
     if optimizer is not None:
-        hashes[OPTIMIZER_NAME] = _atomic_save_tensors(_optimizer_tensors(sae, optimizer), folder / OPTIMIZER_NAME)
+        hashes[OPTIMIZER_NAME] = atomic_save_tensors(_optimizer_tensors(sae, optimizer), folder / OPTIMIZER_NAME)
     if latent_stats is not None:
-        hashes[LATENTS_NAME] = _atomic_save_tensors(latent_stats, folder / LATENTS_NAME)
+        hashes[LATENTS_NAME] = atomic_save_tensors(latent_stats, folder / LATENTS_NAME)
     cfg = {
         "format_version": FORMAT_VERSION,
         "arch": sae.arch,
@@ -152,7 +109,7 @@ def _load_checked(folder: Path, name: str, cfg: dict[str, Any]) -> dict[str, tor
     if not path.is_file():
         raise InputError(f"checkpoint file missing: {path}")
     expected = cfg["sha256"].get(name)
-    if expected is not None and _sha256(path) != expected:
+    if expected is not None and sha256_of_file(path) != expected:
         raise InputError(f"checkpoint file corrupt (checksum mismatch): {path}")
     try:
         return load_file(str(path))

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from saekit.io import atomic_write_bytes
+from saekit.atomic import atomic_write_bytes
 from saekit.report import figures
 from saekit.report.html import render_page
 

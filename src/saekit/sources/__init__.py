@@ -9,13 +9,16 @@ training, other streams for evaluation.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from saekit.config import SourceConfig
 from saekit.errors import InputError
+from saekit.sources.compute import ComputeSource
 from saekit.sources.tensor_file import TensorSource, load_tensor_file
+from saekit.sources.tms import TMSSource
 from saekit.sources.toy import ToySource
 
 EVAL_STREAM = 1
@@ -36,8 +39,34 @@ def stream_batches(source: Source, batch_size: int, stream: int = 0, start_step:
         step += 1
 
 
-def make_source(cfg: SourceConfig, device: str | torch.device = "cpu") -> Source:
-    """Build the source a config describes (reads and checks files; raises InputError on bad data)."""
+def make_source(cfg: SourceConfig, device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> Source:
+    """Build the source a config describes (reads and checks files; raises InputError on bad data).
+
+    `tms` and `compute` train their model on first use and keep it in `cache_dir` (None: no cache).
+    """
+    if cfg.kind == "tms":
+        return TMSSource(
+            n_features=cfg.n_features,
+            d=cfg.d,
+            sparsity=cfg.sparsity,
+            importance_decay=cfg.importance_decay,
+            model_steps=cfg.model_steps,
+            seed=cfg.seed,
+            device=device,
+            cache_dir=cache_dir,
+        )
+    if cfg.kind == "compute":
+        return ComputeSource(
+            n_features=cfg.n_features,
+            d=cfg.d,
+            embed_dim=cfg.embed_dim,
+            sparsity=cfg.sparsity,
+            importance_decay=cfg.importance_decay,
+            model_steps=cfg.model_steps,
+            seed=cfg.seed,
+            device=device,
+            cache_dir=cache_dir,
+        )
     if cfg.kind == "toy":
         return ToySource(
             d=cfg.d,
@@ -57,4 +86,14 @@ def make_source(cfg: SourceConfig, device: str | torch.device = "cpu") -> Source
     return TensorSource(data, truth, seed=cfg.seed, device=device)
 
 
-__all__ = ["EVAL_STREAM", "Source", "TensorSource", "ToySource", "load_tensor_file", "make_source", "stream_batches"]
+__all__ = [
+    "EVAL_STREAM",
+    "ComputeSource",
+    "Source",
+    "TMSSource",
+    "TensorSource",
+    "ToySource",
+    "load_tensor_file",
+    "make_source",
+    "stream_batches",
+]

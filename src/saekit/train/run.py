@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from saekit.atomic import atomic_write_bytes
 from saekit.config import Config, RunSpec, expand_grid
 from saekit.errors import InputError
 from saekit.io import load_optimizer_state, load_sae, read_cfg, save_checkpoint
@@ -50,6 +51,9 @@ def run_config_dict(cfg: Config, spec: RunSpec) -> dict[str, Any]:
 # counts no longer changes ("stable between the last checkpoints").
 LATE_FRACTION = 0.8
 
+SOURCE_CACHE = "sources"  # trained models of `tms` and `compute` sources, by config hash
+SOURCE_INFO = "source.json"  # what the source says of itself (e.g. how many features its model represents)
+
 # Keys that change how a run is watched or where it runs, not what it computes: left out of its id.
 _NOT_IN_RUN_ID = ("device", "log_every", "checkpoint_every")
 
@@ -57,6 +61,7 @@ _NOT_IN_RUN_ID = ("device", "log_every", "checkpoint_every")
 def run_id_for(cfg: Config, spec: RunSpec) -> str:
     """Readable and deterministic: the same config and spec always give the same id."""
     data = run_config_dict(cfg, spec)
+    data["source"] = cfg.source.relevant()  # keys of other source kinds do not change the data
     for key in _NOT_IN_RUN_ID:
         data["train"].pop(key)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
@@ -120,10 +125,10 @@ def run_config(
     memory) is checked before anything is written.
     """
     device = resolve_device(cfg.train.device)
-    source = make_source(cfg.source, device)
+    out = Path(out_dir)
+    source = make_source(cfg.source, device, cache_dir=out / SOURCE_CACHE)
     grid = expand_grid(cfg)
     specs, run_ids = _unique(grid, [run_id_for(cfg, s) for s in grid])
-    out = Path(out_dir)
     done: set[str] = set()
     if (out / RunStore.FILENAME).is_file():
         with RunStore(out) as existing:
@@ -139,6 +144,8 @@ def run_config(
         )
     errors: list[str] = []
     with RunStore(out) as store:
+        if hasattr(source, "describe"):
+            atomic_write_bytes(out / SOURCE_INFO, json.dumps(source.describe(), indent=2).encode())
         states = _start(cfg, plans, store, source.d, device)
         started = time.perf_counter()
         by_state = {id(state): plan for state, plan in zip(states, plans)}
@@ -243,5 +250,7 @@ def _finish(
             "ensemble_size": len(plan.specs),
             "resumed_from_samples": state.resumed_from * cfg.train.batch_size,
         }
+        if source.ground_truth is not None:
+            row["n_true_features"] = int(source.ground_truth.shape[0])
         store.finish_run(rid, samples=cfg.train.samples, seconds=seconds, metrics=row)
     shutil.rmtree(store.out_dir / "ensembles" / plan.ensemble_id, ignore_errors=True)
