@@ -94,7 +94,9 @@ class SourceConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> SourceConfig:
-        given = self.model_fields_set
+        # keys of another kind are refused when set to anything but their default (so full dumps reload)
+        fields = type(self).model_fields
+        given = {k for k in self.model_fields_set if getattr(self, k) != fields[k].default}
         if self.kind != "toy":
             wrong = [k for k in TOY_ONLY_KEYS if k in given]
             if wrong:

@@ -21,9 +21,15 @@ REPORT_NAME = "report.html"
 
 
 def _true_feature_count(runs: list[dict[str, Any]]) -> int | None:
-    """G from the data config, only when the data has ground truth (some run has an MMCS)."""
+    """G, only when the data has ground truth (some run has an MMCS): the number of ground-truth directions
+    the runs were scored against (`n_true_features`; for tms/compute the features the model represents),
+    else the data config's n_features."""
     if not any(r.get("mmcs") is not None for r in runs):
         return None
+    for r in runs:
+        n = r.get("n_true_features", (r.get("metrics") or {}).get("n_true_features"))
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
     for r in runs:
         n = ((r.get("config") or {}).get("source") or {}).get("n_features")
         if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
