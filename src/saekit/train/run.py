@@ -122,7 +122,8 @@ def run_config(
     SAEs of one size form an ensemble (one stacked model, one batched step); all ensembles train in
     lockstep on one data stream. Finished SAEs in `out_dir` are skipped, unfinished ensembles resume
     from their last checkpoint. Everything that can be checked (device, source and its data files,
-    memory) is checked before anything is written.
+    memory) is checked before any result is written (a `tms` or `compute` source may first cache its trained
+    model in OUT/sources, a complete file written atomically).
     """
     device = resolve_device(cfg.train.device)
     out = Path(out_dir)
