@@ -461,3 +461,10 @@ def test_report_counts_the_ground_truth_the_runs_were_scored_against():
     # older rows without n_true_features fall back to the config
     assert _true_feature_count([{"mmcs": 0.99, "config": {"source": {"n_features": 80}}}]) == 80
     assert _true_feature_count([{"mmcs": None, "n_true_features": 72}]) is None
+
+
+def test_tms_model_that_represents_nothing_is_refused_in_one_line():
+    # after one Adam step (lr 1e-3) W is still its xavier-normal init: entries of std sqrt(2 / (n + d))
+    # = 0.099 for n=200, d=4, so column norms are about 0.099 * sqrt(4) = 0.2, far below 0.5
+    with pytest.raises(InputError, match="represents no feature"):
+        TMSSource(n_features=200, d=4, model_steps=1, seed=0)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from saekit.errors import InputError
 from saekit.sources.model_cache import cached_model
 from saekit.sources.model_training import fit, sparse_features
 from saekit.sources.seeding import seeded_generator
@@ -92,6 +93,8 @@ class ComputeSource:
         self.model_loss, self.baseline_loss = float(tensors["loss"]), float(tensors["baseline_loss"])
         responses, labels = self.probe()
         norms = responses.norm(dim=1)
+        if not norms.max() > 0:
+            raise InputError("the compute model's hidden layer does not respond to any feature; try more source.model_steps")
         keep = norms >= REPRESENTED_FRACTION * norms.max()
         self.truth_labels = [label for label, k in zip(labels, keep.tolist()) if k]
         self.ground_truth: torch.Tensor = (responses[keep] / norms[keep, None]).contiguous()  # (G, d)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from saekit.errors import InputError
 from saekit.sources.model_cache import cached_model
 from saekit.sources.model_training import fit, sparse_features
 from saekit.sources.seeding import seeded_generator
@@ -66,6 +67,8 @@ class TMSSource:
         norms = self.W.norm(dim=0)
         self.represented: torch.Tensor = norms > REPRESENTED_NORM  # (n,) bool
         self.n_represented = int(self.represented.sum())
+        if self.n_represented == 0:
+            raise InputError("the tms model represents no feature (no column of W has norm > 0.5); try more source.model_steps")
         self.ground_truth: torch.Tensor = (self.W[:, self.represented] / norms[self.represented]).T.contiguous()  # (G, d)
 
     def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:
