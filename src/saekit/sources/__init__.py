@@ -44,42 +44,14 @@ def make_source(cfg: SourceConfig, device: str | torch.device = "cpu", cache_dir
 
     `tms` and `compute` train their model on first use and keep it in `cache_dir` (None: no cache).
     """
+    # the keys that apply to a kind (the ones its run ids hash) are exactly its source's arguments
+    kwargs = {key: value for key, value in cfg.relevant().items() if key != "kind"}
     if cfg.kind == "tms":
-        return TMSSource(
-            n_features=cfg.n_features,
-            d=cfg.d,
-            sparsity=cfg.sparsity,
-            importance_decay=cfg.importance_decay,
-            model_steps=cfg.model_steps,
-            seed=cfg.seed,
-            device=device,
-            cache_dir=cache_dir,
-        )
+        return TMSSource(**kwargs, device=device, cache_dir=cache_dir)
     if cfg.kind == "compute":
-        return ComputeSource(
-            n_features=cfg.n_features,
-            d=cfg.d,
-            embed_dim=cfg.embed_dim,
-            sparsity=cfg.sparsity,
-            importance_decay=cfg.importance_decay,
-            model_steps=cfg.model_steps,
-            seed=cfg.seed,
-            device=device,
-            cache_dir=cache_dir,
-        )
+        return ComputeSource(**kwargs, device=device, cache_dir=cache_dir)
     if cfg.kind == "toy":
-        return ToySource(
-            d=cfg.d,
-            n_features=cfg.n_features,
-            prob_decay=cfg.prob_decay,
-            mean_active=cfg.mean_active,
-            correlated=cfg.correlated,
-            magnitude_decay=cfg.magnitude_decay,
-            noise_std=cfg.noise_std,
-            seed=cfg.seed,
-            n_samples=cfg.n_samples,
-            device=device,
-        )
+        return ToySource(**kwargs, device=device)
     data, truth = load_tensor_file(cfg.path)
     if "d" in cfg.model_fields_set and cfg.d != data.shape[1]:
         raise InputError(f"source.d is {cfg.d} but {cfg.path} has width {data.shape[1]}")
