@@ -43,16 +43,19 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 TOY_ONLY_KEYS = ("prob_decay", "mean_active", "correlated", "magnitude_decay", "noise_std", "n_samples")
 MODEL_ONLY_KEYS = ("sparsity", "importance_decay", "model_steps")  # tms and compute
+ACTIVATIONS_ONLY_KEYS = ("buffer_size", "skip_positions", "normalize", "eval_fraction")
 
 
 class SourceConfig(_Section):
     """Where activations come from. `toy` is the report's generator; `tms` and `compute` are small models
-    trained in-house whose hidden activations carry known features; `file` is a tensor on disk."""
+    trained in-house whose hidden activations carry known features; `file` is a tensor on disk;
+    `activations` a folder of a language model's activations written by `saekit activations`."""
 
-    kind: Literal["toy", "tms", "compute", "file"] = Field(
+    kind: Literal["toy", "tms", "compute", "file", "activations"] = Field(
         "toy",
         description="toy: the report's generator; tms: a Toy Models of Superposition autoencoder's hidden layer; "
-        "compute: an MLP computing |x| in superposition, its hidden layer; file: a tensor on disk",
+        "compute: an MLP computing |x| in superposition, its hidden layer; file: a tensor on disk; "
+        "activations: a folder of activation shards written by `saekit activations`",
     )
     d: int = Field(256, gt=0, description="width of the activations the SAE reads (tms: 20, compute: 48); `file`: read from the data")
     n_features: int = Field(512, gt=0, description="G, the number of true (input) features (tms: 80, compute: 64)")
@@ -72,7 +75,24 @@ class SourceConfig(_Section):
         None, gt=0, description="toy: fixed dataset of this many samples, cycled in shuffled epochs; null = fresh samples every step"
     )
     path: str | None = Field(
-        None, description="`file` only: a .safetensors (tensor 'activations', optional 'ground_truth') or .npy file of shape (N, d)"
+        None,
+        description="`file`: a .safetensors (tensor 'activations', optional 'ground_truth') or .npy file of shape (N, d); "
+        "`activations`: the folder `saekit activations` wrote",
+    )
+    buffer_size: int = Field(
+        100_000, gt=0, description="activations: rows held in the shuffle buffer that batches are drawn from (memory: rows x d x 4 bytes)"
+    )
+    skip_positions: int = Field(
+        1,
+        ge=0,
+        description="activations: leave out the first positions of every window (position 0 of a causal model is an attention "
+        "sink whose norm is ~100x the others'); they are also left clean in the downstream-loss evaluation",
+    )
+    normalize: bool = Field(
+        True, description="activations: scale inputs so their mean squared norm is d (the scale is stored with each SAE)"
+    )
+    eval_fraction: float = Field(
+        0.05, gt=0, lt=1, description="activations: the last windows holding this fraction of the tokens are held out for evaluation"
     )
 
     def relevant(self) -> dict[str, Any]:
@@ -82,6 +102,7 @@ class SourceConfig(_Section):
             "tms": ("d", "n_features", *MODEL_ONLY_KEYS),
             "compute": ("d", "n_features", "embed_dim", *MODEL_ONLY_KEYS),
             "file": ("path",),
+            "activations": ("path", *ACTIVATIONS_ONLY_KEYS),
         }[self.kind]
         return {"kind": self.kind, **{k: getattr(self, k) for k in keys}, "seed": self.seed}
 
@@ -105,14 +126,18 @@ class SourceConfig(_Section):
             wrong = [k for k in (*MODEL_ONLY_KEYS, "embed_dim") if k in given]
             if wrong:
                 raise ValueError(f"source.{wrong[0]} applies to kinds 'tms' and 'compute' only, not {self.kind!r}")
+        if self.kind != "activations":
+            wrong = [k for k in ACTIVATIONS_ONLY_KEYS if k in given]
+            if wrong:
+                raise ValueError(f"source.{wrong[0]} applies to kind 'activations' only, not {self.kind!r}")
         if self.kind == "tms" and "embed_dim" in given:
             raise ValueError("source.embed_dim applies to kind 'compute' only")
         if self.kind == "toy" and self.mean_active > self.n_features:
             raise ValueError(f"mean_active ({self.mean_active}) is larger than n_features ({self.n_features})")
-        if self.kind == "file" and not self.path:
-            raise ValueError("source.kind 'file' needs source.path")
-        if self.kind != "file" and self.path is not None:
-            raise ValueError(f"source.path applies to kind 'file' only, not {self.kind!r}")
+        if self.kind in ("file", "activations") and not self.path:
+            raise ValueError(f"source.kind {self.kind!r} needs source.path")
+        if self.kind not in ("file", "activations") and self.path is not None:
+            raise ValueError(f"source.path applies to kinds 'file' and 'activations' only, not {self.kind!r}")
         return self
 
 
@@ -190,6 +215,12 @@ class TrainConfig(_Section):
     log_every: int = Field(100, gt=0, description="steps between rows in the metrics-over-time table")
     checkpoint_every: int = Field(1_000_000, gt=0, description="samples between checkpoints (one is always written at the end)")
     eval_samples: int = Field(100_000, gt=0, description="fresh samples of the final evaluation; a latent that never fires on them is dead")
+    ce_eval_tokens: int = Field(
+        8192,
+        ge=0,
+        description="activations from a causal language model: held-out tokens on which the model's next-token loss is measured "
+        "with the layer's activations replaced by each SAE's reconstruction (0 = off)",
+    )
 
     @field_validator("seeds")
     @classmethod

@@ -161,3 +161,19 @@ def load_latent_stats(folder: str | Path) -> dict[str, torch.Tensor] | None:
     if LATENTS_NAME not in cfg["sha256"]:
         return None
     return _load_checked(folder, LATENTS_NAME, cfg)
+
+
+def fold_input_scale(tensors: dict[str, torch.Tensor], input_scale: float) -> dict[str, torch.Tensor]:
+    """Weights of an SAE trained on x * s rewritten to act on raw x with the same codes.
+
+    c = ReLU(W_enc^T (s x - b_dec) + b_enc) = ReLU((s W_enc)^T (x - b_dec / s) + b_enc), and the raw
+    reconstruction is x_hat / s = (W_dec / s) c + b_dec / s. So W_enc -> s W_enc, W_dec -> W_dec / s,
+    b_dec -> b_dec / s; b_enc is unchanged. (The decoder rows are then no longer unit norm.)
+    """
+    out = dict(tensors)
+    if "W_enc" in out:
+        out["W_enc"] = out["W_enc"] * input_scale
+    for name in ("W_dec", "b_dec"):
+        if name in out:
+            out[name] = out[name] / input_scale
+    return out

@@ -52,6 +52,13 @@ def make_source(cfg: SourceConfig, device: str | torch.device = "cpu", cache_dir
         return ComputeSource(**kwargs, device=device, cache_dir=cache_dir)
     if cfg.kind == "toy":
         return ToySource(**kwargs, device=device)
+    if cfg.kind == "activations":
+        from saekit.sources.activations import ActivationSource  # reads shards; needs no language-model packages
+
+        source = ActivationSource(**kwargs, device=device)
+        if "d" in cfg.model_fields_set and cfg.d != source.d:
+            raise InputError(f"source.d is {cfg.d} but {cfg.path} holds activations of width {source.d}")
+        return source
     data, truth = load_tensor_file(cfg.path)
     if "d" in cfg.model_fields_set and cfg.d != data.shape[1]:
         raise InputError(f"source.d is {cfg.d} but {cfg.path} has width {data.shape[1]}")

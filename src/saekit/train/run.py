@@ -21,7 +21,7 @@ from saekit.sources import make_source
 from saekit.store import RunStore
 from saekit.train.evaluate import evaluate_window
 from saekit.train.loop import TrainState, make_state, train_lockstep
-from saekit.train.sweep import EnsemblePlan, available_memory_bytes, format_bytes, plan_ensembles, sweep_memory_bytes
+from saekit.train.sweep import BYTES_PER_FLOAT, EnsemblePlan, available_memory_bytes, format_bytes, plan_ensembles, sweep_memory_bytes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,12 +137,14 @@ def run_config(
     plans = plan_ensembles(specs, run_ids, skip=done)
     eval_batch = max(cfg.train.batch_size, 4096)
     need = sweep_memory_bytes(plans, source.d, cfg.train.batch_size, eval_batch)
+    need += BYTES_PER_FLOAT * getattr(source, "buffer_rows", 0) * source.d  # a shuffle buffer of activations on disk
     limit = max_memory if max_memory is not None else int(0.8 * available_memory_bytes(device))
     if need > limit:
         raise InputError(
             f"the sweep needs about {format_bytes(need)} of memory, more than --max-memory {format_bytes(limit)}; "
             "train fewer sizes or L1 values at once, or a smaller train.batch_size"
         )
+    downstream = downstream_evaluator(cfg, source) if plans else None
     errors: list[str] = []
     with RunStore(out) as store:
         if hasattr(source, "describe"):
@@ -191,7 +193,7 @@ def run_config(
         )
         seconds = time.perf_counter() - started
         for state, plan in zip(states, plans):
-            _finish(cfg, plan, state, store, source, seconds, late.get(id(state)))
+            _finish(cfg, plan, state, store, source, seconds, late.get(id(state)), downstream)
         results = []
         for rid in run_ids:
             row = result_row(store.get(rid))
@@ -220,14 +222,42 @@ def _start(cfg: Config, plans: list[EnsemblePlan], store: RunStore, d: int, devi
     return states
 
 
+def downstream_evaluator(cfg: Config, source: Any) -> Any:
+    """For activations of a causal language model: the model loaded and its clean and zero-ablated losses
+    measured on held-out windows (raises InputError early, before training, when the model cannot be loaded)."""
+    manifest = getattr(source, "manifest", None)
+    if manifest is None or not manifest.get("causal") or cfg.train.ce_eval_tokens == 0:
+        return None
+    from saekit.lm.downstream import DownstreamEvaluator
+    from saekit.lm.models import load_model
+
+    lm = load_model(str(manifest["model"]), device=source.device)
+    windows = source.eval_token_windows(cfg.train.ce_eval_tokens)
+    return DownstreamEvaluator(
+        lm, windows, layer=int(manifest["layer"]), site=str(manifest["site"]), skip_positions=source.skip_positions
+    )
+
+
 def _finish(
-    cfg: Config, plan: EnsemblePlan, state: TrainState, store: RunStore, source: Any, seconds: float, late: torch.Tensor | None
+    cfg: Config,
+    plan: EnsemblePlan,
+    state: TrainState,
+    store: RunStore,
+    source: Any,
+    seconds: float,
+    late: torch.Tensor | None,
+    downstream: Any = None,
 ) -> None:
     """Evaluate the ensemble's healthy members, write each one's final checkpoint, mark them done."""
     if len(state.failed) == len(plan.specs):
         return
     t0 = time.perf_counter()
-    metrics, fire_counts = evaluate_window(state.sae, source, cfg.train.eval_samples, max(cfg.train.batch_size, 4096), cfg.sae.l1_reduction)
+    n_eval = min(cfg.train.eval_samples, getattr(source, "eval_rows", cfg.train.eval_samples))  # held-out rows of a finite source
+    metrics, fire_counts = evaluate_window(state.sae, source, n_eval, max(cfg.train.batch_size, 4096), cfg.sae.l1_reduction)
+    input_scale = float(getattr(source, "input_scale", 1.0))
+    if downstream is not None:
+        for row, extra in zip(metrics, downstream.evaluate(state.sae, input_scale)):
+            row.update(extra)
     eval_seconds = (time.perf_counter() - t0) / len(plan.specs)
     for k, (spec, rid) in enumerate(zip(plan.specs, plan.run_ids)):
         if k in state.failed:
@@ -237,7 +267,7 @@ def _finish(
             state.sae.member(k),
             samples=cfg.train.samples,
             config=run_config_dict(cfg, spec),
-            extra={"run_id": rid},
+            extra={"run_id": rid, "input_scale": input_scale},
             latent_stats={
                 "fire_counts": fire_counts[k],
                 "eval_samples": torch.tensor(metrics[k]["eval_samples"]),
@@ -250,6 +280,7 @@ def _finish(
             "ensemble_id": plan.ensemble_id,
             "ensemble_size": len(plan.specs),
             "resumed_from_samples": state.resumed_from * cfg.train.batch_size,
+            "input_scale": input_scale,
         }
         if source.ground_truth is not None:
             row["n_true_features"] = int(source.ground_truth.shape[0])

@@ -1,0 +1,102 @@
+"""Downstream loss: a causal model's next-token cross-entropy with one site's activations replaced.
+
+The fraction of loss recovered, (CE_zero - CE_sae) / (CE_zero - CE_clean), is the field's usual
+measure (SAELens, SAEBench, dictionary_learning): 1 when splicing the SAE's reconstruction into the
+forward pass costs nothing, 0 when it is as bad as zeroing the site. Positions before
+`skip_positions` are left clean (they were not trained on) and are not scored; every other position p
+predicts token p + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from saekit.lm.models import LanguageModel
+from saekit.lm.sites import replace
+
+Splice = Callable[[torch.Tensor], torch.Tensor]  # (n, d) raw activations -> (n, d)
+
+
+@torch.inference_mode()
+def next_token_loss(
+    lm: LanguageModel,
+    windows: torch.Tensor,
+    *,
+    layer: int,
+    site: str,
+    splice: Splice | None = None,
+    skip_positions: int = 1,
+    batch_windows: int = 8,
+) -> float:
+    """Mean next-token cross-entropy (nats) over windows (N, T), positions skip_positions .. T-2 as predictors.
+
+    With `splice`, the site's activations at positions >= skip_positions are replaced by splice(them).
+    """
+    device = next(lm.model.parameters()).device
+    total, count = 0.0, 0
+
+    def patched(act: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+        out = act.clone()
+        kept = act[:, skip_positions:]
+        out[:, skip_positions:] = splice(kept.reshape(-1, act.shape[-1])).reshape(kept.shape).to(act.dtype)
+        return out
+
+    for i in range(0, windows.shape[0], batch_windows):
+        ids = windows[i : i + batch_windows].to(device)
+        if splice is None:
+            logits = lm.model(input_ids=ids, use_cache=False).logits
+        else:
+            with replace(lm, layer, site, patched):
+                logits = lm.model(input_ids=ids, use_cache=False).logits
+        pred = logits[:, skip_positions:-1].float()
+        target = ids[:, skip_positions + 1 :]
+        total += F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum").item()
+        count += target.numel()
+    return total / max(count, 1)
+
+
+def loss_recovered(ce_clean: float, ce_zero: float, ce_sae: float) -> float:
+    """(CE_zero - CE_sae) / (CE_zero - CE_clean); NaN when zero-ablation costs nothing."""
+    gap = ce_zero - ce_clean
+    return (ce_zero - ce_sae) / gap if gap > 0 else float("nan")
+
+
+def sae_splice(sae: Any, member: int, input_scale: float) -> Splice:
+    """Raw activations -> member's reconstruction in raw scale: x_hat(x * s) / s."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x_hat, _ = sae(x.float() * input_scale)
+        return x_hat[member] / input_scale
+
+    return fn
+
+
+class DownstreamEvaluator:
+    """Runs the clean and zero-ablated losses once, then each SAE member's spliced loss, on the same windows."""
+
+    def __init__(self, lm: LanguageModel, windows: torch.Tensor, *, layer: int, site: str, skip_positions: int) -> None:
+        self.lm, self.windows = lm, windows
+        self.kw = {"layer": layer, "site": site, "skip_positions": skip_positions}
+        self.ce_clean = next_token_loss(lm, windows, **self.kw)
+        self.ce_zero = next_token_loss(lm, windows, splice=torch.zeros_like, **self.kw)
+
+    def evaluate(self, sae: Any, input_scale: float) -> list[dict[str, float]]:
+        """Per member: ce_clean, ce_zero, ce_sae, ce_loss_recovered, ce_delta (CE_sae - CE_clean), ce_eval_tokens."""
+        rows = []
+        for k in range(sae.n_members):
+            ce = next_token_loss(self.lm, self.windows, splice=sae_splice(sae, k, input_scale), **self.kw)
+            rows.append(
+                {
+                    "ce_clean": self.ce_clean,
+                    "ce_zero": self.ce_zero,
+                    "ce_sae": ce,
+                    "ce_delta": ce - self.ce_clean,
+                    "ce_loss_recovered": loss_recovered(self.ce_clean, self.ce_zero, ce),
+                    "ce_eval_tokens": int(self.windows.shape[0] * (self.windows.shape[1] - 1 - self.kw["skip_positions"])),
+                }
+            )
+        return rows
