@@ -1,0 +1,390 @@
+"""What a feature dashboard shows, collected from an SAE and the language-model activations it was trained on.
+
+`collect_dashboard(run_folder, n_tokens=..., contexts=...)` reads the run's cfg.json and weights, streams the
+first `n_tokens` rows of its activations folder in batches, twice, with memory bounded by one batch of codes
+(batch, m) plus per-latent state:
+
+- pass 1 (`scan_latents`): per latent the number of rows it fires on (code > 0), the sum and the max of its
+  activations, and a running top-K of (activation, global row) merged with `torch.topk` batch by batch;
+  also L0 and FVU over the scanned rows.
+- pass 2 (`scan_histograms_and_contexts`): now that each latent's max is known, an exact histogram of its nonzero
+  activations in `HIST_BINS` equal bins on [0, max] (an activation equal to the max lands in the last bin), and
+  the latent's activation and token id on every token of its top contexts (a window of `CONTEXT_BEFORE` tokens
+  before the top token and `CONTEXT_AFTER` after it, never crossing into another window). Pass 2 uses the same
+  batch boundaries as pass 1, so the activations it recomputes are bit-identical.
+
+The result is the data dict `saekit.report.dashboard.render_dashboard` lays out (its keys are documented there).
+Codes are the SAE's codes of `x_raw * input_scale` (cfg.json "input_scale", default 1): that is what it was
+trained on. Logit weights of latent j are (W_dec[j] / input_scale) ⊙ g @ W_U^T, with W_dec[j] / input_scale its
+decoder direction in the model's raw activation scale, g the final norm's weight (when the model has one) and
+W_U (vocab, d) the output embedding: the direct effect on the logits of one unit of the latent, ignoring the
+normalisation's division by the residual's scale.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from saekit.errors import InputError
+from saekit.io import load_sae, read_cfg
+
+CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4
+HIST_BINS = 24
+LOGIT_TOP = 10
+
+
+class RowReader(Protocol):
+    """What the collection needs from an activations folder (`saekit.lm.shards.ShardReader`)."""
+
+    manifest: dict[str, Any]
+    d: int
+    window: int
+    n_rows: int
+
+    def read(self, start: int, stop: int) -> torch.Tensor: ...  # float32 (stop - start, d)
+
+    def token_ids(self, start: int, stop: int) -> torch.Tensor: ...  # int64 (stop - start,)
+
+
+@dataclass
+class LatentScan:
+    """Pass 1's statistics over `n_rows` rows for m latents; top_* are (k, m), best first, value 0 = no entry."""
+
+    n_rows: int
+    count: torch.Tensor  # (m,) int64: rows with code > 0
+    total: torch.Tensor  # (m,) float64: sum of codes
+    max: torch.Tensor  # (m,) float32
+    top_values: torch.Tensor  # (k, m) float32
+    top_rows: torch.Tensor  # (k, m) int64, -1 where there is no entry
+    l0: float
+    fvu: float
+
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]  # x_raw (B, d) -> codes (B, m)
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # codes (B, m) -> x_hat (B, d) in the SAE's input scale
+
+
+def sae_functions(sae: Any, input_scale: float) -> tuple[Encoder, Decoder]:
+    """encode(x_raw) = member 0's codes of x_raw * input_scale; decode(codes) = its reconstruction (input scale)."""
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return sae.encode(x * input_scale)[0]
+
+    def decode(c: torch.Tensor) -> torch.Tensor:
+        return sae.decode(c[None])[0]
+
+    return encode, decode
+
+
+def _batches(n: int, batch: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + batch)) for s in range(0, n, batch)]
+
+
+@torch.no_grad()
+def scan_latents(
+    reader: RowReader, encode: Encoder, decode: Decoder | None, *, n_rows: int, k: int, batch: int, input_scale: float = 1.0
+) -> LatentScan:
+    """Pass 1 over rows [0, n_rows): counts, sums, maxima, top-k (activation, row) per latent, L0 and FVU.
+
+    FVU is measured in the SAE's input scale (x_raw * input_scale), where it was trained; it is scale-free anyway.
+    """
+    count = total = vmax = top_v = top_r = None
+    sum_x = sum_xx = err = None
+    for start, stop in _batches(n_rows, batch):
+        x = reader.read(start, stop).float()
+        c = encode(x)  # (B, m)
+        if count is None:
+            m = c.shape[1]
+            count, total = torch.zeros(m, dtype=torch.long), torch.zeros(m, dtype=torch.float64)
+            vmax = torch.zeros(m)
+            top_v, top_r = torch.zeros(k, m), torch.full((k, m), -1, dtype=torch.long)
+            sum_x, sum_xx, err = torch.zeros(x.shape[1], dtype=torch.float64), 0.0, 0.0
+        count += (c > 0).sum(dim=0)
+        total += c.sum(dim=0, dtype=torch.float64)
+        vmax = torch.maximum(vmax, c.max(dim=0).values)
+        bv, bi = torch.topk(c, min(k, c.shape[0]), dim=0)  # (k', m)
+        cand_v, cand_r = torch.cat([top_v, bv]), torch.cat([top_r, bi + start])
+        top_v, idx = torch.topk(cand_v, k, dim=0)
+        top_r = cand_r.gather(0, idx)
+        if decode is not None:
+            xs = x.double() * input_scale
+            sum_x += xs.sum(dim=0)
+            sum_xx += xs.pow(2).sum().item()
+            err += (decode(c).double() - xs).pow(2).sum().item()
+    if count is None:
+        raise InputError("no activation rows to scan")
+    top_r = torch.where(top_v > 0, top_r, torch.full_like(top_r, -1))
+    top_v = top_v.clamp_min(0.0)
+    variance = sum_xx - sum_x.pow(2).sum().item() / n_rows
+    fvu = err / variance if decode is not None and variance > 0 else float("nan")
+    return LatentScan(n_rows, count, total, vmax, top_v, top_r, count.sum().item() / n_rows, fvu)
+
+
+def context_rows(top_rows: torch.Tensor, *, window: int, n_rows: int, before: int, after: int) -> torch.Tensor:
+    """Global rows of each top context: top_rows (k, m) -> (m, k, before + 1 + after), -1 outside the window or data.
+
+    Slot `before` holds the top row itself; a context never crosses into another window (another text).
+    """
+    top = top_rows.T  # (m, k)
+    offsets = torch.arange(-before, after + 1)
+    rows = top[..., None] + offsets  # (m, k, L)
+    ok = (top[..., None] >= 0) & (rows >= 0) & (rows < n_rows) & (rows // window == top[..., None] // window)
+    return torch.where(ok, rows, torch.full_like(rows, -1))
+
+
+@torch.no_grad()
+def scan_histograms_and_contexts(
+    reader: RowReader, encode: Encoder, scan: LatentScan, rows: torch.Tensor, *, batch: int, bins: int = HIST_BINS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 2: hist (m, bins) int64 of nonzero codes in [0, max] per latent over rows [0, scan.n_rows), and for the
+    context rows (m, k, L) each latent's own activation (float32, 0 at padding) and token id (int64, -1 at padding)."""
+    m = scan.max.shape[0]
+    hist = torch.zeros(m * bins, dtype=torch.long)
+    acts = torch.zeros(rows.numel())
+    toks = torch.full((rows.numel(),), -1, dtype=torch.long)
+    flat = rows.reshape(-1)
+    latent_of = torch.arange(m)[:, None, None].expand_as(rows).reshape(-1)
+    wanted = (flat >= 0).nonzero().squeeze(1)
+    order = wanted[torch.argsort(flat[wanted], stable=True)]  # entries sorted by row
+    sorted_rows = flat[order]
+    scale = torch.where(scan.max > 0, bins / scan.max.clamp_min(1e-30), torch.zeros_like(scan.max))  # (m,)
+    last = int(sorted_rows[-1]) + 1 if sorted_rows.numel() else 0
+    spans = _batches(scan.n_rows, batch)
+    if last > scan.n_rows:  # contexts reach a few rows past the scan: one extra batch for them
+        spans.append((scan.n_rows, last))
+    for start, stop in spans:
+        c = encode(reader.read(start, stop).float())  # (B, m)
+        if start < scan.n_rows:
+            r, j = (c > 0).nonzero(as_tuple=True)
+            b = (c[r, j] * scale[j]).floor().long().clamp_(0, bins - 1)
+            hist += torch.bincount(j * bins + b, minlength=m * bins)
+        lo, hi = torch.searchsorted(sorted_rows, torch.tensor([start, stop])).tolist()
+        if hi > lo:
+            entries = order[lo:hi]
+            local = flat[entries] - start
+            acts[entries] = c[local, latent_of[entries]]
+            toks[entries] = reader.token_ids(start, stop)[local]
+    return hist.view(m, bins), acts.view(rows.shape), toks.view(rows.shape)
+
+
+# -- token strings ------------------------------------------------------------------------------------------------
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The character -> byte table of byte-level BPE: printable Latin-1 bytes stand for themselves, every other
+    byte b for chr(256 + its rank among those others)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    try:
+        return '"ByteLevel"' in json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
+    except Exception:  # noqa: BLE001 - a slow tokenizer or an unusual backend: no byte-level table
+        return False
+
+
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The text each token id stands for, on its own: byte-level markers (Ġ, Ċ) mapped back to bytes, SentencePiece's
+    ▁ to a space and its <0xNN> byte tokens to the character; special tokens as they are; bytes that are not whole
+    UTF-8 characters as \\xNN escapes."""
+    if tokenizer is None:
+        return [f"⟨{i}⟩" for i in ids]
+    pieces = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    byte_level = _is_byte_level(tokenizer)
+    table = _byte_level_alphabet() if byte_level else {}
+    out = []
+    for i, piece in zip(ids, pieces):
+        if piece is None:
+            out.append(f"⟨{i}⟩")
+        elif int(i) in special:
+            out.append(piece)
+        elif byte_level and all(ch in table for ch in piece):
+            out.append(bytes(table[ch] for ch in piece).decode("utf-8", errors="backslashreplace"))
+        elif byte_level:
+            out.append(piece)
+        else:
+            text = piece.replace("▁", " ")
+            out.append(_BYTE_FALLBACK.sub(lambda mt: chr(int(mt.group(1), 16)) if int(mt.group(1), 16) < 0x80 else mt.group(0), text))
+    return out
+
+
+# -- logit weights -------------------------------------------------------------------------------------------------
+
+
+def unembedding(model: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(W_U (vocab, d), final norm weight (d,) or None) of a causal LM, or None when it has no output embedding."""
+    try:
+        out = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if out is None or getattr(out, "weight", None) is None:
+        return None
+    w_u = out.weight.detach().float().cpu()
+    norm = None
+    for path in ("model.norm", "transformer.ln_f", "model.final_layernorm", "gpt_neox.final_layer_norm"):
+        obj = model
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+        w = getattr(obj, "weight", None)
+        if isinstance(w, torch.Tensor) and w.shape == (w_u.shape[1],):
+            norm = w.detach().float().cpu()
+            break
+    return w_u, norm
+
+
+@torch.no_grad()
+def logit_weights(
+    directions: torch.Tensor, w_u: torch.Tensor, norm: torch.Tensor | None, *, top: int = LOGIT_TOP, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """directions (m, d) in raw scale -> (promote ids, values, suppress ids, values), each (m, top): the largest and
+    the smallest entries of (directions ⊙ norm) @ w_u^T (vocab,) per latent, computed `chunk` latents at a time."""
+    top = min(top, w_u.shape[0])
+    d = directions.float() * (norm if norm is not None else 1.0)
+    pi, pv, ni, nv = [], [], [], []
+    for s in range(0, d.shape[0], chunk):
+        logits = d[s : s + chunk] @ w_u.T  # (c, vocab)
+        v, i = torch.topk(logits, top, dim=1)
+        pi.append(i), pv.append(v)
+        v, i = torch.topk(logits, top, dim=1, largest=False)
+        ni.append(i), nv.append(v)
+    return torch.cat(pi), torch.cat(pv), torch.cat(ni), torch.cat(nv)
+
+
+# -- the whole collection ---------------------------------------------------------------------------------------
+
+
+def _language_model(spec: str) -> Any:
+    from saekit.lm.models import load_model
+
+    return load_model(spec)
+
+
+@torch.no_grad()
+def collect_from(
+    sae: Any,
+    reader: RowReader,
+    *,
+    n_tokens: int,
+    contexts: int,
+    batch: int = 4096,
+    input_scale: float = 1.0,
+    lm: Any = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The dashboard data of member 0 of `sae` on the first `n_tokens` rows of `reader`; `lm` (with .tokenizer,
+    .model, .causal) gives token strings and, when causal, logit weights; without it tokens show as ⟨id⟩."""
+    if n_tokens < 1 or contexts < 1 or batch < 1:
+        raise InputError("--tokens, --contexts and the batch size must be at least 1")
+    if reader.d != sae.d:
+        raise InputError(f"activations have d={reader.d} but the SAE expects d={sae.d}")
+    n = min(n_tokens, reader.n_rows)
+    if n == 0:
+        raise InputError("the activations folder holds no rows")
+    encode, decode = sae_functions(sae, input_scale)
+    scan = scan_latents(reader, encode, decode, n_rows=n, k=contexts, batch=batch, input_scale=input_scale)
+    rows = context_rows(scan.top_rows, window=reader.window, n_rows=reader.n_rows, before=CONTEXT_BEFORE, after=CONTEXT_AFTER)
+    hist, acts, toks = scan_histograms_and_contexts(reader, encode, scan, rows, batch=batch)
+
+    directions = sae.W_dec.detach()[0].float().cpu() / input_scale  # (m, d), raw activation scale
+    logits = None
+    notes: list[str] = []
+    causal = bool(getattr(lm, "causal", False)) if lm is not None else bool(reader.manifest.get("causal", False))
+    if lm is not None and causal:
+        unemb = unembedding(lm.model)
+        if unemb is None:
+            notes.append("The model has no output embedding: no logit weights.")
+        elif unemb[0].shape[1] != directions.shape[1]:
+            notes.append(f"The unembedding has width {unemb[0].shape[1]}, the activations {directions.shape[1]}: no logit weights.")
+        else:
+            logits = logit_weights(directions, *unemb)
+    elif lm is None:
+        notes.append("The model was not loaded: tokens are shown as ids and there are no logit weights.")
+
+    used = [toks[toks >= 0]] + ([logits[0].reshape(-1), logits[2].reshape(-1)] if logits is not None else [])
+    vocab_ids = torch.unique(torch.cat(used)) if used else torch.empty(0, dtype=torch.long)
+    table = token_strings(getattr(lm, "tokenizer", None), vocab_ids.tolist())
+
+    def to_table(ids: torch.Tensor) -> np.ndarray:
+        """Token ids -> their index in `table` (vocab_ids is sorted and holds every id used); -1 stays -1."""
+        pos = torch.searchsorted(vocab_ids, ids.clamp_min(0))
+        return torch.where(ids >= 0, pos, torch.full_like(pos, -1)).numpy()
+
+    count = scan.count.numpy()
+    data: dict[str, Any] = {
+        "meta": {
+            **(meta or {}),
+            "d": int(sae.d),
+            "dict_size": int(sae.dict_size),
+            "input_scale": float(input_scale),
+            "n_tokens": int(n),
+            "window": int(reader.window),
+            "causal": causal,
+            "context_before": CONTEXT_BEFORE,
+            "context_after": CONTEXT_AFTER,
+            "scan": {"l0": scan.l0, "fvu": scan.fvu, "dead_fraction": float((count == 0).mean())},
+            "notes": notes,
+        },
+        "tokens": table,
+        "count": count,
+        "mean": np.where(count > 0, scan.total.numpy() / np.maximum(count, 1), 0.0),
+        "max": scan.max.numpy(),
+        "hist": hist.numpy(),
+        "ctx_rows": scan.top_rows.T.numpy(),
+        "ctx_values": scan.top_values.T.numpy(),
+        "ctx_tokens": to_table(toks),
+        "ctx_acts": acts.numpy(),
+    }
+    if logits is not None:
+        data.update(
+            promote_tokens=to_table(logits[0]), promote_values=logits[1].numpy(), suppress_tokens=to_table(logits[2]), suppress_values=logits[3].numpy()
+        )
+    return data
+
+
+def collect_dashboard(
+    run_folder: Path, *, n_tokens: int, contexts: int, batch: int = 4096, lm: Any = None, train_metrics: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The dashboard data of the SAE in `run_folder` (cfg.json + weights) on its activations folder; the model named
+    in the activations' manifest is loaded for token strings and logit weights unless `lm` is given."""
+    from saekit.lm.shards import ShardReader
+
+    run_folder = Path(run_folder)
+    cfg = read_cfg(run_folder)
+    source = (cfg.get("config") or {}).get("source") or {}
+    if source.get("kind") != "activations" or not source.get("path"):
+        raise InputError(f"{run_folder}: the run was not trained on language-model activations (source.kind is {source.get('kind')!r})")
+    if len(cfg["seeds"]) != 1:
+        raise InputError(f"{run_folder}: expected one SAE, the checkpoint holds {len(cfg['seeds'])}")
+    scale = cfg.get("input_scale", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise InputError(f"{run_folder / 'cfg.json'}: input_scale must be a positive number, got {scale!r}")
+    reader = ShardReader(source["path"])
+    sae = load_sae(run_folder).eval()
+    manifest = reader.manifest
+    if lm is None:
+        lm = _language_model(str(manifest["model"]))
+    meta = {
+        "run_id": run_folder.name,
+        "arch": cfg["arch"],
+        "l1": cfg["l1"][0],
+        "model": manifest.get("model_name") or manifest.get("model"),
+        "layer": manifest.get("layer"),
+        "site": manifest.get("site"),
+        "train": train_metrics,
+    }
+    return collect_from(sae, reader, n_tokens=n_tokens, contexts=contexts, batch=batch, input_scale=float(scale), lm=lm, meta=meta)
