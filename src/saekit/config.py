@@ -151,6 +151,11 @@ class SAEConfig(_Section):
         "mean", description="mean: alpha * mean over latents and batch of |c| (the report); sum: summed over latents, mean over batch"
     )
     decoder_bias: bool = Field(False, description="add a decoder bias b_d (subtracted before encoding); off in the report")
+    decoder_bias_init: Literal["zeros", "geometric_median"] = Field(
+        "zeros",
+        description="with decoder_bias: start b_d at zero, or at the geometric median of 8192 training samples "
+        "(Bricken et al. 2023); real activations have a large mean that zeros would spend hundreds of steps learning",
+    )
 
     @field_validator("arch")
     @classmethod
@@ -158,6 +163,12 @@ class SAEConfig(_Section):
         if arch not in KNOWN_ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(KNOWN_ARCHS)}")
         return arch
+
+    @model_validator(mode="after")
+    def _bias_init_needs_bias(self) -> SAEConfig:
+        if self.decoder_bias_init != "zeros" and not self.decoder_bias:
+            raise ValueError(f"sae.decoder_bias_init {self.decoder_bias_init!r} needs sae.decoder_bias: true")
+        return self
 
     @field_validator("dict_size")
     @classmethod

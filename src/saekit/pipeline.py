@@ -23,3 +23,79 @@ def analyse_and_report(out_dir: str | Path) -> tuple[dict[str, Any] | None, Path
     except InputError:
         result = None
     return result, write_report(Path(out_dir), sweep.runs, analysis, result)
+
+
+def reproduce_lm(
+    out_dir: str | Path, overrides: list[str], *, progress: bool = True, max_memory: int | None = None, log: Any = None
+) -> dict[str, Any]:
+    """`saekit reproduce --preset lm`: extract a language model's activations to OUT/activations (resumable), train the
+    preset's sweep on them, estimate, write OUT/report.html and a dashboard of the recommended SAE.
+
+    `overrides`: `lm.KEY=VALUE` for the extraction (see presets.LM_DEFAULTS), any other `section.key=value` for the sweep.
+    Returns {"manifest", "estimate", "report", "dashboard", "runs", "errors", "seconds"}.
+    """
+    import time
+
+    from saekit.lm.extract import extract_activations
+    from saekit.lm.models import load_model
+    from saekit.presets import describe, lm_config, split_lm_overrides
+    from saekit.sources import make_source
+    from saekit.train.run import run_config
+
+    say = log or (lambda text: None)
+    out = Path(out_dir)
+    lm, rest = split_lm_overrides(overrides)
+    started = time.perf_counter()
+    layer = lm["layer"]
+    if layer is None:
+        layer = load_model(str(lm["model"])).n_layers // 2
+    say(f"saekit reproduce --preset lm: {lm['model']} layer {layer} {lm['site']}, {lm['tokens']:,} tokens of {lm['text']} -> {out / 'activations'}")
+    manifest = extract_activations(
+        model=str(lm["model"]),
+        layer=int(layer),
+        site=str(lm["site"]),
+        text=str(lm["text"]),
+        tokens=int(lm["tokens"]),
+        out=out / "activations",
+        window=int(lm["window"]),
+        dtype=str(lm["dtype"]),
+        progress=progress,
+    )
+    extract_seconds = time.perf_counter() - started
+    probe = lm_config(str(out / "activations"), int(manifest["d"]), 1, rest)
+    train_rows = make_source(probe.source).train_rows
+    cfg = lm_config(str(out / "activations"), int(manifest["d"]), train_rows, rest)
+    say(describe("lm", cfg))
+    results, errors = run_config(cfg, out, progress=progress, max_memory=max_memory)
+    result, report_path = analyse_and_report(out)
+    dashboard_path = None
+    chosen = recommended_run(results, result)
+    if chosen is not None:
+        from saekit.report.dashboard_data import write_run_dashboard
+
+        dashboard_path = write_run_dashboard(out, chosen["run_id"])
+    return {
+        "manifest": manifest,
+        "estimate": result,
+        "report": str(report_path),
+        "dashboard": None if dashboard_path is None else str(dashboard_path),
+        "dashboard_run": None if chosen is None else chosen["run_id"],
+        "runs": results,
+        "errors": errors,
+        "extract_seconds": extract_seconds,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def recommended_run(results: list[dict[str, Any]], estimate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The finished run the estimate recommends (its size and L1, seed 0 first), else the one with the lowest FVU
+    among those with L0 <= 64, else the lowest FVU."""
+    done = [r for r in results if r.get("status") == "done" and r.get("fvu") is not None]
+    if not done:
+        return None
+    if estimate is not None:
+        match = [r for r in done if r["dict_size"] == estimate.get("dict_size") and r["l1"] == estimate.get("l1")]
+        if match:
+            return min(match, key=lambda r: r["seed"])
+    sparse = [r for r in done if (r.get("l0") or 0) <= 64] or done
+    return min(sparse, key=lambda r: r["fvu"])

@@ -12,7 +12,7 @@ from typing import Any
 
 from saekit.config import Config, set_override
 
-PRESETS = ("quick", "paper")
+PRESETS = ("quick", "paper", "lm")
 
 # The quick preset (calibrated on toy data, see README "Estimate"): sizes d/2 .. 8 d, a second init seed
 # at the largest size only (the seed-consensus count needs two seeds where the dictionary has room for
@@ -24,6 +24,67 @@ QUICK_SAMPLES = 1_000_000
 QUICK_LR = 3e-3
 # The report's grid: alpha = 10^(k/4), k = -8..8; sizes G/4 .. 32 G by factors of 2.
 PAPER_L1 = [10 ** (k / 4) for k in range(-8, 9)]
+
+
+# The lm preset (README, "Language models"): SmolLM2's middle residual stream, 2M tokens of stdlib text
+# (docstrings, then source code: the docstrings alone hold about 0.5M tokens), one epoch per SAE.
+LM_DEFAULTS: dict[str, Any] = {
+    "model": "smollm2",
+    "layer": None,  # None: the middle block, n_layers // 2
+    "site": "resid",
+    "text": "stdlib,stdlib-code",
+    "tokens": 2_000_000,
+    "window": 128,
+    "dtype": "float16",
+}
+LM_SIZES_PER_D = [2, 4, 8]
+LM_L1 = [1.0, 2.0, 4.0, 8.0]
+LM_TRAIN = {"batch_size": 1024, "lr": 1e-3, "lr_decay": "linear", "matmul_precision": "medium"}
+
+
+def split_lm_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """`lm.KEY=VALUE` overrides (the extraction: model, layer, site, text, tokens, window, dtype) and the rest."""
+    from saekit.errors import InputError
+
+    lm: dict[str, Any] = dict(LM_DEFAULTS)
+    rest = []
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key.startswith("lm."):
+            name = key.removeprefix("lm.")
+            if name not in LM_DEFAULTS:
+                raise InputError(f"unknown key {key!r}; lm keys: {', '.join(LM_DEFAULTS)}")
+            data: dict[str, Any] = {}
+            set_override(data, name, raw.strip())
+            lm[name] = data[name]
+        else:
+            rest.append(item)
+    for name in ("tokens", "window"):
+        if not isinstance(lm[name], int) or isinstance(lm[name], bool) or lm[name] <= 0:
+            raise InputError(f"lm.{name} must be a positive integer, got {lm[name]!r}")
+    if lm["layer"] is not None and (not isinstance(lm["layer"], int) or lm["layer"] < 0):
+        raise InputError(f"lm.layer must be a non-negative integer, got {lm['layer']!r}")
+    return lm, rest
+
+
+def lm_config(activations: str, d: int, train_rows: int, overrides: list[str] = ()) -> Config:
+    """The lm preset's sweep on an activations folder of width d: sizes 2d, 4d, 8d x four L1 values, a second init
+    seed at the largest size, one epoch of the training rows per SAE; `overrides` (not lm.*) apply on top."""
+    from saekit.config import parse_config
+
+    data: dict[str, Any] = {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        set_override(data, key.strip(), raw.strip())
+    sizes = [k * d for k in LM_SIZES_PER_D]
+    merged = {
+        "source": {"kind": "activations", "path": activations, "d": d, **data.get("source", {})},
+        "sae": {"dict_size": sizes, "l1": LM_L1, "decoder_bias": True, **data.get("sae", {})},
+        "train": {**LM_TRAIN, "samples": train_rows, "seeds": [0, 1], "seeds_min_size": sizes[-1], **data.get("train", {})},
+    }
+    merged.update({k: v for k, v in data.items() if k not in ("source", "sae", "train")})
+    return parse_config(merged)
 
 
 def geometric_sizes(lo: float, hi: float) -> list[int]:

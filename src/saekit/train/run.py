@@ -17,6 +17,7 @@ from saekit.config import Config, RunSpec, expand_grid
 from saekit.errors import InputError
 from saekit.io import load_optimizer_state, load_sae, read_cfg, save_checkpoint
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
+from saekit.sae.geometric_median import geometric_median
 from saekit.sources import make_source
 from saekit.store import RunStore
 from saekit.train.evaluate import evaluate_window
@@ -80,7 +81,10 @@ def build_ensemble(cfg: Config, plan: EnsemblePlan, d: int, device: torch.device
     ).to(device)
 
 
-def start_ensemble(cfg: Config, plan: EnsemblePlan, folder: Path, d: int, device: torch.device) -> TrainState:
+BIAS_INIT_SAMPLES, BIAS_INIT_STREAM = 8192, 3  # the decoder bias's geometric median is taken on its own stream
+
+
+def start_ensemble(cfg: Config, plan: EnsemblePlan, folder: Path, d: int, device: torch.device, source: Any = None) -> TrainState:
     """The ensemble's TrainState: resumed from its checkpoint folder when one exists, else fresh."""
     if (folder / "cfg.json").is_file():
         saved = read_cfg(folder)
@@ -89,7 +93,11 @@ def start_ensemble(cfg: Config, plan: EnsemblePlan, folder: Path, d: int, device
         state.resumed_from = state.step
         load_optimizer_state(folder, sae, state.optimizer)
         return state
-    return make_state(build_ensemble(cfg, plan, d, device), cfg.train)
+    sae = build_ensemble(cfg, plan, d, device)
+    if cfg.sae.decoder_bias and cfg.sae.decoder_bias_init == "geometric_median" and source is not None:
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(source.batch(BIAS_INIT_SAMPLES, 0, BIAS_INIT_STREAM)).expand_as(sae.b_dec))
+    return make_state(sae, cfg.train)
 
 
 def result_row(run: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +157,7 @@ def run_config(
     with RunStore(out) as store:
         if hasattr(source, "describe"):
             atomic_write_bytes(out / SOURCE_INFO, json.dumps(source.describe(), indent=2).encode())
-        states = _start(cfg, plans, store, source.d, device)
+        states = _start(cfg, plans, store, source.d, device, source)
         started = time.perf_counter()
         by_state = {id(state): plan for state, plan in zip(states, plans)}
         late: dict[int, torch.Tensor] = {}  # decoder directions at LATE_FRACTION of training, per ensemble
@@ -203,11 +211,11 @@ def run_config(
     return results, errors
 
 
-def _start(cfg: Config, plans: list[EnsemblePlan], store: RunStore, d: int, device: torch.device) -> list[TrainState]:
+def _start(cfg: Config, plans: list[EnsemblePlan], store: RunStore, d: int, device: torch.device, source: Any) -> list[TrainState]:
     states = []
     for plan in plans:
         folder = store.out_dir / "ensembles" / plan.ensemble_id
-        state = start_ensemble(cfg, plan, folder, d, device)
+        state = start_ensemble(cfg, plan, folder, d, device, source)
         for spec, rid in zip(plan.specs, plan.run_ids):
             store.start_run(
                 rid,
