@@ -49,7 +49,8 @@ def reproduce_lm(
     layer = lm["layer"]
     if layer is None:
         layer = load_model(str(lm["model"])).n_layers // 2
-    say(f"saekit reproduce --preset lm: {lm['model']} layer {layer} {lm['site']}, {lm['tokens']:,} tokens of {lm['text']} -> {out / 'activations'}")
+    what = f"{lm['model']} layer {layer} {lm['site']}, {lm['tokens']:,} tokens of {lm['text']}"
+    say(f"saekit reproduce --preset lm: {what} -> {out / 'activations'}")
     manifest = extract_activations(
         model=str(lm["model"]),
         layer=int(layer),
