@@ -10,6 +10,7 @@ rewritten atomically after every shard, so an interrupted run loses at most the 
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,7 @@ class ShardWriter:
         name = shard_name(len(shards))
         tensors = {"activations": self._acts[: self._fill], "token_ids": self._toks[: self._fill]}
         digest = atomic_save_tensors(tensors, self.folder / name, metadata={"format": FORMAT})
+        os.chmod(self.folder / name, 0o644)  # the temporary file was private; shards are meant to be shared
         shards.append({"file": name, "rows": self._fill, "sha256": digest})
         self.manifest["tokens"] += self._fill
         self.manifest["windows"] = self.manifest["tokens"] // self.window

@@ -29,7 +29,7 @@ from saekit.errors import InputError
 BUILTIN_SOURCES = ("stdlib", "stdlib-code")
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 PIECE_CHARS = 1 << 20  # long files are read and tokenized in pieces of about this many characters
-BATCH_CHARS = 1 << 21  # characters handed to the tokenizer per call
+BATCH_CHARS = 1 << 18  # characters handed to the tokenizer per call (tens of thousands of tokens)
 
 
 def stdlib_root() -> Path:
@@ -116,6 +116,13 @@ def text_files(spec: str) -> list[Path]:
     if not path.is_file():
         raise InputError(f"text file not found: {spec} (or use stdlib, stdlib-code)")
     return [path]
+
+
+def check_text_spec(spec: str) -> None:
+    """Refuse (one line) a spec naming a missing file or a glob without matches, before any work."""
+    for part in _split_spec(spec):
+        if part not in BUILTIN_SOURCES:
+            text_files(part)
 
 
 def _file_pieces(path: Path) -> Iterator[str]:
