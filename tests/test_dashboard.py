@@ -225,8 +225,9 @@ def test_logit_weights_match_a_direct_product() -> None:
 
 def test_token_strings_of_a_byte_level_tokenizer() -> None:
     pytest.importorskip("transformers")
-    from lm_fixtures import EOS, make_tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    from lm_fixtures import EOS, make_tokenizer
 
     tok = PreTrainedTokenizerFast(tokenizer_object=make_tokenizer(300, [EOS]), eos_token=EOS)
     text = "Return the path.\n\tx = a < b & 'c'  # done"

@@ -135,7 +135,13 @@ def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
 
 def _script_json(payload: dict[str, Any]) -> str:
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return (
+        text.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
 
 
 # -- the static parts: header and the density histogram -----------------------------------------------------------
@@ -186,8 +192,13 @@ def density_svg(count: np.ndarray, n_tokens: int, *, width: int = 520, height: i
     for dec in range(lo, 1):
         x = x0 + (dec - lo) * per_decade * bw
         parts.append(f'<line x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + 4}" class="axis"/>')
-        parts.append(f'<text x="{x:.1f}" y="{y0 + 15}" class="tick" text-anchor="middle">10<tspan dy="-5" font-size="8">{dec}</tspan></text>')
-    parts.append(f'<text x="{x0 + pw / 2:.1f}" y="{height - 3}" class="label" text-anchor="middle">firing frequency (fraction of tokens, log scale)</text>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{y0 + 15}" class="tick" text-anchor="middle">10<tspan dy="-5" font-size="8">{dec}</tspan></text>'
+        )
+    parts.append(
+        f'<text x="{x0 + pw / 2:.1f}" y="{height - 3}" class="label" text-anchor="middle">'
+        "firing frequency (fraction of tokens, log scale)</text>"
+    )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -205,7 +216,9 @@ def _header(meta: dict[str, Any], count: np.ndarray) -> str:
     scan = meta.get("scan") or {}
     train = meta.get("train") or {}
     where = " · ".join(
-        esc(x) for x in (meta.get("model"), f"layer {meta['layer']}" if meta.get("layer") is not None else None, meta.get("site")) if x is not None
+        esc(x)
+        for x in (meta.get("model"), f"layer {meta['layer']}" if meta.get("layer") is not None else None, meta.get("site"))
+        if x is not None
     )
     stats = "".join(
         [
@@ -230,7 +243,7 @@ def _header(meta: dict[str, Any], count: np.ndarray) -> str:
     notes = "".join(f'<p class="note">{esc(n)}</p>' for n in meta.get("notes") or [])
     return (
         '<header class="top"><div class="title">'
-        f"<h1>Latent dashboard <span class=\"run\">{esc(meta.get('run_id', ''))}</span></h1>"
+        f'<h1>Latent dashboard <span class="run">{esc(meta.get("run_id", ""))}</span></h1>'
         f'<p class="meta">{where or "model unknown"} · {esc(meta.get("arch", "sae"))} SAE</p>'
         f'<div class="stats">{stats}</div>{train_line}{notes}</div>'
         f'<figure class="density-fig"><figcaption>Feature density ({len(count):,} latents)</figcaption>'
@@ -239,13 +252,14 @@ def _header(meta: dict[str, Any], count: np.ndarray) -> str:
 
 
 _CSS = """
+:root { --mono: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 :root { color-scheme: light; --ink: #1b1b1b; --muted: #5b5b5b; --line: #d9d9d9; --accent: #08519c; --hl: #D55E00; --bg: #fbfbfa; }
 * { box-sizing: border-box; }
 body { margin: 0; color: var(--ink); background: var(--bg);
        font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
 main { max-width: 1600px; margin: 0 auto; padding: 16px 24px 40px; }
 h1 { font-size: 1.45rem; margin: 0 0 2px; }
-h1 .run { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 1.05rem; color: var(--muted); font-weight: 500; }
+h1 .run { font-family: var(--mono); font-size: 1.05rem; color: var(--muted); font-weight: 500; }
 h2 { font-size: 1.15rem; margin: 0 0 6px; }
 h3 { font-size: 0.95rem; margin: 16px 0 6px; }
 .meta { color: var(--muted); margin: 0 0 8px; }
@@ -272,11 +286,13 @@ svg .dead-bar { fill: #a3a3a3; }
 .controls input[type=search] { flex: 1 1 220px; font: inherit; padding: 5px 9px; border: 1px solid #b9b9b9; border-radius: 5px; }
 .controls input[type=search]:focus, button:focus-visible, tr:focus-visible { outline: 2px solid var(--accent); outline-offset: 1px; }
 .controls label { color: var(--muted); white-space: nowrap; }
-.index-wrap { overflow: auto; max-height: calc(100vh - 130px); min-height: 300px; background: #fff; border: 1px solid var(--line); border-radius: 6px; }
+.index-wrap { overflow: auto; max-height: calc(100vh - 130px); min-height: 300px; background: #fff;
+              border: 1px solid var(--line); border-radius: 6px; }
 table { border-collapse: collapse; width: 100%; font-size: 0.86rem; }
 th, td { padding: 3px 8px; border-bottom: 1px solid #efefef; text-align: left; white-space: nowrap; }
 th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
-thead th { position: sticky; top: 0; z-index: 1; background: #f0f0ee; border-bottom: 2px solid var(--line); cursor: pointer; user-select: none; }
+thead th { position: sticky; top: 0; z-index: 1; background: #f0f0ee; border-bottom: 2px solid var(--line);
+           cursor: pointer; user-select: none; }
 thead th:hover { background: #e2eaf2; }
 thead th::after { content: " \\2195"; color: #aaa; font-size: 0.8em; }
 thead th[aria-sort="ascending"]::after { content: " \\25B2"; color: var(--accent); }
@@ -285,7 +301,7 @@ tbody tr { cursor: pointer; }
 tbody tr:hover { background: #eef4fa; }
 tbody tr.selected { background: #d7e6f5; }
 tbody tr.dead td { color: #9b9b9b; }
-td.toks { max-width: 26ch; overflow: hidden; text-overflow: ellipsis; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.8rem; }
+td.toks { max-width: 26ch; overflow: hidden; text-overflow: ellipsis; font-family: var(--mono); font-size: 0.8rem; }
 .more { display: flex; gap: 10px; align-items: center; padding: 8px; color: var(--muted); }
 button { font: inherit; padding: 3px 10px; border: 1px solid #b9b9b9; border-radius: 5px; background: #fff; cursor: pointer; }
 button:hover { background: #eef4fa; }
@@ -293,18 +309,21 @@ button:hover { background: #eef4fa; }
           border-radius: 6px; padding: 12px 16px 16px; }
 #detail .empty { color: var(--muted); }
 .chips { display: flex; flex-wrap: wrap; gap: 6px; margin: 4px 0 6px; }
-.chip { background: #eef3f7; border: 1px solid #d6e2ec; border-radius: 4px; padding: 1px 8px; font-size: 0.85rem; font-variant-numeric: tabular-nums; }
+.chip { background: #eef3f7; border: 1px solid #d6e2ec; border-radius: 4px; padding: 1px 8px; font-size: 0.85rem;
+        font-variant-numeric: tabular-nums; }
 .hist svg { display: block; max-width: 100%; height: auto; }
 .ctx-list { display: flex; flex-direction: column; gap: 3px; }
 .ctx { display: flex; gap: 10px; align-items: baseline; padding: 2px 0; border-bottom: 1px dashed #eee; }
 .ctx .val { flex: 0 0 4.5em; text-align: right; font-variant-numeric: tabular-nums; color: var(--muted); font-size: 0.82rem; }
-.ctx .text { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.84rem; white-space: pre-wrap; word-break: break-word; line-height: 1.75; }
+.ctx .text { font-family: var(--mono); font-size: 0.84rem; white-space: pre-wrap; word-break: break-word;
+             line-height: 1.75; }
 .tok { border-radius: 2px; padding: 1px 0; }
 .tok.on { box-shadow: inset -1px 0 0 rgba(255,255,255,0.7); }
 .tok.top { outline: 2px solid var(--hl); outline-offset: 0; }
 .tok.ws { color: #8a8a8a; }
 .logits { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; }
-.logits table td.tk { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.82rem; max-width: 22ch; overflow: hidden; text-overflow: ellipsis; }
+.logits table td.tk { font-family: var(--mono); font-size: 0.82rem; max-width: 22ch; overflow: hidden;
+                      text-overflow: ellipsis; }
 .logits .barcell { width: 40%; }
 .logits .b { height: 9px; border-radius: 2px; }
 .logits .pos .b { background: #3b7dbb; }
@@ -342,7 +361,12 @@ _JS = r"""
   function fmt(v) { if (v === null || v === undefined || !isFinite(v)) return "\u2014"; var a = Math.abs(v);
     return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : String(+v.toPrecision(3)); }
   function fmtFreq(c) { return c ? (+(100 * c / n).toPrecision(3)) + "%" : "0"; }
-  function el(tag, cls, text) { var e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
   var SVG = "http://www.w3.org/2000/svg";
   function sv(tag, attrs, text) { var e = document.createElementNS(SVG, tag); for (var k in attrs) e.setAttribute(k, attrs[k]);
     if (text !== undefined) e.textContent = text; return e; }
@@ -426,14 +450,18 @@ _JS = r"""
   hideDead.addEventListener("change", refresh);
   moreBtn.addEventListener("click", more);
   var wrap = document.getElementById("index-wrap");
-  wrap.addEventListener("scroll", function () { if (shown < order.length && wrap.scrollTop + wrap.clientHeight > wrap.scrollHeight - 300) more(); });
+  wrap.addEventListener("scroll", function () {
+    if (shown < order.length && wrap.scrollTop + wrap.clientHeight > wrap.scrollHeight - 300) more();
+  });
   function rowLatent(e) { var tr = e.target.closest("tr[data-latent]"); return tr ? +tr.getAttribute("data-latent") : -1; }
   tbody.addEventListener("click", function (e) { var j = rowLatent(e); if (j >= 0) open(j, true); });
   tbody.addEventListener("keydown", function (e) { if (e.key === "Enter") { var j = rowLatent(e); if (j >= 0) open(j, true); } });
 
   /* ---- the detail panel ---- */
   var detail = document.getElementById("detail");
-  function colour(t) { /* white -> #08519c, one hue */ return [Math.round(255 - t * 247), Math.round(255 - t * 174), Math.round(255 - t * 99)]; }
+  function colour(t) { /* white -> #08519c, one hue */
+    return [Math.round(255 - t * 247), Math.round(255 - t * 174), Math.round(255 - t * 99)];
+  }
   function lum(c) { var f = c.map(function (v) { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
     return 0.2126 * f[0] + 0.7152 * f[1] + 0.0722 * f[2]; }
   function histogram(j) {
@@ -444,7 +472,9 @@ _JS = r"""
     var y0 = mt + ph, bw = pw / bins, mx = D.max[j] || 0;
     for (i = 0; i < bins; i++) {
       var c = hist[j * bins + i]; if (!c) continue;
-      var h = Math.max(ph * c / top, 1), r = sv("rect", { x: (ml + i * bw).toFixed(1), y: (y0 - h).toFixed(1), width: Math.max(bw - 1, 1).toFixed(1), height: h.toFixed(1), "class": "bar" });
+      var h = Math.max(ph * c / top, 1);
+      var r = sv("rect", { x: (ml + i * bw).toFixed(1), y: (y0 - h).toFixed(1), width: Math.max(bw - 1, 1).toFixed(1),
+        height: h.toFixed(1), "class": "bar" });
       r.appendChild(sv("title", {}, fmt(mx * i / bins) + " to " + fmt(mx * (i + 1) / bins) + ": " + c + " tokens"));
       svg.appendChild(r);
     }
@@ -454,7 +484,8 @@ _JS = r"""
     svg.appendChild(sv("text", { x: ml - 6, y: y0, "class": "tick", "text-anchor": "end" }, "0"));
     [0, 0.5, 1].forEach(function (f) { svg.appendChild(sv("text", { x: ml + f * pw, y: y0 + 13, "class": "tick",
       "text-anchor": f === 0 ? "start" : f === 1 ? "end" : "middle" }, fmt(f * mx))); });
-    svg.appendChild(sv("text", { x: ml + pw / 2, y: H - 3, "class": "label", "text-anchor": "middle" }, "activation (nonzero only; counts of tokens)"));
+    svg.appendChild(sv("text", { x: ml + pw / 2, y: H - 3, "class": "label", "text-anchor": "middle" },
+      "activation (nonzero only; counts of tokens)"));
     return svg;
   }
   function contexts(j) {
@@ -470,8 +501,11 @@ _JS = r"""
         var raw = tokText(ti), q = ctxAct[c * L + p], a = q / 255 * mx;
         var span = el("span", "tok", show(raw, true));
         if (/^\s*$/.test(raw)) span.classList.add("ws");
-        if (q > 0) { var t = 0.08 + 0.92 * q / 255, rgb = colour(t); span.style.background = "rgb(" + rgb.join(",") + ")"; span.classList.add("on");
-          if (lum(rgb) < 0.19) { span.style.color = "#fff"; span.classList.remove("ws"); } }
+        if (q > 0) {
+          var rgb = colour(0.08 + 0.92 * q / 255);
+          span.style.background = "rgb(" + rgb.join(",") + ")"; span.classList.add("on");
+          if (lum(rgb) < 0.19) { span.style.color = "#fff"; span.classList.remove("ws"); }
+        }
         if (p === D.before) { span.classList.add("top"); a = D.ctxValue[c]; }
         span.title = JSON.stringify(raw) + "  activation " + (q === 0 && p !== D.before ? "0" : fmt(a));
         text.appendChild(span);
@@ -490,7 +524,9 @@ _JS = r"""
       var tr = el("tr"), raw = tokText(d.tok[j * d.T + i]), val = d.val[j * d.T + i];
       var tk = el("td", "tk", show(raw, false)); tk.title = JSON.stringify(raw); tr.appendChild(tk);
       tr.appendChild(el("td", "num", (val > 0 ? "+" : "") + fmt(val)));
-      var bc = el("td", "barcell"), b = el("div", "b"); b.style.width = (100 * Math.abs(val) / big).toFixed(1) + "%"; bc.appendChild(b); tr.appendChild(bc);
+      var bc = el("td", "barcell"), b = el("div", "b");
+      b.style.width = (100 * Math.abs(val) / big).toFixed(1) + "%";
+      bc.appendChild(b); tr.appendChild(bc);
       body.appendChild(tr);
     }
     tbl.appendChild(body); box.appendChild(tbl);
@@ -513,7 +549,8 @@ _JS = r"""
       detail.appendChild(el("h3", "", "Activation histogram"));
       var hb = el("div", "hist"); hb.appendChild(histogram(j)); detail.appendChild(hb);
       detail.appendChild(el("h3", "", "Top activating contexts"));
-      var lg = el("div", "legend"); lg.appendChild(el("span", "", "0")); lg.appendChild(el("span", "ramp")); lg.appendChild(el("span", "", fmt(D.max[j])));
+      var lg = el("div", "legend");
+      lg.appendChild(el("span", "", "0")); lg.appendChild(el("span", "ramp")); lg.appendChild(el("span", "", fmt(D.max[j])));
       lg.appendChild(el("span", "", "\u2003outlined: the token of the context's top activation; hover a token for its value"));
       detail.appendChild(lg);
       detail.appendChild(contexts(j));
@@ -544,8 +581,7 @@ def render_dashboard(data: dict[str, Any]) -> str:
     count = np.asarray(payload["count"], dtype=np.int64)
     title = f"saekit dashboard · {meta.get('run_id', '')}"
     body = (
-        _header(meta, count)
-        + '<div class="split"><section aria-label="latent index"><div class="controls">'
+        _header(meta, count) + '<div class="split"><section aria-label="latent index"><div class="controls">'
         '<label class="visually-hidden" for="search">Search latents</label>'
         '<input id="search" type="search" placeholder="Search: latent id (e.g. 42 or #42) or token text" autocomplete="off">'
         '<label><input id="hide-dead" type="checkbox"> hide dead latents</label></div>'

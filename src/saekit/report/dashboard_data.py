@@ -352,7 +352,10 @@ def collect_from(
     }
     if logits is not None:
         data.update(
-            promote_tokens=to_table(logits[0]), promote_values=logits[1].numpy(), suppress_tokens=to_table(logits[2]), suppress_values=logits[3].numpy()
+            promote_tokens=to_table(logits[0]),
+            promote_values=logits[1].numpy(),
+            suppress_tokens=to_table(logits[2]),
+            suppress_values=logits[3].numpy(),
         )
     return data
 
