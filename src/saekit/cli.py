@@ -148,6 +148,24 @@ def reproduce(
 
 
 @app.command()
+def dashboard(
+    out: Annotated[Path, typer.Argument(help="output folder holding runs/RUN_ID (and runs.sqlite)")],
+    run: Annotated[str, typer.Option("--run", help="the run id of an SAE trained on language-model activations")],
+    tokens: Annotated[int, typer.Option("--tokens", min=1, help="activation rows to scan")] = 200_000,
+    contexts: Annotated[int, typer.Option("--contexts", min=1, help="top-activating contexts kept per latent")] = 10,
+    output: Annotated[Optional[Path], typer.Option("--output", help="HTML file to write (default OUT/dashboards/RUN_ID.html)")] = None,
+) -> None:
+    """Write a self-contained HTML feature dashboard for one SAE: latent index, contexts, histograms, logit weights."""
+    from saekit.report.dashboard import write_dashboard
+
+    try:
+        path = write_dashboard(out, run, n_tokens=tokens, contexts=contexts, output=output)
+    except InputError as err:
+        _fail(str(err), 2)
+    print(path)
+
+
+@app.command()
 def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch.set_num_threads for every measurement")] = 2,
