@@ -77,6 +77,44 @@ def train(
 
 
 @app.command()
+def activations(
+    model: Annotated[str, typer.Option("--model", help="smollm2, minilm, a local model folder, or a hub id")],
+    layer: Annotated[int, typer.Option("--layer", help="block index, 0-based")],
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens (rows) to write, rounded up to whole windows")],
+    out: Annotated[Path, typer.Option("--out", help="output folder: manifest.json and shard_*.safetensors")],
+    site: Annotated[str, typer.Option("--site", help="resid, mlp_out or mlp_hidden")] = "resid",
+    text: Annotated[str, typer.Option("--text", help="stdlib, stdlib-code, a text file or glob, or a comma list")] = "stdlib",
+    window: Annotated[int, typer.Option("--window", help="tokens per context window")] = 128,
+    batch_windows: Annotated[int, typer.Option("--batch-windows", help="windows per forward pass")] = 8,
+    dtype: Annotated[str, typer.Option("--dtype", help="float16 or float32 on disk")] = "float16",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as one JSON document on stdout")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bar on stderr")] = True,
+) -> None:
+    """Extract a language model's activations at one layer and site over a text into shards (resumable)."""
+    import time
+
+    from saekit.lm.extract import extract_activations
+
+    start = time.perf_counter()
+    try:
+        manifest = extract_activations(
+            model, layer, site, text, tokens=tokens, out=out, window=window, batch_windows=batch_windows, dtype=dtype,
+            device=device, progress=progress,
+        )  # fmt: skip
+    except InputError as err:
+        _fail(str(err), 2)
+    if as_json:
+        _print_json(manifest)
+        return
+    print(
+        f"{out}: {manifest['tokens']} tokens ({manifest['windows']} windows of {manifest['window']}) of {manifest['model_name']} "
+        f"layer {manifest['layer']} {manifest['site']} d={manifest['d']} {manifest['dtype']}, {len(manifest['shards'])} shards, "
+        f"{'complete' if manifest['complete'] else 'incomplete'}, {time.perf_counter() - start:.1f}s"
+    )
+
+
+@app.command()
 def estimate(
     out: Annotated[Path, typer.Argument(help="a finished sweep's output folder (with runs.sqlite)")],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
@@ -116,7 +154,12 @@ def report(
 @app.command()
 def reproduce(
     preset: Annotated[
-        str, typer.Option("--preset", help="quick (about 10 minutes on 2 CPU cores) or paper (the report's full grid)")
+        str,
+        typer.Option(
+            "--preset",
+            help="quick (about 10 minutes on 2 CPU cores), paper (the report's full grid) or lm (SmolLM2's middle residual stream; "
+            "--set lm.tokens=N, lm.model, lm.layer, lm.site, lm.text change the extraction)",
+        ),
     ] = "quick",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set source.n_features=256")] = None,
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("saekit-reproduce"),
@@ -129,6 +172,9 @@ def reproduce(
     from saekit.presets import describe, preset_config
     from saekit.train.run import run_config
 
+    if preset == "lm":
+        _reproduce_lm(out, set_ or [], as_json=as_json, progress=progress, max_memory=max_memory)
+        return
     try:
         cfg = preset_config(preset, set_ or [])
         limit = _memory_limit(max_memory)
@@ -203,6 +249,28 @@ def bench(
             f"  toy batch {r['data_ms']:.2f} ms ({r['data_fraction_of_step']:.2f} of a step), "
             f"correlated {r['data_correlated_ms']:.2f} ms ({r['data_correlated_fraction_of_step']:.2f})"
         )
+
+
+def _reproduce_lm(out: Path, overrides: list[str], *, as_json: bool, progress: bool, max_memory: str | None) -> None:
+    """The lm preset: extraction, sweep, estimate, report and dashboard (see saekit.pipeline.reproduce_lm)."""
+    from saekit.pipeline import reproduce_lm
+
+    try:
+        limit = _memory_limit(max_memory)
+        result = reproduce_lm(out, overrides, progress=progress, max_memory=limit, log=lambda t: print(t, file=sys.stderr, flush=True))
+    except InputError as err:
+        _fail(str(err), 2)
+    if as_json:
+        _print_json({k: v for k, v in result.items() if k != "manifest"} | {"activations": result["manifest"].get("tokens")})
+    else:
+        if result["estimate"] is not None:
+            print(result["estimate"]["summary"])
+        print(f"report: {result['report']}")
+        if result["dashboard"]:
+            print(f"dashboard ({result['dashboard_run']}): {result['dashboard']}")
+        print(f"took {result['seconds'] / 60:.1f} min (extraction {result['extract_seconds'] / 60:.1f} min)")
+    if result["errors"]:
+        raise typer.Exit(1)
 
 
 def _print_summary(row: dict[str, Any]) -> None:
