@@ -7,7 +7,7 @@ from typing import Any
 
 from saekit.analysis import estimate, heuristics, load_sweep
 from saekit.errors import InputError
-from saekit.report import write_report
+from saekit.report import read_source_info, write_report
 
 
 def analyse_and_report(out_dir: str | Path) -> tuple[dict[str, Any] | None, Path]:
@@ -22,7 +22,7 @@ def analyse_and_report(out_dir: str | Path) -> tuple[dict[str, Any] | None, Path
         result = estimate(sweep, analysis)
     except InputError:
         result = None
-    return result, write_report(Path(out_dir), sweep.runs, analysis, result)
+    return result, write_report(Path(out_dir), sweep.runs, analysis, result, read_source_info(out_dir))
 
 
 def reproduce_lm(
@@ -72,9 +72,9 @@ def reproduce_lm(
     dashboard_path = None
     chosen = recommended_run(results, result)
     if chosen is not None:
-        from saekit.report.dashboard_data import write_run_dashboard
+        from saekit.report.dashboard import write_dashboard
 
-        dashboard_path = write_run_dashboard(out, chosen["run_id"])
+        dashboard_path = write_dashboard(out, chosen["run_id"])
     return {
         "manifest": manifest,
         "estimate": result,
