@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from saekit.report import figures, render_report, write_report
-from saekit.report.html import RUN_COLUMNS, esc, estimate_sentence, fmt_number, render_figure
+from saekit.report.html import esc, estimate_sentence, fmt_number, render_figure, visible_columns
 
 SIZES = [64, 128, 256]
 L1S = [0.03, 0.1, 0.3]
@@ -177,9 +177,11 @@ def test_write_report_full_sweep(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temp file left
     text = path.read_text(encoding="utf-8")
     assert_valid_page(text)
-    # one image per figure drawn: recovery heatmaps, dead latents, loss terms, cross-size MMCS, consensus
-    assert text.count("<img") == text.count("<figure") == 5
-    assert text.count('src="data:image/png;base64,') == 5
+    # one image per figure drawn: recovery heatmaps, frontier, dead latents, loss terms, cross-size MMCS, consensus;
+    # feature density is a note (the fixture's checkpoint folders do not exist)
+    assert text.count("<img") == text.count("<figure") == 6
+    assert text.count('src="data:image/png;base64,') == 6
+    assert f"{len(runs) - 1} of {len(runs) - 1} finished runs skipped" in text
     for r in runs:
         assert esc(r["run_id"]) in text
     # the hostile run_id, error and note appear only escaped; the only <script> element is the page's own
@@ -192,7 +194,7 @@ def test_write_report_full_sweep(tmp_path: Path) -> None:
     assert "Recommended dictionary size 128 with L1 coefficient α = 0.1" in text
     assert ESTIMATE["summary"] in text
     # sections in the order of the brief
-    order = [text.index(f'id="{sid}"') for sid in ("recovery", "dead", "loss", "cross", "estimate", "runs")]
+    order = [text.index(f'id="{sid}"') for sid in ("recovery", "sparsity", "density", "dead", "loss", "cross", "estimate", "runs")]
     assert order == sorted(order)
     assert "✓ agrees" in text and "✗ disagrees" in text
 
@@ -391,17 +393,20 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
             page.goto(path.resolve().as_uri(), wait_until="load")
 
             widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-            assert len(widths) == 5 and all(w > 0 for w in widths), widths
+            assert len(widths) == 6 and all(w > 0 for w in widths), widths
             assert all(u.startswith(("file:", "data:")) for u in requests), requests
 
+            keys = page.eval_on_selector_all("#runs-table thead th", "hs => hs.map(h => h.dataset.key)")
+            assert keys == [k for k, _, _ in visible_columns(runs)]
+
             def column(name: str) -> list[str]:
-                i = _column_index(name)
+                i = keys.index(name)
                 return page.eval_on_selector_all(
                     "#runs-table tbody tr", f"rows => rows.map(r => r.cells[{i}].getAttribute('data-v') ?? r.cells[{i}].textContent)"
                 )
 
             def header(name: str) -> str:
-                return f"#runs-table thead th:nth-child({_column_index(name) + 1})"
+                return f'#runs-table thead th[data-key="{name}"]'
 
             before = column("seconds")
             page.click(header("seconds"))
@@ -425,7 +430,3 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
             browser.close()
     assert errors == []
     print(f"browser test: {time.perf_counter() - started:.1f}s in Chromium, screenshot {tmp_path / 'report.png'}")
-
-
-def _column_index(name: str) -> int:
-    return [key for key, _, _ in RUN_COLUMNS].index(name)

@@ -53,6 +53,12 @@ def finite(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def run_value(row: dict[str, Any], key: str) -> float | None:
+    """A run's metric as a finite float: the row's own column, else its `metrics` dict (where non-headline metrics live)."""
+    v = finite(row.get(key))
+    return v if v is not None else finite((row.get("metrics") or {}).get(key))
+
+
 def mean_by(rows: Iterable[dict[str, Any]], keys: Sequence[str], value: str) -> dict[tuple, float]:
     """Mean of `rows[value]` grouped by the tuple of `keys` (e.g. averaging over seeds); skips missing values."""
     acc: dict[tuple, list[float]] = defaultdict(list)
@@ -65,10 +71,10 @@ def mean_by(rows: Iterable[dict[str, Any]], keys: Sequence[str], value: str) -> 
 
 
 def series_colors(n: int) -> list[str]:
-    """`n` colour-blind-safe line colours: Okabe–Ito up to 8, else evenly spaced viridis (its pale end left out)."""
+    """`n` colour-blind-safe line colours: Okabe–Ito up to 8, else evenly spaced cividis (its pale end left out)."""
     if n <= len(OKABE_ITO):
         return list(OKABE_ITO[:n])
-    cmap = matplotlib.colormaps["viridis"]
+    cmap = matplotlib.colormaps["cividis"]
     return [matplotlib.colors.to_hex(cmap(x)) for x in np.linspace(0.0, 0.85, n)]
 
 
@@ -478,3 +484,213 @@ def consensus(analysis: dict[str, Any], *, true_features: int | None = None, est
     return FigureBlock(
         key="consensus", title="Consensus feature counts vs L1 coefficient", caption=CONSENSUS_CAPTION, png=_to_data_uri(fig)
     )
+
+
+# -- 7. sparsity and reconstruction ----------------------------------------------------------------
+
+FRONTIER_CAPTION = (
+    "Each point is one (dictionary size, L1 coefficient α) pair, averaged over seeds; each line joins one dictionary "
+    "size's points across α, from the largest α (left: fewest active latents) to the smallest (right); the small "
+    "numbers are the α values of one line's points. x: L0, the mean number of latents active per sample (log axis). "
+    "Left: FVU, the fraction of the input's variance the reconstruction leaves unexplained (0 is perfect). Lower and "
+    "further left is better: at the same L0, a dictionary that reconstructs better has found more useful directions."
+)
+CE_CAPTION = (
+    " Right: the fraction of the language model's next-token loss recovered when the SAE's reconstruction replaces the "
+    "activations, (CE_zero − CE_sae) / (CE_zero − CE_clean): 1 (dashed line) means the splice costs nothing, 0 that it "
+    "is as bad as zeroing the site."
+)
+
+
+def _frontier_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per finished run: arch, size, α, L0 (> 0, for the log axis), FVU and fraction of loss recovered (or None)."""
+    rows = []
+    for r in runs:
+        l0 = run_value(r, "l0")
+        if r.get("status", "done") != "done" or l0 is None or l0 <= 0 or r.get("dict_size") is None or finite(r.get("l1")) is None:
+            continue
+        rows.append(
+            {
+                "arch": str(r.get("arch")),
+                "dict_size": r["dict_size"],
+                "l1": float(r["l1"]),
+                "l0": l0,
+                "fvu": run_value(r, "fvu"),
+                "ce": run_value(r, "ce_loss_recovered"),
+            }
+        )
+    return rows
+
+
+def _spread(values: Sequence[float]) -> str:
+    """One number, or 'low–high' when the values differ."""
+    lo, hi = min(values), max(values)
+    return f"{lo:.4g}" if math.isclose(lo, hi, rel_tol=1e-6, abs_tol=1e-12) else f"{lo:.4g}–{hi:.4g}"
+
+
+def ce_sentence(runs: list[dict[str, Any]]) -> str:
+    """The clean and zero-ablated next-token losses the fraction recovered is measured between, in one sentence (or '')."""
+    clean = [v for r in runs if (v := run_value(r, "ce_clean")) is not None]
+    zero = [v for r in runs if (v := run_value(r, "ce_zero")) is not None]
+    if not clean or not zero:
+        return ""
+    tokens = [v for r in runs if (v := run_value(r, "ce_eval_tokens")) is not None]
+    lo, hi = (f"{round(t):,}" for t in (min(tokens or [0]), max(tokens or [0])))
+    on = f" on {lo if lo == hi else lo + '–' + hi} evaluation tokens" if tokens else ""
+    return f" Next-token cross-entropy{on}: clean model {_spread(clean)} nats, site zero-ablated {_spread(zero)} nats."
+
+
+def _annotate_l1(ax: Any, points: Sequence[tuple[float, float, float]]) -> None:
+    """Write each point's α (x, y, α) next to it, small and grey."""
+    for x, y, a in points:
+        ax.annotate(fmt_l1(a), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7, color="#444444")
+
+
+def _series_label(arch: str, size: int, many_archs: bool) -> str:
+    return f"{arch} · {size} latents" if many_archs else f"{size} latents"
+
+
+def sparsity_frontier(runs: list[dict[str, Any]]) -> FigureBlock:
+    """FVU vs L0 (log x), one line per dictionary size across α; with CE metrics also fraction of loss recovered vs L0."""
+    title = "Sparsity and reconstruction"
+    rows = _frontier_rows(runs)
+    keys = ("arch", "dict_size", "l1")
+    l0, fvu, ce = (mean_by(rows, keys, v) for v in ("l0", "fvu", "ce"))
+    ce = {k: v for k, v in ce.items() if k in l0}
+    if not (set(l0) & set(fvu)):
+        return _skip("sparsity", title, FRONTIER_CAPTION, "No finished run has both an L0 above zero and an FVU: skipped.")
+    series = sorted({k[:2] for k in l0 if k in fvu or k in ce}, key=lambda s: (s[1], s[0]))
+    many_archs = len({s[0] for s in series}) > 1
+    fig = Figure(figsize=(12.0, 4.4) if ce else (8.2, 4.4), layout="constrained")
+    axes = list(np.atleast_1d(fig.subplots(1, 2 if ce else 1)))
+    panels = [(axes[0], fvu)] + ([(axes[1], ce)] if ce else [])
+    labelled = max(series, key=lambda s: (sum(1 for k in l0 if k[:2] == s and k in fvu), s[1]))
+    for color, marker, s in zip(series_colors(len(series)), MARKERS * 10, series, strict=False):
+        for ax, values in panels:
+            pts = sorted((l0[(*s, a)], values[(*s, a)], a) for (ar, m, a) in values if (ar, m) == s)
+            if pts:
+                ax.plot(
+                    [p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=5, lw=1.6, color=color, label=_series_label(*s, many_archs)
+                )
+                if s == labelled:
+                    _annotate_l1(ax, pts)
+    for ax, values in panels:
+        ax.set_xscale("log")
+        _plain_log_labels(ax.xaxis, [l0[k] for k in values])
+        ax.set_xlabel("L0 (active latents per sample, log axis)")
+        ax.grid(alpha=0.3, which="both")
+    _fvu_axis(axes[0], list(fvu.values()))
+    if ce:
+        _ce_axis(axes[1], list(ce.values()))
+    _figure_legend(fig, axes, "dictionary size")
+    caption = FRONTIER_CAPTION + (CE_CAPTION + ce_sentence(runs) if ce else "")
+    block_title = (
+        "FVU and fraction of next-token loss recovered against L0" if ce else "FVU against L0: the sparsity–reconstruction frontier"
+    )
+    return FigureBlock(key="sparsity", title=block_title, caption=caption, png=_to_data_uri(fig))
+
+
+def _fvu_axis(ax: Any, values: list[float]) -> None:
+    if wants_log(values):
+        ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis, values)
+    else:
+        ax.set_ylim(bottom=min(0.0, min(values)))
+    ax.set_ylabel("FVU (unexplained variance, 0–1)")
+    ax.set_title("Reconstruction error against sparsity")
+
+
+def _ce_axis(ax: Any, values: list[float]) -> None:
+    lo, hi = min(values), max(1.0, max(values))
+    pad = max(0.02, 0.06 * (hi - lo))
+    ax.axhline(1.0, color="#777777", ls="--", lw=1.2, label="clean model (1)")
+    if lo < 0.1:
+        ax.axhline(0.0, color="#D55E00", ls=":", lw=1.4, label="site zero-ablated (0)")
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_ylabel("fraction of next-token loss recovered")
+    ax.set_title("Downstream loss with the SAE spliced in")
+
+
+# -- 8. feature density ----------------------------------------------------------------------------
+
+DENSITY_CAPTION = (
+    "How often each latent fires on the evaluation samples (the fraction of samples it is active on, log axis): one "
+    "panel per dictionary size, one line per L1 coefficient α, seeds pooled; the height is the fraction of the "
+    "dictionary's latents in each bin of {width:g} decade. Dead latents (never fired) have no place on a log axis, so "
+    "the legend counts them instead (per SAE, averaged over seeds). The dashed line marks 10% of samples: latents to "
+    "its right count as dense (the run table's dense_fraction); the left edge is a latent that fired once. A healthy "
+    "dictionary puts most latents in one hump well inside both bounds; a pile at the right means dense latents that "
+    "fire on nearly everything, a pile at the left latents that are nearly dead."
+)
+
+
+def feature_density(rates: Sequence[Any], skipped: Sequence[str] = ()) -> FigureBlock:
+    """Histograms of log firing frequency, a panel per dictionary size and a line per α (`rates`: `latents.LatentRates`)."""
+    title = "Feature density"
+    note = _skipped_note(len(rates), skipped)
+    if not rates:
+        why = "No readable latents.safetensors in any finished run." + (f" {note}" if note else "")
+        return _skip("density", title, DENSITY_CAPTION.format(width=0.1), why)
+    groups: dict[tuple[str, int], dict[float, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    for r in rates:
+        groups[(r.arch, r.dict_size)][r.l1].append(r)
+    panels = sorted(groups, key=lambda k: (k[1], k[0]))
+    many_archs = len({p[0] for p in panels}) > 1
+    l1s = sorted({r.l1 for r in rates})
+    colors = dict(zip(l1s, series_colors(len(l1s)), strict=False))
+    edges, width = _density_bins(rates)
+    ncols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.3 * ncols + 0.4, 3.4 * nrows + 0.3), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for ax, key in zip(axes, panels, strict=False):
+        _density_panel(ax, groups[key], edges, colors, _series_label(*key, many_archs))
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for ax in axes[(nrows - 1) * ncols :]:
+        ax.set_xlabel("firing frequency (fraction of samples)")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("fraction of latents")
+    live = np.concatenate([r.live_log10_freq for r in rates])
+    block_title = "Feature density: how often each latent fires"
+    if live.size:
+        block_title += f" (median live latent: {100 * 10 ** float(np.median(live)):.2g}% of samples)"
+    return FigureBlock(key="density", title=block_title, caption=DENSITY_CAPTION.format(width=width), png=_to_data_uri(fig), note=note)
+
+
+def _skipped_note(found: int, skipped: Sequence[str]) -> str | None:
+    if not skipped:
+        return None
+    total = found + len(skipped)
+    return f"{len(skipped)} of {total} finished runs skipped (latents file missing or unreadable), e.g. {skipped[0]}."
+
+
+def _density_bins(rates: Sequence[Any]) -> tuple[np.ndarray, float]:
+    """Bin edges in log10 frequency from 'fired once' (the longest evaluation window) to 1, and the bin width in decades."""
+    lo = math.log10(1.0 / max(r.eval_samples for r in rates))
+    lowest = [float(r.live_log10_freq.min()) for r in rates if r.live_log10_freq.size]
+    lo = min([lo, *lowest])
+    width = 0.1 if min(r.counts.size for r in rates) >= 1000 else 0.2
+    n = max(1, math.ceil((0.0 - lo) / width))
+    return np.linspace(-n * width, 0.0, n + 1), width
+
+
+def _density_panel(ax: Any, by_l1: dict[float, list[Any]], edges: np.ndarray, colors: dict[float, str], title: str) -> None:
+    """One size's panel: a step histogram per α, dead latents counted in the legend."""
+    for a in sorted(by_l1):
+        group = by_l1[a]
+        m = group[0].counts.size
+        logs = np.concatenate([r.live_log10_freq for r in group])
+        hist, _ = np.histogram(logs, bins=edges)
+        frac = hist / (m * len(group))
+        dead = float(np.mean([r.dead for r in group]))
+        dead_text = f"{dead:.0f}" if dead.is_integer() else f"{dead:.1f}"
+        label = f"α = {fmt_l1(a)}: {dead_text} dead ({100 * dead / m:.2g}%)"
+        ax.stairs(frac, 10.0**edges, color=colors[a], lw=1.6, label=label)
+    ax.axvline(0.1, color="#777777", ls="--", lw=1.1)
+    ax.set_xscale("log")
+    ax.set_xlim(10.0 ** edges[0], 1.0)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", frameon=True, framealpha=0.85, title="dead = never fired", title_fontsize=7)

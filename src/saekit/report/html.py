@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from saekit.report.figures import FigureBlock, finite
+from saekit.report.figures import FigureBlock, finite, run_value
 
 RUN_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     # (key, header, numeric)
@@ -28,13 +28,19 @@ RUN_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("fvu", "fvu", True),
     ("l0", "l0", True),
     ("dead_fraction", "dead_fraction", True),
+    ("dense_fraction", "dense_fraction", True),
     ("mmcs", "mmcs", True),
     ("recovered_0_9", "recovered_0_9", True),
+    ("ce_loss_recovered", "ce_loss_recovered", True),
 )
+# Shown only when some run has a value (ground truth metrics for toy data, downstream loss for a language model).
+OPTIONAL_COLUMNS = frozenset({"dense_fraction", "mmcs", "recovered_0_9", "ce_loss_recovered"})
 
 SECTIONS: tuple[tuple[str, str, str], ...] = (
     # (key of the figure blocks, section id, heading)
     ("recovery", "recovery", "Recovery of the true features"),
+    ("sparsity", "sparsity", "Sparsity and reconstruction"),
+    ("density", "density", "Feature density"),
     ("dead", "dead", "Dead latents"),
     ("loss", "loss", "Loss terms"),
     ("cross", "cross", "MMCS with larger dictionaries"),
@@ -56,6 +62,7 @@ nav a:hover { text-decoration: underline; }
 .config { display: flex; flex-wrap: wrap; gap: 6px; margin: 8px 0; padding: 0; list-style: none; }
 .config li { background: #eef3f7; border: 1px solid #d6e2ec; border-radius: 4px; padding: 1px 7px; font-size: 0.85rem; }
 .config code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.source { margin: 4px 0 8px; max-width: 110ch; }
 .estimate { background: #fff; border-left: 4px solid var(--accent); padding: 10px 14px; margin: 14px 0 0; }
 .estimate p { margin: 4px 0; }
 figure { background: #fff; border: 1px solid var(--line); border-radius: 6px; margin: 16px 0; padding: 14px 16px; }
@@ -178,7 +185,48 @@ def estimate_sentence(estimate: dict[str, Any] | None) -> str:
     return " ".join(parts) or "The estimate has no values."
 
 
-def _header(runs: list[dict[str, Any]], estimate: dict[str, Any] | None, generated: str) -> str:
+def _plain(value: Any) -> str:
+    """A source.json value as text: numbers with thousands separators, other scalars as they are, the rest as JSON."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return fmt_number(value)
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _join(sep: str, *parts: str) -> str:
+    return sep.join(p for p in parts if p)
+
+
+def source_sentence(info: dict[str, Any] | None) -> str | None:
+    """What a language-model activations source (OUT/source.json) holds, in one plain-text sentence; None for other sources."""
+    if not isinstance(info, dict) or info.get("kind") != "activations":
+        return None
+    v = {k: _plain(x) for k, x in info.items() if x is not None and x != ""}
+
+    def part(key: str, template: str) -> str:
+        return template.format(v[key]) if key in v else ""
+
+    model = v.get("model", "a language model") + part("model_class", " ({})")
+    place = _join(", ", part("layer", "layer {}"), part("site", "site {}"))
+    head = "Activations of " + model + (" at " + place if place else "") + part("d", " (d = {})")
+    skip = info.get("skip_positions")
+    rest = _join(
+        "; ",
+        _join(" ", part("tokens", "{} tokens"), part("text", "of “{}” text"), part("window", "in windows of {}")),
+        part("skip_positions", "the first {} position" + ("" if skip == 1 else "s") + " of each window left out") if skip != 0 else "",
+        part("input_scale", "inputs scaled by {} (input_scale)"),
+    )
+    no_truth = "No ground truth: the SAEs are judged by sparsity, reconstruction and downstream loss."
+    return f"{head}{': ' + rest if rest else ''}. {no_truth}"
+
+
+def _source_block(runs: list[dict[str, Any]], source_info: dict[str, Any] | None) -> str:
+    """The header's data description: the sentence for a language model's activations, then the run's data config."""
+    sentence = source_sentence(source_info)
+    lead = f'<p class="source" id="source-info">{esc(sentence)}</p>' if sentence else ""
     source = (runs[0].get("config") or {}).get("source") if runs else None
     if isinstance(source, dict) and source:
         items = "".join(
@@ -188,6 +236,10 @@ def _header(runs: list[dict[str, Any]], estimate: dict[str, Any] | None, generat
         config = f'<ul class="config" aria-label="data config">{items}</ul>'
     else:
         config = '<p class="note">No data config recorded.</p>'
+    return lead + config
+
+
+def _header(runs: list[dict[str, Any]], estimate: dict[str, Any] | None, generated: str, source_info: dict[str, Any] | None) -> str:
     status = Counter(str(r.get("status")) for r in runs)
     status_text = ", ".join(f"{n} {esc(s)}" for s, n in sorted(status.items()))
     summary = f"<p>{esc(estimate.get('summary'))}</p>" if estimate and estimate.get("summary") else ""
@@ -198,7 +250,7 @@ def _header(runs: list[dict[str, Any]], estimate: dict[str, Any] | None, generat
         "<header><h1>saekit sweep report</h1>"
         f'<p class="meta">Generated {esc(generated)} · {len(runs)} run{"s" if len(runs) != 1 else ""}'
         f"{' (' + status_text + ')' if status_text else ''}</p>"
-        f"<h3>Data</h3>{config}"
+        f"<h3>Data</h3>{_source_block(runs, source_info)}"
         f'<div class="estimate"><p><strong>{esc(estimate_sentence(estimate))}</strong></p>{summary}</div>'
         f"<nav>{nav}</nav></header>"
     )
@@ -222,18 +274,33 @@ def _signals_table(estimate: dict[str, Any] | None) -> str:
     return f'<table class="signals"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+def visible_columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """RUN_COLUMNS without the optional ones no run has a value for."""
+    return [c for c in RUN_COLUMNS if c[0] not in OPTIONAL_COLUMNS or any(_cell_value(r, c[0]) is not None for r in runs)]
+
+
+def _cell_value(run: dict[str, Any], key: str) -> Any:
+    """The run's value for a column: its own field, else (for metrics the store keeps only in JSON) its metrics dict."""
+    v = run.get(key)
+    if v is None and key in OPTIONAL_COLUMNS:
+        return run_value(run, key)
+    return v
+
+
 def _runs_table(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return '<p class="note">No runs in the store.</p>'
+    columns = visible_columns(runs)
     head = "".join(
-        f'<th scope="col" tabindex="0" data-type="{"num" if numeric else "text"}"{" class=num" if numeric else ""}>{esc(label)}</th>'
-        for _, label, numeric in RUN_COLUMNS
+        f'<th scope="col" tabindex="0" data-key="{esc(key)}" data-type="{"num" if numeric else "text"}"{" class=num" if numeric else ""}>'
+        f"{esc(label)}</th>"
+        for key, label, numeric in columns
     )
     body = []
     for r in runs:
         cells = []
-        for key, _, numeric in RUN_COLUMNS:
-            v = r.get(key)
+        for key, _, numeric in columns:
+            v = _cell_value(r, key)
             if numeric:
                 sv = _sort_value(v)
                 attr = f' data-v="{esc(sv)}"' if sv is not None else ""
@@ -256,9 +323,11 @@ def render_page(
     estimate: dict[str, Any] | None,
     figures: dict[str, list[FigureBlock]],
     generated: str,
+    source_info: dict[str, Any] | None = None,
 ) -> str:
-    """The whole page as a string; `figures` maps a section key (recovery, dead, loss, cross, consensus) to its blocks."""
-    parts = [_header(runs, estimate, generated)]
+    """The whole page as a string; `figures` maps a section key (recovery, sparsity, density, dead, loss, cross, consensus)
+    to its blocks; `source_info` is OUT/source.json (described in the header for a language model's activations)."""
+    parts = [_header(runs, estimate, generated, source_info)]
     for key, sid, heading in SECTIONS:
         blocks = figures.get(key) or []
         inner = "".join(render_figure(b) for b in blocks) or '<p class="note">Nothing to show.</p>'
