@@ -492,7 +492,7 @@ FRONTIER_CAPTION = (
     "Each point is one (dictionary size, L1 coefficient α) pair, averaged over seeds; each line joins one dictionary "
     "size's points across α, from the largest α (left: fewest active latents) to the smallest (right); the small "
     "numbers are the α values of one line's points. x: L0, the mean number of latents active per sample (log axis). "
-    "Left: FVU, the fraction of the input's variance the reconstruction leaves unexplained (0 is perfect). Lower and "
+    "{left}FVU, the fraction of the input's variance the reconstruction leaves unexplained (0 is perfect). Lower and "
     "further left is better: at the same L0, a dictionary that reconstructs better has found more useful directions."
 )
 CE_CAPTION = (
@@ -540,10 +540,29 @@ def ce_sentence(runs: list[dict[str, Any]]) -> str:
     return f" Next-token cross-entropy{on}: clean model {_spread(clean)} nats, site zero-ablated {_spread(zero)} nats."
 
 
-def _annotate_l1(ax: Any, points: Sequence[tuple[float, float, float]]) -> None:
-    """Write each point's α (x, y, α) next to it, small and grey."""
+def _log_span(values: Sequence[float]) -> float:
+    return math.log10(max(values) / min(values)) if values else 0.0
+
+
+def _annotate_l1(ax: Any, points: Sequence[tuple[float, float, float]], *, above: bool, gap: float) -> None:
+    """Write each point's α (x, y, α) to its left, above or below the line, leaving out points closer than
+    `gap` decades of x to the last one written (so that crowded labels do not overprint)."""
+    last = None
     for x, y, a in points:
-        ax.annotate(fmt_l1(a), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7, color="#444444")
+        if last is not None and math.log10(x / last) < gap:
+            continue
+        ax.annotate(
+            fmt_l1(a) if last is not None else f"α = {fmt_l1(a)}",
+            (x, y),
+            xytext=(-5, 5 if above else -6),
+            textcoords="offset points",
+            ha="right",
+            va="bottom" if above else "top",
+            fontsize=7,
+            color="#333333",
+            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7},
+        )
+        last = x
 
 
 def _series_label(arch: str, size: int, many_archs: bool) -> str:
@@ -558,13 +577,15 @@ def sparsity_frontier(runs: list[dict[str, Any]]) -> FigureBlock:
     l0, fvu, ce = (mean_by(rows, keys, v) for v in ("l0", "fvu", "ce"))
     ce = {k: v for k, v in ce.items() if k in l0}
     if not (set(l0) & set(fvu)):
-        return _skip("sparsity", title, FRONTIER_CAPTION, "No finished run has both an L0 above zero and an FVU: skipped.")
+        return _skip(
+            "sparsity", title, FRONTIER_CAPTION.format(left="y: "), "No finished run has both an L0 above zero and an FVU: skipped."
+        )
     series = sorted({k[:2] for k in l0 if k in fvu or k in ce}, key=lambda s: (s[1], s[0]))
     many_archs = len({s[0] for s in series}) > 1
     fig = Figure(figsize=(12.0, 4.4) if ce else (8.2, 4.4), layout="constrained")
     axes = list(np.atleast_1d(fig.subplots(1, 2 if ce else 1)))
     panels = [(axes[0], fvu)] + ([(axes[1], ce)] if ce else [])
-    labelled = max(series, key=lambda s: (sum(1 for k in l0 if k[:2] == s and k in fvu), s[1]))
+    labelled = max(series, key=lambda s: (_log_span([v for k, v in l0.items() if k[:2] == s]), s[1]))
     for color, marker, s in zip(series_colors(len(series)), MARKERS * 10, series, strict=False):
         for ax, values in panels:
             pts = sorted((l0[(*s, a)], values[(*s, a)], a) for (ar, m, a) in values if (ar, m) == s)
@@ -573,7 +594,9 @@ def sparsity_frontier(runs: list[dict[str, Any]]) -> FigureBlock:
                     [p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=5, lw=1.6, color=color, label=_series_label(*s, many_archs)
                 )
                 if s == labelled:
-                    _annotate_l1(ax, pts)
+                    gap = max(0.08, 0.08 * _log_span(list(l0.values())))  # about 8% of the axis
+                    _annotate_l1(ax, pts, above=values is ce, gap=gap)
+                    ax.margins(x=0.1)  # room for the leftmost label
     for ax, values in panels:
         ax.set_xscale("log")
         _plain_log_labels(ax.xaxis, [l0[k] for k in values])
@@ -583,7 +606,7 @@ def sparsity_frontier(runs: list[dict[str, Any]]) -> FigureBlock:
     if ce:
         _ce_axis(axes[1], list(ce.values()))
     _figure_legend(fig, axes, "dictionary size")
-    caption = FRONTIER_CAPTION + (CE_CAPTION + ce_sentence(runs) if ce else "")
+    caption = FRONTIER_CAPTION.format(left="Left: " if ce else "y: ") + (CE_CAPTION + ce_sentence(runs) if ce else "")
     block_title = (
         "FVU and fraction of next-token loss recovered against L0" if ce else "FVU against L0: the sparsity–reconstruction frontier"
     )
@@ -596,7 +619,7 @@ def _fvu_axis(ax: Any, values: list[float]) -> None:
         _plain_log_labels(ax.yaxis, values)
     else:
         ax.set_ylim(bottom=min(0.0, min(values)))
-    ax.set_ylabel("FVU (unexplained variance, 0–1)")
+    ax.set_ylabel("FVU (fraction of variance unexplained)")
     ax.set_title("Reconstruction error against sparsity")
 
 
@@ -618,9 +641,10 @@ DENSITY_CAPTION = (
     "panel per dictionary size, one line per L1 coefficient α, seeds pooled; the height is the fraction of the "
     "dictionary's latents in each bin of {width:g} decade. Dead latents (never fired) have no place on a log axis, so "
     "the legend counts them instead (per SAE, averaged over seeds). The dashed line marks 10% of samples: latents to "
-    "its right count as dense (the run table's dense_fraction); the left edge is a latent that fired once. A healthy "
-    "dictionary puts most latents in one hump well inside both bounds; a pile at the right means dense latents that "
-    "fire on nearly everything, a pile at the left latents that are nearly dead."
+    "its right count as dense (the run table's dense_fraction); the dotted line, where the axis reaches it, is a latent "
+    "that fired once in the evaluation window, the rarest firing that can be measured. A healthy dictionary puts most "
+    "latents in one hump between the two lines; a pile at the right means dense latents that fire on nearly "
+    "everything, a pile at the dotted line latents that are nearly dead."
 )
 
 
@@ -666,12 +690,11 @@ def _skipped_note(found: int, skipped: Sequence[str]) -> str | None:
 
 
 def _density_bins(rates: Sequence[Any]) -> tuple[np.ndarray, float]:
-    """Bin edges in log10 frequency from 'fired once' (the longest evaluation window) to 1, and the bin width in decades."""
-    lo = math.log10(1.0 / max(r.eval_samples for r in rates))
-    lowest = [float(r.live_log10_freq.min()) for r in rates if r.live_log10_freq.size]
-    lo = min([lo, *lowest])
+    """Bin edges in log10 frequency from a bin below the rarest live latent (else 'fired once') up to 1, and the bin width."""
     width = 0.1 if min(r.counts.size for r in rates) >= 1000 else 0.2
-    n = max(1, math.ceil((0.0 - lo) / width))
+    lowest = [float(r.live_log10_freq.min()) for r in rates if r.live_log10_freq.size]
+    lo = min(lowest) if lowest else math.log10(1.0 / max(r.eval_samples for r in rates))
+    n = max(2, math.ceil(-lo / width) + 1)
     return np.linspace(-n * width, 0.0, n + 1), width
 
 
@@ -688,9 +711,24 @@ def _density_panel(ax: Any, by_l1: dict[float, list[Any]], edges: np.ndarray, co
         label = f"α = {fmt_l1(a)}: {dead_text} dead ({100 * dead / m:.2g}%)"
         ax.stairs(frac, 10.0**edges, color=colors[a], lw=1.6, label=label)
     ax.axvline(0.1, color="#777777", ls="--", lw=1.1)
+    once = 1.0 / max(r.eval_samples for group in by_l1.values() for r in group)
+    if once >= 10.0 ** edges[0]:
+        ax.axvline(once, color="#777777", ls=":", lw=1.1)
+    ax.annotate(
+        "dense",
+        (0.1, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, -3),
+        textcoords="offset points",
+        va="top",
+        fontsize=7,
+        color="#555555",
+    )
     ax.set_xscale("log")
     ax.set_xlim(10.0 ** edges[0], 1.0)
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", frameon=True, framealpha=0.85, title="dead = never fired", title_fontsize=7)
+    ax.legend(
+        fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False, title="dead = never fired", title_fontsize=7
+    )
