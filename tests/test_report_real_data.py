@@ -240,6 +240,15 @@ def test_ce_panel_only_with_ce_metrics(tmp_path: Path) -> None:
     assert w2 / h2 > 1.3 * (w1 / h1)
 
 
+def test_figures_take_odd_arch_names(tmp_path: Path) -> None:
+    """Several architectures: one line / panel each, labelled with the arch name even when it looks like mathtext."""
+    runs = make_lm_runs(tmp_path)
+    odd = [dict(r, arch="$x^$", run_id=r["run_id"] + "-odd") for r in runs]
+    assert figures.sparsity_frontier(runs + odd).png
+    rates, _ = load_latent_rates(runs + odd)
+    assert figures.feature_density(rates).png
+
+
 def test_frontier_skips_without_l0() -> None:
     runs = [dict(r, l0=None, metrics=dict(r["metrics"] or {}, l0=None)) for r in make_runs()]
     block = figures.sparsity_frontier(runs)

@@ -566,7 +566,8 @@ def _annotate_l1(ax: Any, points: Sequence[tuple[float, float, float]], *, above
 
 
 def _series_label(arch: str, size: int, many_archs: bool) -> str:
-    return f"{arch} · {size} latents" if many_archs else f"{size} latents"
+    """'512 latents', or 'relu · 512 latents' when the sweep has several architectures ('$' escaped from mathtext)."""
+    return f"{arch.replace('$', chr(92) + '$')} · {size} latents" if many_archs else f"{size} latents"
 
 
 def sparsity_frontier(runs: list[dict[str, Any]]) -> FigureBlock:
