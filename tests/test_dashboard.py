@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from saekit.errors import InputError
+from saekit.report.dashboard import density_svg, encode_payload, render_dashboard, write_dashboard
 from saekit.report.dashboard_data import (
     CONTEXT_AFTER,
     CONTEXT_BEFORE,
@@ -236,3 +247,300 @@ def test_token_strings_of_a_byte_level_tokenizer() -> None:
     assert "".join(strings) == text  # every piece is the text it stands for: Ġ -> space, Ċ -> newline, ĉ -> tab
     assert token_strings(tok, [tok.convert_tokens_to_ids(EOS)]) == [EOS]
     assert token_strings(None, [5]) == ["⟨5⟩"]
+
+
+# -- the page: escaping and size ------------------------------------------------------------------------------------
+
+
+class _Elements(HTMLParser):
+    """Start tags in document order, and the text inside each <script>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.scripts: list[tuple[dict, str]] = []
+        self._in_script: dict | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append(tag)
+        if tag == "script":
+            self._in_script = dict(attrs)
+            self.scripts.append((self._in_script, ""))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self._in_script = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script is not None:
+            attrs, text = self.scripts[-1]
+            self.scripts[-1] = (attrs, text + data)
+
+
+def page_payload(page: str) -> dict:
+    parser = _Elements()
+    parser.feed(page)
+    blobs = [text for attrs, text in parser.scripts if attrs.get("type") == "application/json"]
+    assert len(blobs) == 1
+    return json.loads(blobs[0])
+
+
+def test_page_escapes_everything_from_the_data() -> None:
+    data = make_data(m=40)
+    page = render_dashboard(data)
+    parser = _Elements()
+    parser.feed(page)
+    # Exactly two scripts (the data and the page's code); the data's <b>, <i>, <script> and <!-- stay text.
+    assert parser.tags.count("script") == 2 and "b" not in parser.tags and "i" not in parser.tags
+    assert "<b>bold" not in page and "</script><script>alert" not in page and "<!--" not in page
+    assert "lm-&lt;i&gt;run&lt;/i&gt;" in page and "tiny &amp; &lt;model&gt;" in page
+    payload = page_payload(page)
+    assert payload["tokens"][: len(EVIL)] == EVIL  # the JSON round-trips every string exactly
+    assert payload["meta"]["run_id"] == "lm-<i>run</i>"
+    # Latent 3's top token is always EVIL[0]; the index summary counts it.
+    assert payload["summary"][3][:2] == [0, int(data["count"][3] > 0) and int((data["ctx_rows"][3] >= 0).sum())]
+    # Nothing points outside the page.
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+
+
+def test_payload_encodes_contexts_compactly() -> None:
+    data = make_data(m=50, k=10)
+    payload = encode_payload(data)
+    valid = (data["ctx_rows"] >= 0) & (data["ctx_values"] > 0)
+    assert payload["nctx"] == valid.sum(1).tolist()
+    n = int(valid.sum())
+    acts = np.frombuffer(base64.b64decode(payload["ctxAct"]), dtype=np.uint8).reshape(n, L)
+    toks = np.frombuffer(base64.b64decode(payload["ctxTok"]), dtype="<u2").reshape(n, L)
+    owner = np.repeat(np.arange(50), valid.sum(1))
+    # Quantised relative to the latent's max: 255 at the max, within half a step elsewhere.
+    expect = data["ctx_acts"][valid] / data["max"][owner][:, None] * 255
+    assert np.abs(acts - expect).max() <= 0.5 + 1e-9
+    assert np.array_equal(np.where(toks == 0xFFFF, -1, toks), data["ctx_tokens"][valid])
+    hist = np.frombuffer(base64.b64decode(payload["hist"]), dtype="<u2").reshape(50, HIST_BINS)
+    assert np.array_equal(hist, data["hist"])
+    dead = np.flatnonzero(data["count"] == 0)
+    assert all(payload["nctx"][j] == 0 and payload["summary"][j] == [] for j in dead)
+
+
+def test_page_size_for_5000_latents_is_a_few_megabytes() -> None:
+    page = render_dashboard(make_data(m=5000, k=10))
+    assert len(page.encode()) < 6_000_000  # 5000 latents x 10 contexts x 17 tokens: about 4.8 MB
+
+
+def test_density_svg_counts_dead_latents_separately() -> None:
+    svg = density_svg(np.array([0, 0, 0, 1, 10, 100, 1000]), 10_000)
+    assert "dead (never fired in the scan): 3 latents" in svg
+    # frequencies 1e-4, 1e-3, 1e-2, 1e-1: one latent in each of four bins
+    assert len(re.findall(r": 1 latents</title>", svg)) == 4
+
+
+# -- the page in a real browser -------------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.mark.browser
+def test_dashboard_works_in_chromium(tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    m = 1200
+    data = make_data(m=m)
+    path = tmp_path / "dashboard.html"
+    path.write_text(render_dashboard(data), encoding="utf-8")
+    errors: list[str] = []
+    dialogs: list[str] = []
+    started = time.perf_counter()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 950})
+            page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(path.resolve().as_uri(), wait_until="load")
+            assert all(u.startswith(("file:", "data:")) for u in requests), requests
+
+            def ids() -> list[int]:
+                return page.eval_on_selector_all("#index tbody tr", "rows => rows.map(r => +r.dataset.latent)")
+
+            # Paginated: 200 rows, then 200 more on request; the first live latent's details are open.
+            assert ids() == list(range(200))
+            page.click("#more")
+            assert ids() == list(range(400))
+            assert page.get_attribute("#detail", "data-latent") == "0"
+
+            # Dead latents are greyed and can be hidden.
+            assert page.eval_on_selector_all("#index tbody tr.dead", "rows => rows.length") == sum(data["count"][:400] == 0)
+            page.check("#hide-dead")
+            assert all(data["count"][j] > 0 for j in ids())
+            page.uncheck("#hide-dead")
+
+            # Search by token text: latent 5's top token is always " the" (shown as ·the).
+            page.fill("#search", "the")
+            page.wait_for_function("document.querySelectorAll('#index tbody tr').length < 200")
+            hits = ids()
+            assert 5 in hits
+            summaries = page.eval_on_selector_all("#index tbody tr td.toks", "cells => cells.map(c => c.textContent)")
+            assert all("the" in s for s in summaries)
+            # Search by id: "#42" finds the ids starting with 42; plain "42" finds those and the latents whose tokens hold "42".
+            by_id = {j for j in range(m) if str(j).startswith("42")}
+            page.fill("#search", "#42")
+            page.wait_for_function("[...document.querySelectorAll('#index tbody tr')].every(r => r.dataset.latent.startsWith('42'))")
+            assert set(ids()) == by_id
+            page.fill("#search", "42")
+            page.wait_for_function(f"document.querySelectorAll('#index tbody tr').length > {len(by_id)}")
+            assert by_id < set(ids())
+            page.fill("#search", "")
+            page.wait_for_function("document.querySelectorAll('#index tbody tr').length === 200")
+
+            # Sort by max activation (as the page holds it, to 4 significant digits): largest first, then reversed.
+            shown_max = [float(f"{v:.4g}") for v in data["max"]]
+            page.click("#index thead th[data-key=max]")
+            maxes = [shown_max[j] for j in ids()]
+            assert maxes == sorted(maxes, reverse=True) and ids()[0] == int(np.argmax(data["max"]))
+            assert page.get_attribute("#index thead th[data-key=max]", "aria-sort") == "descending"
+            page.click("#index thead th[data-key=max]")
+            order = ids()
+            maxes = [shown_max[j] for j in order]
+            assert maxes == sorted(maxes) and order[0] in np.flatnonzero(data["count"] == 0)
+            assert page.get_attribute("#index thead th[data-key=max]", "aria-sort") == "ascending"
+            page.click("#index thead th[data-key=freq]")
+            counts = [int(data["count"][j]) for j in ids()]
+            assert counts == sorted(counts, reverse=True) and len(counts) == 200  # numeric: 100 > 10 > 9
+
+            # Click latent 3: its contexts (top token EVIL[0], shown as text), histogram and logit tables appear.
+            page.click("#index thead th[data-key=id]")
+            page.click('#index tbody tr[data-latent="3"]')
+            assert page.inner_text("#detail h2") == "Latent 3"
+            n3 = int(((data["ctx_rows"][3] >= 0) & (data["ctx_values"][3] > 0)).sum())
+            assert page.eval_on_selector_all("#detail .ctx", "c => c.length") == n3
+            tops = page.eval_on_selector_all("#detail .ctx .tok.top", "s => s.map(x => x.textContent)")
+            assert tops == [EVIL[0]] * n3
+            bars = page.eval_on_selector_all("#detail svg.act-hist rect.bar", "r => r.length")
+            assert bars == int((data["hist"][3] > 0).sum()) and bars > 0
+            assert page.eval_on_selector_all("#detail .logits tr", "r => r.length") == 20
+            assert page.evaluate("document.scripts.length") == 2 and dialogs == []
+            # Whitespace is visible: a newline token as ↵, a spaces-only token as dots.
+            texts = page.evaluate("[...document.querySelectorAll('#detail .tok')].map(t => t.textContent).join('')")
+            assert "\n" not in texts and "\t" not in texts
+            assert "#latent-3" in page.url
+
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=False)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+    assert errors == []
+    print(f"browser test: {time.perf_counter() - started:.1f}s in Chromium, screenshot {tmp_path / 'dashboard.png'}")
+
+
+# -- end to end: a tiny Llama, its activations, an SAE, the command ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT with runs/lm-run: a ReLU SAE (input_scale 1.5, latents 60..63 dead) on a tiny Llama's layer-1 residual stream."""
+    pytest.importorskip("transformers")
+    from lm_fixtures import make_tiny_llama
+    from saekit.io import save_checkpoint
+    from saekit.lm.extract import extract_activations
+
+    root = tmp_path_factory.mktemp("dashboard-e2e")
+    model = make_tiny_llama(root / "model")
+    acts = root / "acts"
+    extract_activations(str(model), 1, "resid", "stdlib", tokens=2048, out=acts, window=64, dtype="float32", progress=False)
+    sae = ReluSAE(d=32, dict_size=64, seeds=[0], l1=[0.1])
+    with torch.no_grad():
+        sae.b_enc[0, 60:] = -1e6  # never fire
+    out = root / "out"
+    config = {"source": {"kind": "activations", "path": str(acts)}, "sae": {"arch": "relu", "dict_size": 64, "l1": [0.1]}}
+    save_checkpoint(out / "runs" / "lm-run", sae, samples=0, config=config, extra={"input_scale": 1.5})
+    return out
+
+
+def test_dashboard_end_to_end(lm_run: Path) -> None:
+    from saekit.io import load_sae
+    from saekit.lm.models import load_model
+    from saekit.lm.shards import ShardReader
+
+    lm = load_model(str(lm_run.parent / "model"))
+    path = write_dashboard(lm_run, "lm-run", n_tokens=1500, contexts=5, batch=512, lm=lm)
+    assert path == lm_run / "dashboards" / "lm-run.html"
+    page = path.read_text(encoding="utf-8")
+    print(f"end-to-end page: {len(page.encode()):,} bytes for 64 latents x 5 contexts")
+    payload = page_payload(page)
+    meta = payload["meta"]
+    assert meta["run_id"] == "lm-run" and meta["layer"] == 1 and meta["site"] == "resid" and meta["n_tokens"] == 1500
+    assert meta["input_scale"] == 1.5 and meta["causal"] is True
+    assert payload["m"] == 64 and all(payload["count"][j] == 0 for j in range(60, 64))
+    assert meta["scan"]["dead_fraction"] >= 4 / 64
+
+    # The latents' top contexts agree with a direct computation on the same rows (codes of x * 1.5).
+    reader = ShardReader(lm_run.parent / "acts")
+    sae = load_sae(lm_run / "runs" / "lm-run")
+    with torch.no_grad():
+        codes = sae.encode(reader.read(0, 1500) * 1.5)[0]
+    assert payload["count"] == (codes > 0).sum(0).tolist()
+    best = int(np.argmax(payload["count"]))
+    start = sum(payload["nctx"][:best])
+    assert payload["ctxRow"][start] == int(codes[:, best].argmax())
+    assert payload["ctxValue"][start] == pytest.approx(float(codes[:, best].max()), rel=1e-3)
+
+    # The top context's tokens are the tokenizer's strings of the rows around it.
+    g = payload["ctxRow"][start]
+    window_start = g - g % 64
+    lo = max(window_start, g - CONTEXT_BEFORE)
+    ids = reader.token_ids(lo, min(g + CONTEXT_AFTER + 1, window_start + 64)).tolist()
+    toks = np.frombuffer(base64.b64decode(payload["ctxTok"]), dtype="<u2").reshape(-1, L)[start]
+    shown = [payload["tokens"][t] for t in toks.tolist() if t != 0xFFFF]
+    assert shown == token_strings(lm.tokenizer, ids)
+
+    # Logit weights: (W_dec[j] / 1.5) * final-norm weight @ lm_head^T; the top 10 token strings of latent `best`.
+    w_u, norm = lm.model.get_output_embeddings().weight.detach(), lm.model.model.norm.weight.detach()
+    logits = (sae.W_dec.detach()[0, best] / 1.5 * norm) @ w_u.T
+    top = logits.topk(10).indices.tolist()
+    got = np.frombuffer(base64.b64decode(payload["promote"]["tok"]), dtype="<u2").reshape(64, 10)[best]
+    assert [payload["tokens"][t] for t in got.tolist()] == token_strings(lm.tokenizer, top)
+    vals = np.frombuffer(base64.b64decode(payload["promote"]["val"]), dtype="<f4").reshape(64, 10)[best]
+    assert np.allclose(vals, logits.topk(10).values.numpy(), rtol=1e-4, atol=1e-6)
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_the_dashboard(lm_run: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from saekit.cli import app
+
+    target = tmp_path / "page.html"
+    r = CliRunner().invoke(
+        app, ["dashboard", str(lm_run), "--run", "lm-run", "--tokens", "800", "--contexts", "3", "--output", str(target)]
+    )
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == str(target) and target.stat().st_size > 10_000
+
+
+def test_cli_refuses_a_missing_run_or_folder_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    for args in (("dashboard", str(tmp_path / "out"), "--run", "no-such-run"), ("dashboard", str(tmp_path / "missing"), "--run", "r")):
+        r = subprocess.run([sys.executable, "-m", "saekit.cli", *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("saekit: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(InputError, match="not a run id"):
+        write_dashboard(tmp_path / "out", "../out")
+
+
+def test_write_dashboard_refuses_a_run_not_on_activations(tmp_path: Path) -> None:
+    from saekit.io import save_checkpoint
+
+    sae = ReluSAE(d=4, dict_size=3, seeds=[0], l1=[0.1])
+    save_checkpoint(tmp_path / "runs" / "toy", sae, samples=0, config={"source": {"kind": "toy"}})
+    with pytest.raises(InputError, match="not trained on language-model activations"):
+        write_dashboard(tmp_path, "toy")

@@ -226,7 +226,7 @@ def _header(meta: dict[str, Any], count: np.ndarray) -> str:
             _stat("d", fmt_number(meta.get("d"))),
             _stat("L1", fmt_number(meta.get("l1"))),
             _stat("L0", fmt_number(scan.get("l0")), "mean number of latents firing per token, on the scanned tokens"),
-            _stat("FVU", fmt_number(scan.get("fvu")), "fraction of variance unexplained, on the scanned tokens"),
+            _stat("FVU", fmt_number(scan.get("fvu")), f"fraction of variance unexplained, on the first {scan.get('fvu_rows')} tokens"),
             _stat("dead", _pct(scan.get("dead_fraction")), "latents that never fired on the scanned tokens"),
             _stat("tokens", f"{int(meta.get('n_tokens') or 0):,}", "activation rows (tokens) scanned for this page"),
             _stat("input scale", fmt_number(meta.get("input_scale")), "the SAE was trained on activations × this"),
@@ -608,6 +608,7 @@ def write_dashboard(
     output: Path | None = None,
     batch: int = 4096,
     lm: Any = None,
+    device: str = "auto",
 ) -> Path:
     """Collect the dashboard of run `run_id` (folder OUT/runs/RUN_ID) and write it atomically to `output`
     (default OUT/dashboards/RUN_ID.html); returns the path. Training metrics come from OUT/runs.sqlite when present."""
@@ -628,7 +629,7 @@ def write_dashboard(
         row = RunStore(out_dir).get(run_id)
         if row is not None:
             train = {**{k: row.get(k) for k in ("mse", "fvu", "l0", "dead_fraction")}, **(row.get("metrics") or {})}
-    data = collect_dashboard(folder, n_tokens=n_tokens, contexts=contexts, batch=batch, lm=lm, train_metrics=train)
+    data = collect_dashboard(folder, n_tokens=n_tokens, contexts=contexts, batch=batch, lm=lm, train_metrics=train, device=device)
     data["meta"]["run_id"] = run_id
     page = render_dashboard(data)
     target = Path(output) if output is not None else out_dir / "dashboards" / f"{run_id}.html"

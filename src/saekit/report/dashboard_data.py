@@ -4,14 +4,15 @@
 first `n_tokens` rows of its activations folder in batches, twice, with memory bounded by one batch of codes
 (batch, m) plus per-latent state:
 
-- pass 1 (`scan_latents`): per latent the number of rows it fires on (code > 0), the sum and the max of its
-  activations, and a running top-K of (activation, global row) merged with `torch.topk` batch by batch;
-  also L0 and FVU over the scanned rows.
-- pass 2 (`scan_histograms_and_contexts`): now that each latent's max is known, an exact histogram of its nonzero
-  activations in `HIST_BINS` equal bins on [0, max] (an activation equal to the max lands in the last bin), and
-  the latent's activation and token id on every token of its top contexts (a window of `CONTEXT_BEFORE` tokens
-  before the top token and `CONTEXT_AFTER` after it, never crossing into another window). Pass 2 uses the same
-  batch boundaries as pass 1, so the activations it recomputes are bit-identical.
+- pass 1 (`scan_top`): per latent a running top-K of (activation, global row), merged with `torch.topk` batch by
+  batch (its first entry is the latent's max); also FVU over the first `FVU_ROWS` rows (decoding costs as much
+  as encoding).
+- pass 2 (`scan_distribution`): from the nonzero codes (code > 0 = fires), per latent the number of rows it fires
+  on, the sum of its activations, and, now that its max is known, an exact histogram in `HIST_BINS` equal bins on
+  [0, max] (an activation equal to the max lands in the last bin); and the latent's activation and token id on
+  every token of its top contexts (a window of `CONTEXT_BEFORE` tokens before the top token and `CONTEXT_AFTER`
+  after it, never crossing into another window). Pass 2 uses pass 1's batch boundaries, so the activations it
+  recomputes are bit-identical to those pass 1 ranked.
 
 The result is the data dict `saekit.report.dashboard.render_dashboard` lays out (its keys are documented there).
 Codes are the SAE's codes of `x_raw * input_scale` (cfg.json "input_scale", default 1): that is what it was
@@ -39,6 +40,7 @@ from saekit.io import load_sae, read_cfg
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4
 HIST_BINS = 24
 LOGIT_TOP = 10
+FVU_ROWS = 65_536
 
 
 class RowReader(Protocol):
@@ -55,17 +57,26 @@ class RowReader(Protocol):
 
 
 @dataclass
-class LatentScan:
-    """Pass 1's statistics over `n_rows` rows for m latents; top_* are (k, m), best first, value 0 = no entry."""
+class TopScan:
+    """Pass 1 over `n_rows` rows for m latents: each latent's max and top k (k, m), best first (value 0 = no entry)."""
 
     n_rows: int
-    count: torch.Tensor  # (m,) int64: rows with code > 0
-    total: torch.Tensor  # (m,) float64: sum of codes
     max: torch.Tensor  # (m,) float32
     top_values: torch.Tensor  # (k, m) float32
     top_rows: torch.Tensor  # (k, m) int64, -1 where there is no entry
-    l0: float
     fvu: float
+    fvu_rows: int  # rows the FVU was measured on
+
+
+@dataclass
+class Distribution:
+    """Pass 2 over the same rows: how often and how strongly each latent fires, and its top contexts' activations."""
+
+    count: torch.Tensor  # (m,) int64: rows with code > 0
+    total: torch.Tensor  # (m,) float64: sum of codes
+    hist: torch.Tensor  # (m, bins) int64: nonzero codes in equal bins on [0, max]
+    ctx_acts: torch.Tensor  # (m, k, L) float32: the latent's code on each context token, 0 at padding
+    ctx_tokens: torch.Tensor  # (m, k, L) int64: token ids, -1 at padding
 
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # x_raw (B, d) -> codes (B, m)
@@ -73,10 +84,12 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]  # codes (B, m) -> x_hat (B, d)
 
 
 def sae_functions(sae: Any, input_scale: float) -> tuple[Encoder, Decoder]:
-    """encode(x_raw) = member 0's codes of x_raw * input_scale; decode(codes) = its reconstruction (input scale)."""
+    """encode(x_raw) = member 0's codes of x_raw * input_scale, on the SAE's device; decode(codes) = its
+    reconstruction (input scale)."""
+    device = sae.W_dec.device
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        return sae.encode(x * input_scale)[0]
+        return sae.encode(x.to(device) * input_scale)[0]
 
     def decode(c: torch.Tensor) -> torch.Tensor:
         return sae.decode(c[None])[0]
@@ -89,43 +102,47 @@ def _batches(n: int, batch: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def scan_latents(
-    reader: RowReader, encode: Encoder, decode: Decoder | None, *, n_rows: int, k: int, batch: int, input_scale: float = 1.0
-) -> LatentScan:
-    """Pass 1 over rows [0, n_rows): counts, sums, maxima, top-k (activation, row) per latent, L0 and FVU.
+def scan_top(
+    reader: RowReader,
+    encode: Encoder,
+    decode: Decoder | None,
+    *,
+    n_rows: int,
+    k: int,
+    batch: int,
+    input_scale: float = 1.0,
+    fvu_rows: int = FVU_ROWS,
+) -> TopScan:
+    """Pass 1 over rows [0, n_rows): a running top-k of (code, row) per latent, merged batch by batch, and FVU.
 
-    FVU is measured in the SAE's input scale (x_raw * input_scale), where it was trained; it is scale-free anyway.
+    FVU is measured on the batches that start before row `fvu_rows` (decoding costs as much as encoding), in the
+    SAE's input scale (x_raw * input_scale), where it was trained; FVU does not depend on the scale anyway.
     """
-    count = total = vmax = top_v = top_r = None
-    sum_x = sum_xx = err = None
+    top_v = top_r = sum_x = None
+    sum_xx, err, seen = 0.0, 0.0, 0
     for start, stop in _batches(n_rows, batch):
         x = reader.read(start, stop).float()
         c = encode(x)  # (B, m)
-        if count is None:
-            m = c.shape[1]
-            count, total = torch.zeros(m, dtype=torch.long), torch.zeros(m, dtype=torch.float64)
-            vmax = torch.zeros(m)
-            top_v, top_r = torch.zeros(k, m), torch.full((k, m), -1, dtype=torch.long)
-            sum_x, sum_xx, err = torch.zeros(x.shape[1], dtype=torch.float64), 0.0, 0.0
-        count += (c > 0).sum(dim=0)
-        total += c.sum(dim=0, dtype=torch.float64)
-        vmax = torch.maximum(vmax, c.max(dim=0).values)
-        bv, bi = torch.topk(c, min(k, c.shape[0]), dim=0)  # (k', m)
-        cand_v, cand_r = torch.cat([top_v, bv]), torch.cat([top_r, bi + start])
-        top_v, idx = torch.topk(cand_v, k, dim=0)
-        top_r = cand_r.gather(0, idx)
-        if decode is not None:
-            xs = x.double() * input_scale
+        if top_v is None:
+            top_v = torch.zeros(k, c.shape[1], device=c.device)
+            top_r = torch.full((k, c.shape[1]), -1, dtype=torch.long, device=c.device)
+            sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=c.device)
+        bv, bi = torch.topk(c, min(k, c.shape[0]), dim=0)  # (k', m), best first
+        top_v, idx = torch.topk(torch.cat([top_v, bv]), k, dim=0)
+        top_r = torch.cat([top_r, bi + start]).gather(0, idx)
+        if decode is not None and start < fvu_rows:
+            xs = x.to(c.device).double() * input_scale
             sum_x += xs.sum(dim=0)
             sum_xx += xs.pow(2).sum().item()
             err += (decode(c).double() - xs).pow(2).sum().item()
-    if count is None:
+            seen += stop - start
+    if top_v is None:
         raise InputError("no activation rows to scan")
-    top_r = torch.where(top_v > 0, top_r, torch.full_like(top_r, -1))
-    top_v = top_v.clamp_min(0.0)
-    variance = sum_xx - sum_x.pow(2).sum().item() / n_rows
-    fvu = err / variance if decode is not None and variance > 0 else float("nan")
-    return LatentScan(n_rows, count, total, vmax, top_v, top_r, count.sum().item() / n_rows, fvu)
+    top_r = torch.where(top_v > 0, top_r, torch.full_like(top_r, -1)).cpu()
+    top_v = top_v.clamp_min(0.0).cpu()
+    variance = sum_xx - sum_x.pow(2).sum().item() / max(seen, 1)
+    fvu = err / variance if seen and variance > 0 else float("nan")
+    return TopScan(n_rows, top_v[0].clone(), top_v, top_r, fvu, seen)
 
 
 def context_rows(top_rows: torch.Tensor, *, window: int, n_rows: int, before: int, after: int) -> torch.Tensor:
@@ -141,38 +158,44 @@ def context_rows(top_rows: torch.Tensor, *, window: int, n_rows: int, before: in
 
 
 @torch.no_grad()
-def scan_histograms_and_contexts(
-    reader: RowReader, encode: Encoder, scan: LatentScan, rows: torch.Tensor, *, batch: int, bins: int = HIST_BINS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass 2: hist (m, bins) int64 of nonzero codes in [0, max] per latent over rows [0, scan.n_rows), and for the
-    context rows (m, k, L) each latent's own activation (float32, 0 at padding) and token id (int64, -1 at padding)."""
-    m = scan.max.shape[0]
-    hist = torch.zeros(m * bins, dtype=torch.long)
+def scan_distribution(
+    reader: RowReader, encode: Encoder, top: TopScan, rows: torch.Tensor, *, batch: int, bins: int = HIST_BINS
+) -> Distribution:
+    """Pass 2 over rows [0, top.n_rows), in pass 1's batches: from the nonzero codes, per latent their count, sum
+    and histogram in `bins` equal bins on [0, max] (the max itself in the last bin); and for the context rows
+    (m, k, L) (-1 = padding) each latent's own code and the token ids."""
+    m = top.max.shape[0]
+    count = total = hist = None
     acts = torch.zeros(rows.numel())
     toks = torch.full((rows.numel(),), -1, dtype=torch.long)
     flat = rows.reshape(-1)
     latent_of = torch.arange(m)[:, None, None].expand_as(rows).reshape(-1)
     wanted = (flat >= 0).nonzero().squeeze(1)
-    order = wanted[torch.argsort(flat[wanted], stable=True)]  # entries sorted by row
+    order = wanted[torch.argsort(flat[wanted], stable=True)]  # context entries sorted by row
     sorted_rows = flat[order]
-    scale = torch.where(scan.max > 0, bins / scan.max.clamp_min(1e-30), torch.zeros_like(scan.max))  # (m,)
+    scale = torch.where(top.max > 0, bins / top.max.clamp_min(1e-30), torch.zeros_like(top.max))  # (m,)
     last = int(sorted_rows[-1]) + 1 if sorted_rows.numel() else 0
-    spans = _batches(scan.n_rows, batch)
-    if last > scan.n_rows:  # contexts reach a few rows past the scan: one extra batch for them
-        spans.append((scan.n_rows, last))
+    spans = _batches(top.n_rows, batch)
+    if last > top.n_rows:  # contexts reach a few rows past the scan: one extra read for them
+        spans.append((top.n_rows, last))
     for start, stop in spans:
         c = encode(reader.read(start, stop).float())  # (B, m)
-        if start < scan.n_rows:
+        if count is None:
+            count, total = torch.zeros(m, dtype=torch.long, device=c.device), torch.zeros(m, dtype=torch.float64, device=c.device)
+            hist, scale = torch.zeros(m * bins, dtype=torch.long, device=c.device), scale.to(c.device)
+        if start < top.n_rows:
             r, j = (c > 0).nonzero(as_tuple=True)
-            b = (c[r, j] * scale[j]).floor().long().clamp_(0, bins - 1)
-            hist += torch.bincount(j * bins + b, minlength=m * bins)
+            v = c[r, j]
+            count += torch.bincount(j, minlength=m)
+            total += torch.bincount(j, weights=v.double(), minlength=m)
+            hist += torch.bincount(j * bins + (v * scale[j]).floor().long().clamp_(0, bins - 1), minlength=m * bins)
         lo, hi = torch.searchsorted(sorted_rows, torch.tensor([start, stop])).tolist()
         if hi > lo:
             entries = order[lo:hi]
             local = flat[entries] - start
-            acts[entries] = c[local, latent_of[entries]]
+            acts[entries] = c[local.to(c.device), latent_of[entries].to(c.device)].float().cpu()
             toks[entries] = reader.token_ids(start, stop)[local]
-    return hist.view(m, bins), acts.view(rows.shape), toks.view(rows.shape)
+    return Distribution(count.cpu(), total.cpu(), hist.cpu().view(m, bins), acts.view(rows.shape), toks.view(rows.shape))
 
 
 # -- token strings ------------------------------------------------------------------------------------------------
@@ -297,9 +320,10 @@ def collect_from(
     if n == 0:
         raise InputError("the activations folder holds no rows")
     encode, decode = sae_functions(sae, input_scale)
-    scan = scan_latents(reader, encode, decode, n_rows=n, k=contexts, batch=batch, input_scale=input_scale)
-    rows = context_rows(scan.top_rows, window=reader.window, n_rows=reader.n_rows, before=CONTEXT_BEFORE, after=CONTEXT_AFTER)
-    hist, acts, toks = scan_histograms_and_contexts(reader, encode, scan, rows, batch=batch)
+    top = scan_top(reader, encode, decode, n_rows=n, k=contexts, batch=batch, input_scale=input_scale)
+    rows = context_rows(top.top_rows, window=reader.window, n_rows=reader.n_rows, before=CONTEXT_BEFORE, after=CONTEXT_AFTER)
+    dist = scan_distribution(reader, encode, top, rows, batch=batch)
+    toks = dist.ctx_tokens
 
     directions = sae.W_dec.detach()[0].float().cpu() / input_scale  # (m, d), raw activation scale
     logits = None
@@ -325,7 +349,7 @@ def collect_from(
         pos = torch.searchsorted(vocab_ids, ids.clamp_min(0))
         return torch.where(ids >= 0, pos, torch.full_like(pos, -1)).numpy()
 
-    count = scan.count.numpy()
+    count = dist.count.numpy()
     data: dict[str, Any] = {
         "meta": {
             **(meta or {}),
@@ -337,18 +361,18 @@ def collect_from(
             "causal": causal,
             "context_before": CONTEXT_BEFORE,
             "context_after": CONTEXT_AFTER,
-            "scan": {"l0": scan.l0, "fvu": scan.fvu, "dead_fraction": float((count == 0).mean())},
+            "scan": {"l0": float(count.sum() / n), "fvu": top.fvu, "fvu_rows": top.fvu_rows, "dead_fraction": float((count == 0).mean())},
             "notes": notes,
         },
         "tokens": table,
         "count": count,
-        "mean": np.where(count > 0, scan.total.numpy() / np.maximum(count, 1), 0.0),
-        "max": scan.max.numpy(),
-        "hist": hist.numpy(),
-        "ctx_rows": scan.top_rows.T.numpy(),
-        "ctx_values": scan.top_values.T.numpy(),
+        "mean": np.where(count > 0, dist.total.numpy() / np.maximum(count, 1), 0.0),
+        "max": top.max.numpy(),
+        "hist": dist.hist.numpy(),
+        "ctx_rows": top.top_rows.T.numpy(),
+        "ctx_values": top.top_values.T.numpy(),
         "ctx_tokens": to_table(toks),
-        "ctx_acts": acts.numpy(),
+        "ctx_acts": dist.ctx_acts.numpy(),
     }
     if logits is not None:
         data.update(
@@ -361,10 +385,18 @@ def collect_from(
 
 
 def collect_dashboard(
-    run_folder: Path, *, n_tokens: int, contexts: int, batch: int = 4096, lm: Any = None, train_metrics: dict[str, Any] | None = None
+    run_folder: Path,
+    *,
+    n_tokens: int,
+    contexts: int,
+    batch: int = 4096,
+    lm: Any = None,
+    train_metrics: dict[str, Any] | None = None,
+    device: str | torch.device = "auto",
 ) -> dict[str, Any]:
     """The dashboard data of the SAE in `run_folder` (cfg.json + weights) on its activations folder; the model named
-    in the activations' manifest is loaded for token strings and logit weights unless `lm` is given."""
+    in the activations' manifest is loaded for token strings and logit weights unless `lm` is given. The SAE runs
+    on `device` ("auto": CUDA when present, else CPU); the model stays on the CPU."""
     from saekit.lm.shards import ShardReader
 
     run_folder = Path(run_folder)
@@ -378,7 +410,9 @@ def collect_dashboard(
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
         raise InputError(f"{run_folder / 'cfg.json'}: input_scale must be a positive number, got {scale!r}")
     reader = ShardReader(source["path"])
-    sae = load_sae(run_folder).eval()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    sae = load_sae(run_folder, device=device).eval()
     manifest = reader.manifest
     if lm is None:
         lm = _language_model(str(manifest["model"]))
