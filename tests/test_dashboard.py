@@ -204,6 +204,21 @@ def test_collection_does_not_depend_on_batch_size() -> None:
     assert a["ctx_rows"][1].tolist() == [24, 16, 8, 0]
 
 
+def test_collection_leaves_out_skipped_positions() -> None:
+    # With skip_positions=1 (the SAE never saw position 0 of a window), latent 1, which fires only at position 0
+    # (rows 0, 8, 16, 24), is dead; latent 0 (positions 3, 2, 3, 1, 6) is as before; 28 of 32 rows count.
+    sae, reader = hand_sae_and_reader()
+    data = collect_from(sae, reader, n_tokens=32, contexts=3, batch=5, input_scale=2.0, skip_positions=1)
+    assert data["count"].tolist() == [5, 0, 0]
+    assert data["meta"]["n_tokens"] == 28 and data["meta"]["rows_scanned"] == 32
+    assert data["meta"]["scan"]["l0"] == pytest.approx(5 / 28)
+    assert data["ctx_rows"].tolist()[1] == [-1, -1, -1]
+    # Row 8 (position 0) still shows in the context of row 10 as a token, with no activation.
+    assert data["tokens"][data["ctx_tokens"][0, 0, CONTEXT_BEFORE - 2]] == "⟨108⟩" and data["ctx_acts"][0, 0, CONTEXT_BEFORE - 2] == 0
+    with pytest.raises(InputError, match="skip_positions"):
+        collect_from(sae, reader, n_tokens=32, contexts=3, skip_positions=8)
+
+
 def test_collection_refuses_bad_input() -> None:
     sae, reader = hand_sae_and_reader()
     with pytest.raises(InputError):
@@ -444,7 +459,8 @@ def test_dashboard_works_in_chromium(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """OUT with runs/lm-run: a ReLU SAE (input_scale 1.5, latents 60..63 dead) on a tiny Llama's layer-1 residual stream."""
+    """OUT with runs/lm-run: a ReLU SAE (input_scale 1.5, skip_positions 1, latents 60..63 dead) on a tiny Llama's
+    layer-1 residual stream."""
     pytest.importorskip("transformers")
     from lm_fixtures import make_tiny_llama
     from saekit.io import save_checkpoint
@@ -458,7 +474,10 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():
         sae.b_enc[0, 60:] = -1e6  # never fire
     out = root / "out"
-    config = {"source": {"kind": "activations", "path": str(acts)}, "sae": {"arch": "relu", "dict_size": 64, "l1": [0.1]}}
+    config = {
+        "source": {"kind": "activations", "path": str(acts), "skip_positions": 1},
+        "sae": {"arch": "relu", "dict_size": 64, "l1": [0.1]},
+    }
     save_checkpoint(out / "runs" / "lm-run", sae, samples=0, config=config, extra={"input_scale": 1.5})
     return out
 
@@ -475,7 +494,8 @@ def test_dashboard_end_to_end(lm_run: Path) -> None:
     print(f"end-to-end page: {len(page.encode()):,} bytes for 64 latents x 5 contexts")
     payload = page_payload(page)
     meta = payload["meta"]
-    assert meta["run_id"] == "lm-run" and meta["layer"] == 1 and meta["site"] == "resid" and meta["n_tokens"] == 1500
+    assert meta["run_id"] == "lm-run" and meta["layer"] == 1 and meta["site"] == "resid" and meta["rows_scanned"] == 1500
+    assert meta["n_tokens"] == 1500 - 24  # position 0 of the 24 windows the 1500 rows touch is left out (skip_positions=1)
     assert meta["input_scale"] == 1.5 and meta["causal"] is True
     assert payload["m"] == 64 and all(payload["count"][j] == 0 for j in range(60, 64))
     assert meta["scan"]["dead_fraction"] >= 4 / 64
@@ -485,6 +505,7 @@ def test_dashboard_end_to_end(lm_run: Path) -> None:
     sae = load_sae(lm_run / "runs" / "lm-run")
     with torch.no_grad():
         codes = sae.encode(reader.read(0, 1500) * 1.5)[0]
+    codes[torch.arange(1500) % 64 == 0] = 0  # skipped positions
     assert payload["count"] == (codes > 0).sum(0).tolist()
     best = int(np.argmax(payload["count"]))
     start = sum(payload["nctx"][:best])

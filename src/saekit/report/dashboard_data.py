@@ -101,6 +101,18 @@ def _batches(n: int, batch: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + batch)) for s in range(0, n, batch)]
 
 
+def skipped_rows(start: int, stop: int, window: int, skip_positions: int) -> torch.Tensor:
+    """(stop - start,) bool: rows at the first `skip_positions` positions of their window, which the SAE was not
+    trained on (a causal model's attention sink at position 0 has ~100x the norm of the others)."""
+    return (torch.arange(start, stop) % window) < skip_positions
+
+
+def kept_rows(n_rows: int, window: int, skip_positions: int) -> int:
+    """How many of rows [0, n_rows) are not skipped."""
+    whole, rest = divmod(n_rows, window)
+    return whole * (window - skip_positions) + max(0, rest - skip_positions)
+
+
 @torch.no_grad()
 def scan_top(
     reader: RowReader,
@@ -112,17 +124,22 @@ def scan_top(
     batch: int,
     input_scale: float = 1.0,
     fvu_rows: int = FVU_ROWS,
+    skip_positions: int = 0,
 ) -> TopScan:
     """Pass 1 over rows [0, n_rows): a running top-k of (code, row) per latent, merged batch by batch, and FVU.
 
     FVU is measured on the batches that start before row `fvu_rows` (decoding costs as much as encoding), in the
     SAE's input scale (x_raw * input_scale), where it was trained; FVU does not depend on the scale anyway.
+    Rows at the first `skip_positions` positions of a window count as not firing and are left out of the FVU.
     """
     top_v = top_r = sum_x = None
     sum_xx, err, seen = 0.0, 0.0, 0
     for start, stop in _batches(n_rows, batch):
         x = reader.read(start, stop).float()
         c = encode(x)  # (B, m)
+        skip = skipped_rows(start, stop, reader.window, skip_positions).to(c.device)
+        if skip_positions:
+            c[skip] = 0.0
         if top_v is None:
             top_v = torch.zeros(k, c.shape[1], device=c.device)
             top_r = torch.full((k, c.shape[1]), -1, dtype=torch.long, device=c.device)
@@ -131,11 +148,12 @@ def scan_top(
         top_v, idx = torch.topk(torch.cat([top_v, bv]), k, dim=0)
         top_r = torch.cat([top_r, bi + start]).gather(0, idx)
         if decode is not None and start < fvu_rows:
-            xs = x.to(c.device).double() * input_scale
+            keep = ~skip
+            xs = x.to(c.device)[keep].double() * input_scale
             sum_x += xs.sum(dim=0)
             sum_xx += xs.pow(2).sum().item()
-            err += (decode(c).double() - xs).pow(2).sum().item()
-            seen += stop - start
+            err += (decode(c[keep]).double() - xs).pow(2).sum().item()
+            seen += xs.shape[0]
     if top_v is None:
         raise InputError("no activation rows to scan")
     top_r = torch.where(top_v > 0, top_r, torch.full_like(top_r, -1)).cpu()
@@ -159,7 +177,14 @@ def context_rows(top_rows: torch.Tensor, *, window: int, n_rows: int, before: in
 
 @torch.no_grad()
 def scan_distribution(
-    reader: RowReader, encode: Encoder, top: TopScan, rows: torch.Tensor, *, batch: int, bins: int = HIST_BINS
+    reader: RowReader,
+    encode: Encoder,
+    top: TopScan,
+    rows: torch.Tensor,
+    *,
+    batch: int,
+    bins: int = HIST_BINS,
+    skip_positions: int = 0,
 ) -> Distribution:
     """Pass 2 over rows [0, top.n_rows), in pass 1's batches: from the nonzero codes, per latent their count, sum
     and histogram in `bins` equal bins on [0, max] (the max itself in the last bin); and for the context rows
@@ -180,6 +205,8 @@ def scan_distribution(
         spans.append((top.n_rows, last))
     for start, stop in spans:
         c = encode(reader.read(start, stop).float())  # (B, m)
+        if skip_positions:
+            c[skipped_rows(start, stop, reader.window, skip_positions).to(c.device)] = 0.0
         if count is None:
             count, total = torch.zeros(m, dtype=torch.long, device=c.device), torch.zeros(m, dtype=torch.float64, device=c.device)
             hist, scale = torch.zeros(m * bins, dtype=torch.long, device=c.device), scale.to(c.device)
@@ -307,22 +334,27 @@ def collect_from(
     contexts: int,
     batch: int = 4096,
     input_scale: float = 1.0,
+    skip_positions: int = 0,
     lm: Any = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The dashboard data of member 0 of `sae` on the first `n_tokens` rows of `reader`; `lm` (with .tokenizer,
-    .model, .causal) gives token strings and, when causal, logit weights; without it tokens show as ⟨id⟩."""
+    """The dashboard data of member 0 of `sae` on the first `n_tokens` rows of `reader`, leaving out the first
+    `skip_positions` positions of every window as the SAE's training did; `lm` (with .tokenizer, .model, .causal)
+    gives token strings and, when causal, logit weights; without it tokens show as ⟨id⟩."""
     if n_tokens < 1 or contexts < 1 or batch < 1:
         raise InputError("--tokens, --contexts and the batch size must be at least 1")
     if reader.d != sae.d:
         raise InputError(f"activations have d={reader.d} but the SAE expects d={sae.d}")
+    if not 0 <= skip_positions < reader.window:
+        raise InputError(f"skip_positions is {skip_positions} but the windows hold {reader.window} tokens")
     n = min(n_tokens, reader.n_rows)
-    if n == 0:
-        raise InputError("the activations folder holds no rows")
+    kept = kept_rows(n, reader.window, skip_positions)
+    if kept == 0:
+        raise InputError("no activation rows to scan")
     encode, decode = sae_functions(sae, input_scale)
-    top = scan_top(reader, encode, decode, n_rows=n, k=contexts, batch=batch, input_scale=input_scale)
+    top = scan_top(reader, encode, decode, n_rows=n, k=contexts, batch=batch, input_scale=input_scale, skip_positions=skip_positions)
     rows = context_rows(top.top_rows, window=reader.window, n_rows=reader.n_rows, before=CONTEXT_BEFORE, after=CONTEXT_AFTER)
-    dist = scan_distribution(reader, encode, top, rows, batch=batch)
+    dist = scan_distribution(reader, encode, top, rows, batch=batch, skip_positions=skip_positions)
     toks = dist.ctx_tokens
 
     directions = sae.W_dec.detach()[0].float().cpu() / input_scale  # (m, d), raw activation scale
@@ -356,12 +388,19 @@ def collect_from(
             "d": int(sae.d),
             "dict_size": int(sae.dict_size),
             "input_scale": float(input_scale),
-            "n_tokens": int(n),
+            "n_tokens": kept,  # the frequencies' denominator: scanned rows less the skipped positions
+            "rows_scanned": n,
+            "skip_positions": skip_positions,
             "window": int(reader.window),
             "causal": causal,
             "context_before": CONTEXT_BEFORE,
             "context_after": CONTEXT_AFTER,
-            "scan": {"l0": float(count.sum() / n), "fvu": top.fvu, "fvu_rows": top.fvu_rows, "dead_fraction": float((count == 0).mean())},
+            "scan": {
+                "l0": float(count.sum() / kept),
+                "fvu": top.fvu,
+                "fvu_rows": top.fvu_rows,
+                "dead_fraction": float((count == 0).mean()),
+            },
             "notes": notes,
         },
         "tokens": table,
@@ -409,6 +448,9 @@ def collect_dashboard(
     scale = cfg.get("input_scale", 1.0)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
         raise InputError(f"{run_folder / 'cfg.json'}: input_scale must be a positive number, got {scale!r}")
+    skip = source.get("skip_positions", 0)
+    if not isinstance(skip, int) or isinstance(skip, bool):
+        raise InputError(f"{run_folder / 'cfg.json'}: source.skip_positions must be an integer, got {skip!r}")
     reader = ShardReader(source["path"])
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -425,4 +467,6 @@ def collect_dashboard(
         "site": manifest.get("site"),
         "train": train_metrics,
     }
-    return collect_from(sae, reader, n_tokens=n_tokens, contexts=contexts, batch=batch, input_scale=float(scale), lm=lm, meta=meta)
+    return collect_from(
+        sae, reader, n_tokens=n_tokens, contexts=contexts, batch=batch, input_scale=float(scale), skip_positions=skip, lm=lm, meta=meta
+    )
