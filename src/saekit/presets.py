@@ -39,6 +39,7 @@ LM_DEFAULTS: dict[str, Any] = {
 }
 LM_SIZES_PER_D = [2, 4, 8]
 LM_L1 = [1.0, 2.0, 4.0, 8.0]
+LM_SAE = {"decoder_bias": True, "decoder_bias_init": "geometric_median"}
 LM_TRAIN = {"batch_size": 1024, "lr": 1e-3, "lr_decay": "linear", "matmul_precision": "medium"}
 
 
@@ -77,11 +78,12 @@ def lm_config(activations: str, d: int, train_rows: int, overrides: list[str] = 
     for item in overrides:
         key, _, raw = item.partition("=")
         set_override(data, key.strip(), raw.strip())
-    sizes = [k * d for k in LM_SIZES_PER_D]
+    sae = {"dict_size": [k * d for k in LM_SIZES_PER_D], "l1": LM_L1, **LM_SAE, **data.get("sae", {})}
+    largest = max(sae["dict_size"]) if isinstance(sae["dict_size"], list) and sae["dict_size"] else sae["dict_size"]
     merged = {
         "source": {"kind": "activations", "path": activations, "d": d, **data.get("source", {})},
-        "sae": {"dict_size": sizes, "l1": LM_L1, "decoder_bias": True, **data.get("sae", {})},
-        "train": {**LM_TRAIN, "samples": train_rows, "seeds": [0, 1], "seeds_min_size": sizes[-1], **data.get("train", {})},
+        "sae": sae,
+        "train": {**LM_TRAIN, "samples": train_rows, "seeds": [0, 1], "seeds_min_size": largest, **data.get("train", {})},
     }
     merged.update({k: v for k, v in data.items() if k not in ("source", "sae", "train")})
     return parse_config(merged)
