@@ -337,6 +337,17 @@ def test_payload_encodes_contexts_compactly() -> None:
     assert all(payload["nctx"][j] == 0 and payload["summary"][j] == [] for j in dead)
 
 
+def test_payload_uses_32_bit_token_indices_for_a_large_table() -> None:
+    data = make_data(m=20, vocab=70_000)  # more token strings than a uint16 index can address
+    payload = encode_payload(data)
+    assert payload["tokType"] == "u4" and payload["pad"] == 0xFFFFFFFF
+    valid = (data["ctx_rows"] >= 0) & (data["ctx_values"] > 0)
+    toks = np.frombuffer(base64.b64decode(payload["ctxTok"]), dtype="<u4").reshape(-1, L)
+    assert np.array_equal(np.where(toks == 0xFFFFFFFF, -1, toks.astype(np.int64)), data["ctx_tokens"][valid])
+    promote = np.frombuffer(base64.b64decode(payload["promote"]["tok"]), dtype="<u4").reshape(20, 10)
+    assert np.array_equal(promote, data["promote_tokens"])
+
+
 def test_page_size_for_5000_latents_is_a_few_megabytes() -> None:
     page = render_dashboard(make_data(m=5000, k=10))
     assert len(page.encode()) < 6_000_000  # 5000 latents x 10 contexts x 17 tokens: about 4.8 MB

@@ -212,6 +212,12 @@ def _pct(v: Any) -> str:
     return "—" if v is None or not isinstance(v, (int, float)) or not math.isfinite(v) else f"{100 * v:.3g}%"
 
 
+def _tokens_note(meta: dict[str, Any]) -> str:
+    skip = meta.get("skip_positions") or 0
+    note = f"activation rows (tokens) scanned: the first {meta.get('rows_scanned', meta.get('n_tokens'))}"
+    return note + (f", less the first {skip} position(s) of every window, which the SAE was not trained on" if skip else "")
+
+
 def _header(meta: dict[str, Any], count: np.ndarray) -> str:
     scan = meta.get("scan") or {}
     train = meta.get("train") or {}
@@ -228,7 +234,7 @@ def _header(meta: dict[str, Any], count: np.ndarray) -> str:
             _stat("L0", fmt_number(scan.get("l0")), "mean number of latents firing per token, on the scanned tokens"),
             _stat("FVU", fmt_number(scan.get("fvu")), f"fraction of variance unexplained, on the first {scan.get('fvu_rows')} tokens"),
             _stat("dead", _pct(scan.get("dead_fraction")), "latents that never fired on the scanned tokens"),
-            _stat("tokens", f"{int(meta.get('n_tokens') or 0):,}", "activation rows (tokens) scanned for this page"),
+            _stat("tokens", f"{int(meta.get('n_tokens') or 0):,}", _tokens_note(meta)),
             _stat("input scale", fmt_number(meta.get("input_scale")), "the SAE was trained on activations × this"),
         ]
     )

@@ -373,7 +373,7 @@ def collect_from(
         notes.append("The model was not loaded: tokens are shown as ids and there are no logit weights.")
 
     used = [toks[toks >= 0]] + ([logits[0].reshape(-1), logits[2].reshape(-1)] if logits is not None else [])
-    vocab_ids = torch.unique(torch.cat(used)) if used else torch.empty(0, dtype=torch.long)
+    vocab_ids = torch.unique(torch.cat(used))  # sorted: every token id the page shows
     table = token_strings(getattr(lm, "tokenizer", None), vocab_ids.tolist())
 
     def to_table(ids: torch.Tensor) -> np.ndarray:
