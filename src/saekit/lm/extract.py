@@ -12,13 +12,16 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from saekit.errors import InputError
 from saekit.lm.shards import DTYPES, MANIFEST, ShardWriter, read_manifest
 from saekit.lm.sites import SITES
+
+if TYPE_CHECKING:
+    from saekit.lm.models import LanguageModel
 
 IDENTITY_KEYS = ("model", "layer", "site", "window", "dtype", "text")  # what makes two extractions the same
 FLOAT16_MAX = 65504.0
@@ -100,7 +103,7 @@ def extract_activations(
     on_batch(rows_written) is called after every batch (a hook for progress reporting and tests).
     """
     from saekit.lm.models import load_model
-    from saekit.lm.sites import check_site, run_to_site, site_width
+    from saekit.lm.sites import check_site, site_width
     from saekit.lm.text import check_text_spec, token_windows
 
     check_request(layer, site, tokens, window, batch_windows, dtype, shard_rows)
@@ -133,17 +136,10 @@ def extract_activations(
     try:
         windows = token_windows(lm.tokenizer, text, window)
         for index, ids in _batches(windows, done, n_windows, batch_windows):
-            ids = ids.to(dev)
-            acts = run_to_site(lm, ids, torch.ones_like(ids), layer, site)  # (B, T, d)
-            skip = done - index  # windows of this batch already on disk (only in the first batch of a continued run)
-            if skip > 0:
-                acts, ids = acts[skip:], ids[skip:]
-            acts = acts.reshape(-1, acts.shape[-1])
-            if dtype == "float16":
-                _check_float16_range(acts, lm.name, layer, site)
-            writer.append(acts.cpu(), ids.reshape(-1).cpu())
-            done += ids.shape[0]
-            bar.update(ids.numel())
+            # skip: windows of this batch already on disk (only in the first batch of a continued run)
+            written = write_batch(lm, ids.to(dev), layer, site, writer, skip=max(0, done - index))
+            done += written
+            bar.update(written * window)
             if on_batch is not None:
                 on_batch(writer.rows)
         complete = True
@@ -153,6 +149,19 @@ def extract_activations(
     if manifest["windows"] < n_windows:
         _warn_short(text, manifest["tokens"], tokens)
     return manifest
+
+
+def write_batch(lm: LanguageModel, ids: torch.Tensor, layer: int, site: str, writer: ShardWriter, skip: int = 0) -> int:
+    """Run windows ids (B, T) up to (layer, site) and append the rows of windows [skip:] to `writer`; returns B - skip."""
+    from saekit.lm.sites import run_to_site
+
+    acts = run_to_site(lm, ids, torch.ones_like(ids), layer, site)  # (B, T, d)
+    acts, ids = acts[skip:], ids[skip:]
+    acts = acts.reshape(-1, acts.shape[-1])
+    if writer.torch_dtype == torch.float16:
+        _check_float16_range(acts, lm.name, layer, site)
+    writer.append(acts.cpu(), ids.reshape(-1).cpu())
+    return ids.shape[0]
 
 
 def _check_float16_range(acts: torch.Tensor, name: str, layer: int, site: str) -> None:

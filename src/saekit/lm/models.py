@@ -131,13 +131,21 @@ def _is_causal(config: Any) -> bool:
     return any(str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
 
 
+def _float32() -> dict[str, Any]:
+    """from_pretrained's dtype argument: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
 def _load_folder(source: str | Path, spec: str) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(str(source))
         loader = AutoModelForCausalLM if _is_causal(config) else AutoModel
-        model = loader.from_pretrained(str(source), dtype=torch.float32)
+        model = loader.from_pretrained(str(source), **_float32())
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except InputError:
         raise
@@ -160,7 +168,7 @@ def _load_smollm2() -> tuple[nn.Module, Any]:
 
     start = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF, **_float32())
         tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF)
     except Exception as err:
         raise InputError(f"cannot load model 'smollm2': {_one_line(err)}") from None
