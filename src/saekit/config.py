@@ -227,7 +227,7 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(1_000_000, gt=0, description="samples between checkpoints (one is always written at the end)")
     eval_samples: int = Field(100_000, gt=0, description="fresh samples of the final evaluation; a latent that never fires on them is dead")
     ce_eval_tokens: int = Field(
-        8192,
+        4096,
         ge=0,
         description="activations from a causal language model: held-out tokens on which the model's next-token loss is measured "
         "with the layer's activations replaced by each SAE's reconstruction (0 = off)",
