@@ -129,6 +129,11 @@ def extract_activations(
         "site": site, "d": site_width(lm, layer, site), "window": window, "dtype": dtype, "text": text,
         "tokens_requested": tokens,
     }  # fmt: skip
+    if previous is not None and (previous["d"], previous["model_class"]) != (meta["d"], meta["model_class"]):
+        raise InputError(
+            f"{out} holds {previous['model_class']} activations of width {previous['d']}, but {model!r} now gives "
+            f"{meta['model_class']} of width {meta['d']}; choose a new --out"
+        )
     writer = ShardWriter(out, meta, shard_rows, existing=previous)
     done = writer.windows
     bar = _progress_bar(n_windows * window, done * window, progress)
