@@ -210,17 +210,20 @@ def _write_cache(folder: Path, model: nn.Module, tokenizer: Any, info: dict[str,
 
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """No download or weight-loading progress bars, no info logs, while loading."""
+    """No download or weight-loading progress bars, no logs below errors (hub retries included), while loading."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
+    verbosity, hub_verbosity = hf_logging.get_verbosity(), hub_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        hub_logging.set_verbosity(hub_verbosity)
         if bars:
             hf_logging.enable_progress_bar()
 
