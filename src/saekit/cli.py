@@ -220,7 +220,7 @@ def bench(
 ) -> None:
     """Measure training throughput against this machine's matmul rate and a plain PyTorch loop."""
     from saekit.bench import run_benchmarks
-    from saekit.train.run import resolve_device
+    from saekit.device import resolve_device
 
     try:
         dev = resolve_device(device)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from saekit.device import resolve_device
 from saekit.errors import InputError
 from saekit.lm.shards import DTYPES, MANIFEST, ShardWriter, read_manifest
 from saekit.lm.sites import SITES
@@ -25,19 +26,6 @@ if TYPE_CHECKING:
 
 IDENTITY_KEYS = ("model", "layer", "site", "window", "dtype", "text")  # what makes two extractions the same
 FLOAT16_MAX = 65504.0
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when present, else CPU; anything else must be a device torch knows and has."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}: use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device is {name!r} but CUDA is not available")
-    return device
 
 
 def check_request(layer: int, site: str, tokens: int, window: int, batch_windows: int, dtype: str, shard_rows: int) -> None:

@@ -41,7 +41,8 @@ def extraction_benchmark(
     dtype: str = "float16",
 ) -> dict[str, Any]:
     """Median tokens/s of the bare truncated forward, of extraction, and of the full model on `windows` windows."""
-    from saekit.lm.extract import resolve_device, write_batch
+    from saekit.device import resolve_device
+    from saekit.lm.extract import write_batch
     from saekit.lm.models import load_model
     from saekit.lm.shards import ShardWriter
     from saekit.lm.sites import check_site, forward, run_to_site, site_width

@@ -14,6 +14,7 @@ import torch
 
 from saekit.atomic import atomic_write_bytes
 from saekit.config import Config, RunSpec, expand_grid
+from saekit.device import resolve_device
 from saekit.errors import InputError
 from saekit.io import load_optimizer_state, load_sae, read_cfg, save_checkpoint
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
@@ -23,19 +24,6 @@ from saekit.store import RunStore
 from saekit.train.evaluate import evaluate_window
 from saekit.train.loop import TrainState, make_state, train_lockstep
 from saekit.train.sweep import BYTES_PER_FLOAT, EnsemblePlan, available_memory_bytes, format_bytes, plan_ensembles, sweep_memory_bytes
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when present, else CPU; anything else must be a device torch knows."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown train.device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"train.device is {name!r} but CUDA is not available")
-    return device
 
 
 def run_config_dict(cfg: Config, spec: RunSpec) -> dict[str, Any]:
@@ -133,7 +121,7 @@ def run_config(
     memory) is checked before any result is written (a `tms` or `compute` source may first cache its trained
     model in OUT/sources, a complete file written atomically).
     """
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     out = Path(out_dir)
     source = make_source(cfg.source, device, cache_dir=out / SOURCE_CACHE)
     grid = expand_grid(cfg)
