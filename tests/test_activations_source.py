@@ -143,3 +143,47 @@ def test_fold_input_scale_gives_the_same_codes_and_raw_reconstructions() -> None
     assert torch.allclose(c_raw, c_scaled, atol=1e-5)
     assert torch.allclose(x_hat_raw, x_hat_scaled / s, atol=1e-5)
     assert math.isclose(s, 0.37)
+
+
+def test_massive_activations_are_left_out_and_do_not_set_the_scale(tmp_path: Path) -> None:
+    # Rows of N(0, 9 I) in d = 64 have norm ~24; every 100th row is made 1000x larger (like an attention sink's).
+    folder = write_activations(tmp_path / "a", 100, d=64, shard_rows=512, trace=False)
+    from safetensors.torch import load_file, save_file
+
+    from saekit.atomic import sha256_of_file
+
+    manifest_path = folder / "manifest.json"
+    import json
+
+    manifest = json.loads(manifest_path.read_text())
+    row = 0
+    for shard in manifest["shards"]:
+        tensors = load_file(str(folder / shard["file"]))
+        big = (torch.arange(row, row + shard["rows"]) % 100) == 50
+        tensors["activations"][big] *= 1000
+        save_file(tensors, str(folder / shard["file"]))
+        shard["sha256"] = sha256_of_file(folder / shard["file"])
+        row += shard["rows"]
+    manifest_path.write_text(json.dumps(manifest))
+    src = ActivationSource(folder, buffer_size=300, skip_positions=0, seed=0, max_norm_ratio=10)
+    assert src.norm_threshold == pytest.approx(10 * 24, rel=0.05)  # 10 x the median norm, sqrt(64 * 9) = 24
+    assert src.input_scale == pytest.approx(1 / 3, rel=0.03)  # as without the massive rows
+    for stream in (0, 1, 2):
+        x = torch.cat([src.batch(100, t, stream) for t in range(5)])
+        assert x.norm(dim=1).max() < 3 * math.sqrt(64)  # scaled ordinary rows only (norm ~8)
+        assert x.shape[0] < 500  # the massive rows were dropped, not replaced
+    held_out = range(src.train_windows * WINDOW, 100 * WINDOW)  # windows 95..99: rows 1520..1599, of which 1550 is massive
+    assert src.eval_rows_kept == src.eval_rows - sum(1 for r in held_out if r % 100 == 50) == 79
+    kept_all = ActivationSource(folder, buffer_size=300, skip_positions=0, seed=0, max_norm_ratio=0)
+    assert math.isinf(kept_all.norm_threshold) and kept_all.input_scale < 0.05  # 1% of rows at 1000x dominate
+
+
+def test_the_downstream_splice_leaves_massive_rows_clean() -> None:
+    from saekit.lm.downstream import sae_splice
+
+    sae = ReluSAE(d=4, dict_size=8, seeds=[0], l1=[0.1])
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0], [500.0, 0.0, 0.0, 0.0]])
+    out = sae_splice(sae, 0, input_scale=2.0, norm_threshold=100.0)(x.clone())
+    assert torch.equal(out[1], x[1])  # above the threshold: passed through
+    x_hat, _ = sae(x[:1] * 2.0)
+    assert torch.allclose(out[0], x_hat[0, 0] / 2.0)  # below: the SAE's reconstruction in raw scale

@@ -43,7 +43,7 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 TOY_ONLY_KEYS = ("prob_decay", "mean_active", "correlated", "magnitude_decay", "noise_std", "n_samples")
 MODEL_ONLY_KEYS = ("sparsity", "importance_decay", "model_steps")  # tms and compute
-ACTIVATIONS_ONLY_KEYS = ("buffer_size", "skip_positions", "normalize", "eval_fraction")
+ACTIVATIONS_ONLY_KEYS = ("buffer_size", "skip_positions", "max_norm_ratio", "normalize", "eval_fraction")
 
 
 class SourceConfig(_Section):
@@ -87,6 +87,13 @@ class SourceConfig(_Section):
         ge=0,
         description="activations: leave out the first positions of every window (position 0 of a causal model is an attention "
         "sink whose norm is ~100x the others'); they are also left clean in the downstream-loss evaluation",
+    )
+    max_norm_ratio: float = Field(
+        10.0,
+        ge=0,
+        description="activations: tokens whose activation norm exceeds this many times the median norm are left out of training "
+        "and evaluation and left clean in the downstream loss (massive activations of attention-sink tokens: on SmolLM2's layer 15, "
+        "0.05% of tokens hold 86% of the squared norm); 0 = keep every token",
     )
     normalize: bool = Field(
         True, description="activations: scale inputs so their mean squared norm is d (the scale is stored with each SAE)"

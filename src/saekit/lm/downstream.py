@@ -4,11 +4,13 @@ The fraction of loss recovered, (CE_zero - CE_sae) / (CE_zero - CE_clean), is th
 measure (SAELens, SAEBench, dictionary_learning): 1 when splicing the SAE's reconstruction into the
 forward pass costs nothing, 0 when it is as bad as zeroing the site. Positions before
 `skip_positions` are left clean (they were not trained on) and are not scored; every other position p
-predicts token p + 1.
+predicts token p + 1. Tokens whose activation norm exceeds the source's norm threshold (massive
+activations, left out of training) are left clean too, in the SAE's pass and in the zero-ablated one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -65,12 +67,17 @@ def loss_recovered(ce_clean: float, ce_zero: float, ce_sae: float) -> float:
     return (ce_zero - ce_sae) / gap if gap > 0 else float("nan")
 
 
-def sae_splice(sae: Any, member: int, input_scale: float) -> Splice:
-    """Raw activations -> member's reconstruction in raw scale: x_hat(x * s) / s."""
+def sae_splice(sae: Any, member: int, input_scale: float, norm_threshold: float = math.inf) -> Splice:
+    """Raw activations -> member's reconstruction in raw scale, x_hat(x * s) / s; rows whose norm exceeds
+    `norm_threshold` (massive activations the SAE was not trained on) pass through unchanged."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        x_hat, _ = sae(x.float() * input_scale)
-        return x_hat[member] / input_scale
+        x = x.float()
+        x_hat, _ = sae(x * input_scale)
+        out = x_hat[member] / input_scale
+        keep = x.norm(dim=1) > norm_threshold
+        out[keep] = x[keep]
+        return out
 
     return fn
 
@@ -78,17 +85,23 @@ def sae_splice(sae: Any, member: int, input_scale: float) -> Splice:
 class DownstreamEvaluator:
     """Runs the clean and zero-ablated losses once, then each SAE member's spliced loss, on the same windows."""
 
-    def __init__(self, lm: LanguageModel, windows: torch.Tensor, *, layer: int, site: str, skip_positions: int) -> None:
-        self.lm, self.windows = lm, windows
+    def __init__(
+        self, lm: LanguageModel, windows: torch.Tensor, *, layer: int, site: str, skip_positions: int, norm_threshold: float = math.inf
+    ) -> None:
+        self.lm, self.windows, self.norm_threshold = lm, windows, norm_threshold
         self.kw = {"layer": layer, "site": site, "skip_positions": skip_positions}
         self.ce_clean = next_token_loss(lm, windows, **self.kw)
-        self.ce_zero = next_token_loss(lm, windows, splice=torch.zeros_like, **self.kw)
+        self.ce_zero = next_token_loss(lm, windows, splice=self._zero, **self.kw)
+
+    def _zero(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero ablation of the rows the SAE replaces (the massive ones stay, as they do for the SAE)."""
+        return torch.where((x.norm(dim=1) > self.norm_threshold)[:, None], x, torch.zeros_like(x))
 
     def evaluate(self, sae: Any, input_scale: float) -> list[dict[str, float]]:
         """Per member: ce_clean, ce_zero, ce_sae, ce_loss_recovered, ce_delta (CE_sae - CE_clean), ce_eval_tokens."""
         rows = []
         for k in range(sae.n_members):
-            ce = next_token_loss(self.lm, self.windows, splice=sae_splice(sae, k, input_scale), **self.kw)
+            ce = next_token_loss(self.lm, self.windows, splice=sae_splice(sae, k, input_scale, self.norm_threshold), **self.kw)
             rows.append(
                 {
                     "ce_clean": self.ce_clean,

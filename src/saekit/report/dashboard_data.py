@@ -25,6 +25,7 @@ normalisation's division by the residual's scale.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,10 +102,16 @@ def _batches(n: int, batch: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + batch)) for s in range(0, n, batch)]
 
 
-def skipped_rows(start: int, stop: int, window: int, skip_positions: int) -> torch.Tensor:
-    """(stop - start,) bool: rows at the first `skip_positions` positions of their window, which the SAE was not
-    trained on (a causal model's attention sink at position 0 has ~100x the norm of the others)."""
-    return (torch.arange(start, stop) % window) < skip_positions
+def skipped_rows(
+    start: int, stop: int, window: int, skip_positions: int, x: torch.Tensor | None = None, norm_threshold: float = math.inf
+) -> torch.Tensor:
+    """(stop - start,) bool: rows the SAE was not trained on: the first `skip_positions` positions of their window
+    (a causal model's attention sink at position 0 has ~100x the norm of the others) and, given the raw rows x,
+    those whose norm exceeds `norm_threshold` (massive activations, left out of training too)."""
+    skip = (torch.arange(start, stop) % window) < skip_positions
+    if x is not None and math.isfinite(norm_threshold):
+        skip |= x.norm(dim=1).cpu() > norm_threshold
+    return skip
 
 
 def kept_rows(n_rows: int, window: int, skip_positions: int) -> int:
@@ -125,6 +132,7 @@ def scan_top(
     input_scale: float = 1.0,
     fvu_rows: int = FVU_ROWS,
     skip_positions: int = 0,
+    norm_threshold: float = math.inf,
 ) -> TopScan:
     """Pass 1 over rows [0, n_rows): a running top-k of (code, row) per latent, merged batch by batch, and FVU.
 
@@ -137,9 +145,8 @@ def scan_top(
     for start, stop in _batches(n_rows, batch):
         x = reader.read(start, stop).float()
         c = encode(x)  # (B, m)
-        skip = skipped_rows(start, stop, reader.window, skip_positions).to(c.device)
-        if skip_positions:
-            c[skip] = 0.0
+        skip = skipped_rows(start, stop, reader.window, skip_positions, x, norm_threshold).to(c.device)
+        c[skip] = 0.0
         if top_v is None:
             top_v = torch.zeros(k, c.shape[1], device=c.device)
             top_r = torch.full((k, c.shape[1]), -1, dtype=torch.long, device=c.device)
@@ -185,6 +192,7 @@ def scan_distribution(
     batch: int,
     bins: int = HIST_BINS,
     skip_positions: int = 0,
+    norm_threshold: float = math.inf,
 ) -> Distribution:
     """Pass 2 over rows [0, top.n_rows), in pass 1's batches: from the nonzero codes, per latent their count, sum
     and histogram in `bins` equal bins on [0, max] (the max itself in the last bin); and for the context rows
@@ -204,9 +212,9 @@ def scan_distribution(
     if last > top.n_rows:  # contexts reach a few rows past the scan: one extra read for them
         spans.append((top.n_rows, last))
     for start, stop in spans:
-        c = encode(reader.read(start, stop).float())  # (B, m)
-        if skip_positions:
-            c[skipped_rows(start, stop, reader.window, skip_positions).to(c.device)] = 0.0
+        x = reader.read(start, stop).float()
+        c = encode(x)  # (B, m)
+        c[skipped_rows(start, stop, reader.window, skip_positions, x, norm_threshold).to(c.device)] = 0.0
         if count is None:
             count, total = torch.zeros(m, dtype=torch.long, device=c.device), torch.zeros(m, dtype=torch.float64, device=c.device)
             hist, scale = torch.zeros(m * bins, dtype=torch.long, device=c.device), scale.to(c.device)
@@ -335,6 +343,7 @@ def collect_from(
     batch: int = 4096,
     input_scale: float = 1.0,
     skip_positions: int = 0,
+    norm_threshold: float = math.inf,
     lm: Any = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -352,9 +361,12 @@ def collect_from(
     if kept == 0:
         raise InputError("no activation rows to scan")
     encode, decode = sae_functions(sae, input_scale)
-    top = scan_top(reader, encode, decode, n_rows=n, k=contexts, batch=batch, input_scale=input_scale, skip_positions=skip_positions)
+    top = scan_top(
+        reader, encode, decode, n_rows=n, k=contexts, batch=batch, input_scale=input_scale, skip_positions=skip_positions,
+        norm_threshold=norm_threshold,
+    )  # fmt: skip
     rows = context_rows(top.top_rows, window=reader.window, n_rows=reader.n_rows, before=CONTEXT_BEFORE, after=CONTEXT_AFTER)
-    dist = scan_distribution(reader, encode, top, rows, batch=batch, skip_positions=skip_positions)
+    dist = scan_distribution(reader, encode, top, rows, batch=batch, skip_positions=skip_positions, norm_threshold=norm_threshold)
     toks = dist.ctx_tokens
 
     directions = sae.W_dec.detach()[0].float().cpu() / input_scale  # (m, d), raw activation scale
@@ -451,6 +463,9 @@ def collect_dashboard(
     skip = source.get("skip_positions", 0)
     if not isinstance(skip, int) or isinstance(skip, bool):
         raise InputError(f"{run_folder / 'cfg.json'}: source.skip_positions must be an integer, got {skip!r}")
+    threshold = cfg.get("norm_threshold")  # raw-scale norm above which tokens were left out of training (None: none)
+    if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold > 0):
+        raise InputError(f"{run_folder / 'cfg.json'}: norm_threshold must be a positive number, got {threshold!r}")
     reader = ShardReader(source["path"])
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -468,5 +483,6 @@ def collect_dashboard(
         "train": train_metrics,
     }
     return collect_from(
-        sae, reader, n_tokens=n_tokens, contexts=contexts, batch=batch, input_scale=float(scale), skip_positions=skip, lm=lm, meta=meta
-    )
+        sae, reader, n_tokens=n_tokens, contexts=contexts, batch=batch, input_scale=float(scale), skip_positions=skip,
+        norm_threshold=math.inf if threshold is None else float(threshold), lm=lm, meta=meta,
+    )  # fmt: skip

@@ -3,7 +3,11 @@
 The folder's windows are split in two: the last `eval_fraction` of them are held out (the evaluation
 stream reads them in order, and the downstream-loss evaluation runs the model on their tokens); the
 rest feed training. The first `skip_positions` positions of every window are left out of both (position
-0 of a causal model is an attention sink whose norm is about 100 times the others').
+0 of a causal model is an attention sink whose norm is about 100 times the others'), and so is any token
+whose activation norm exceeds `max_norm_ratio` times the median norm (`norm_threshold`): such massive
+activations also occur a few positions later (on SmolLM2's layer 15, 0.05% of tokens, mostly at positions
+1-2, hold 86% of the squared norm) and would otherwise dominate the scale, the loss and the FVU. Batches are
+therefore a few rows short of `batch_size` when they drew such a token.
 
 Training batches come from a shuffle buffer of `buffer_size` rows: the training rows are read in
 chunks (whole windows, in a seeded order per epoch), and each batch takes B random rows of the buffer
@@ -84,6 +88,7 @@ class ActivationSource:
         *,
         buffer_size: int = 100_000,
         skip_positions: int = 1,
+        max_norm_ratio: float = 10.0,
         normalize: bool = True,
         eval_fraction: float = 0.05,
         seed: int = 0,
@@ -110,8 +115,9 @@ class ActivationSource:
         self.windows_per_chunk = max(1, CHUNK_TOKENS // self.window)
         self.n_chunks = math.ceil(self.train_windows / self.windows_per_chunk)
         self.buffer_rows = min(buffer_size, self.train_rows)
-        self.input_scale = self._measure_scale() if normalize else 1.0
+        self.norm_threshold, self.input_scale = self._measure_norms(max_norm_ratio, normalize)
         self._buffer: _Buffer | None = None
+        self._eval_kept: int | None = None
 
     # -- row bookkeeping ------------------------------------------------------------------------------
 
@@ -147,8 +153,10 @@ class ActivationSource:
         """Training-row ids -> (n, d) float32, unscaled."""
         return self._read_global(self.global_rows(rows))
 
-    def _measure_scale(self) -> float:
-        """sqrt(d / mean ||x||²) over up to SCALE_SAMPLE_ROWS training rows read in 16 spread chunks."""
+    def _measure_norms(self, max_norm_ratio: float, normalize: bool) -> tuple[float, float]:
+        """(norm_threshold, input_scale) from up to SCALE_SAMPLE_ROWS training rows read in 16 spread chunks:
+        the threshold is max_norm_ratio x their median norm (inf when 0), the scale sqrt(d / mean ||x||²) over
+        the rows below it (1 without `normalize`)."""
         n_parts = 16
         per_part = max(1, min(SCALE_SAMPLE_ROWS, self.train_rows) // n_parts)
         starts = torch.linspace(0, self.train_rows - per_part, n_parts).long().unique()
@@ -156,21 +164,41 @@ class ActivationSource:
         x = self.read_training_rows(rows)
         if not torch.isfinite(x).all():
             raise InputError(f"{self.path}: activations contain NaN/Inf values")
-        mean_sq = x.double().pow(2).sum(dim=1).mean().item()
+        norms = x.double().norm(dim=1)
+        threshold = max_norm_ratio * norms.median().item() if max_norm_ratio > 0 else math.inf
+        kept = norms[norms <= threshold]
+        mean_sq = kept.pow(2).mean().item() if kept.numel() else 0.0
         if mean_sq <= 0:
             raise InputError(f"{self.path}: activations are all zero")
-        return math.sqrt(self.d / mean_sq)
+        return threshold, (math.sqrt(self.d / mean_sq) if normalize else 1.0)
+
+    @property
+    def eval_rows_kept(self) -> int:
+        """Held-out rows below the norm threshold: how many the evaluation stream gives before it wraps."""
+        if self._eval_kept is None:
+            kept, step = 0, 65_536
+            for start in range(0, self.eval_rows, step):
+                rows = torch.arange(start, min(start + step, self.eval_rows))
+                kept += int(self.ordinary(self._read_global(self.global_rows(rows, first_window=self.train_windows))).sum())
+            self._eval_kept = kept
+        return self._eval_kept
+
+    def ordinary(self, x: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: raw rows x (n, d) whose norm is within the threshold (not a massive activation)."""
+        return x.norm(dim=1) <= self.norm_threshold
 
     # -- the Source interface -------------------------------------------------------------------------
 
     def _scaled(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        """Raw rows -> the ordinary ones, scaled, on the device."""
         if not torch.isfinite(x).all():
             raise InputError(f"{self.path}: {what} contains NaN/Inf values")
-        return (x * self.input_scale).to(self.device)
+        return (x[self.ordinary(x)] * self.input_scale).to(self.device)
 
     def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:
         """Stream 0: batch `step` of the shuffle buffer; stream 1: held-out rows in order (wrapping);
-        other streams: `batch_size` random training rows seeded by (stream, step)."""
+        other streams: `batch_size` random training rows seeded by (stream, step). Rows above the norm threshold
+        are dropped, so a batch may be a few rows short."""
         if stream == 0:
             return self._scaled(self._training_batch(batch_size, step), f"training batch {step}")
         if stream == 1:
@@ -211,6 +239,7 @@ class ActivationSource:
             "d": self.d,
             "input_scale": self.input_scale,
             "skip_positions": self.skip_positions,
+            "norm_threshold": self.norm_threshold if math.isfinite(self.norm_threshold) else None,
             "train_windows": self.train_windows,
             "eval_windows": self.eval_windows,
             "train_rows": self.train_rows,

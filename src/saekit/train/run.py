@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -230,7 +231,12 @@ def downstream_evaluator(cfg: Config, source: Any) -> Any:
     lm = load_model(str(manifest["model"]), device=source.device)
     windows = source.eval_token_windows(cfg.train.ce_eval_tokens)
     return DownstreamEvaluator(
-        lm, windows, layer=int(manifest["layer"]), site=str(manifest["site"]), skip_positions=source.skip_positions
+        lm,
+        windows,
+        layer=int(manifest["layer"]),
+        site=str(manifest["site"]),
+        skip_positions=source.skip_positions,
+        norm_threshold=source.norm_threshold,
     )
 
 
@@ -248,9 +254,11 @@ def _finish(
     if len(state.failed) == len(plan.specs):
         return
     t0 = time.perf_counter()
-    n_eval = min(cfg.train.eval_samples, getattr(source, "eval_rows", cfg.train.eval_samples))  # held-out rows of a finite source
+    n_eval = min(cfg.train.eval_samples, getattr(source, "eval_rows_kept", cfg.train.eval_samples))  # a finite held-out set
     metrics, fire_counts = evaluate_window(state.sae, source, n_eval, max(cfg.train.batch_size, 4096), cfg.sae.l1_reduction)
     input_scale = float(getattr(source, "input_scale", 1.0))
+    threshold = float(getattr(source, "norm_threshold", math.inf))
+    norm_threshold = threshold if math.isfinite(threshold) else None  # raw-scale norm of tokens left out of training
     if downstream is not None:
         for row, extra in zip(metrics, downstream.evaluate(state.sae, input_scale)):
             row.update(extra)
@@ -263,7 +271,7 @@ def _finish(
             state.sae.member(k),
             samples=cfg.train.samples,
             config=run_config_dict(cfg, spec),
-            extra={"run_id": rid, "input_scale": input_scale},
+            extra={"run_id": rid, "input_scale": input_scale, "norm_threshold": norm_threshold},
             latent_stats={
                 "fire_counts": fire_counts[k],
                 "eval_samples": torch.tensor(metrics[k]["eval_samples"]),
