@@ -223,11 +223,26 @@ def source_sentence(info: dict[str, Any] | None) -> str | None:
     return f"{head}{': ' + rest if rest else ''}. {no_truth}"
 
 
+def _relevant_source_keys(source: Any) -> Any:
+    """The data config with only the keys that apply to its kind (a dump holds every kind's keys at their defaults);
+    the dict as it is when it does not validate (an older or foreign config)."""
+    from pydantic import ValidationError
+
+    from saekit.config import SourceConfig
+
+    if not isinstance(source, dict):
+        return source
+    try:
+        return SourceConfig.model_validate(source).relevant()
+    except (ValidationError, ValueError, TypeError):
+        return source
+
+
 def _source_block(runs: list[dict[str, Any]], source_info: dict[str, Any] | None) -> str:
     """The header's data description: the sentence for a language model's activations, then the run's data config."""
     sentence = source_sentence(source_info)
     lead = f'<p class="source" id="source-info">{esc(sentence)}</p>' if sentence else ""
-    source = (runs[0].get("config") or {}).get("source") if runs else None
+    source = _relevant_source_keys((runs[0].get("config") or {}).get("source") if runs else None)
     if isinstance(source, dict) and source:
         items = "".join(
             f"<li><code>{esc(k)}={esc(v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True))}</code></li>"
