@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from browser import chromium_page
 from saekit.errors import InputError
 from saekit.report.dashboard import density_svg, encode_payload, render_dashboard, write_dashboard
 from saekit.report.dashboard_data import (
@@ -362,107 +362,90 @@ def test_density_svg_counts_dead_latents_separately() -> None:
 
 # -- the page in a real browser -------------------------------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
 
 
 @pytest.mark.browser
 def test_dashboard_works_in_chromium(tmp_path: Path) -> None:
-    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     m = 1200
     data = make_data(m=m)
     path = tmp_path / "dashboard.html"
     path.write_text(render_dashboard(data), encoding="utf-8")
-    errors: list[str] = []
-    dialogs: list[str] = []
     started = time.perf_counter()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 950})
-            page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            requests: list[str] = []
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(path.resolve().as_uri(), wait_until="load")
-            assert all(u.startswith(("file:", "data:")) for u in requests), requests
+    with chromium_page(path, viewport=(1440, 950)) as opened:
+        page, errors, requests, dialogs = opened.page, opened.errors, opened.requests, opened.dialogs
+        assert all(u.startswith(("file:", "data:")) for u in requests), requests
 
-            def ids() -> list[int]:
-                return page.eval_on_selector_all("#index tbody tr", "rows => rows.map(r => +r.dataset.latent)")
+        def ids() -> list[int]:
+            return page.eval_on_selector_all("#index tbody tr", "rows => rows.map(r => +r.dataset.latent)")
 
-            # Paginated: 200 rows, then 200 more on request; the first live latent's details are open.
-            assert ids() == list(range(200))
-            page.click("#more")  # clicking may scroll the table's end into view, which loads a page more by itself
-            page.wait_for_function("document.querySelectorAll('#index tbody tr').length >= 400")
-            shown = ids()
-            assert len(shown) % 200 == 0 and shown == list(range(len(shown)))
-            assert page.get_attribute("#detail", "data-latent") == "0"
+        # Paginated: 200 rows, then 200 more on request; the first live latent's details are open.
+        assert ids() == list(range(200))
+        page.click("#more")  # clicking may scroll the table's end into view, which loads a page more by itself
+        page.wait_for_function("document.querySelectorAll('#index tbody tr').length >= 400")
+        shown = ids()
+        assert len(shown) % 200 == 0 and shown == list(range(len(shown)))
+        assert page.get_attribute("#detail", "data-latent") == "0"
 
-            # Dead latents are greyed and can be hidden.
-            assert page.eval_on_selector_all("#index tbody tr.dead", "rows => rows.length") == sum(data["count"][:400] == 0)
-            page.check("#hide-dead")
-            assert all(data["count"][j] > 0 for j in ids())
-            page.uncheck("#hide-dead")
+        # Dead latents are greyed and can be hidden.
+        assert page.eval_on_selector_all("#index tbody tr.dead", "rows => rows.length") == sum(data["count"][: len(shown)] == 0)
+        page.check("#hide-dead")
+        assert all(data["count"][j] > 0 for j in ids())
+        page.uncheck("#hide-dead")
 
-            # Search by token text: latent 5's top token is always " the" (shown as ·the).
-            page.fill("#search", "the")
-            page.wait_for_function("document.querySelectorAll('#index tbody tr').length < 200")
-            hits = ids()
-            assert 5 in hits
-            summaries = page.eval_on_selector_all("#index tbody tr td.toks", "cells => cells.map(c => c.textContent)")
-            assert all("the" in s for s in summaries)
-            # Search by id: "#42" finds the ids starting with 42; plain "42" finds those and the latents whose tokens hold "42".
-            by_id = {j for j in range(m) if str(j).startswith("42")}
-            page.fill("#search", "#42")
-            page.wait_for_function("[...document.querySelectorAll('#index tbody tr')].every(r => r.dataset.latent.startsWith('42'))")
-            assert set(ids()) == by_id
-            page.fill("#search", "42")
-            page.wait_for_function(f"document.querySelectorAll('#index tbody tr').length > {len(by_id)}")
-            assert by_id < set(ids())
-            page.fill("#search", "")
-            page.wait_for_function("document.querySelectorAll('#index tbody tr').length === 200")
+        # Search by token text: latent 5's top token is always " the" (shown as ·the).
+        page.fill("#search", "the")
+        page.wait_for_function("document.querySelectorAll('#index tbody tr').length < 200")
+        hits = ids()
+        assert 5 in hits
+        summaries = page.eval_on_selector_all("#index tbody tr td.toks", "cells => cells.map(c => c.textContent)")
+        assert all("the" in s for s in summaries)
+        # Search by id: "#42" finds the ids starting with 42; plain "42" finds those and the latents whose tokens hold "42".
+        by_id = {j for j in range(m) if str(j).startswith("42")}
+        page.fill("#search", "#42")
+        page.wait_for_function("[...document.querySelectorAll('#index tbody tr')].every(r => r.dataset.latent.startsWith('42'))")
+        assert set(ids()) == by_id
+        page.fill("#search", "42")
+        page.wait_for_function(f"document.querySelectorAll('#index tbody tr').length > {len(by_id)}")
+        assert by_id < set(ids())
+        page.fill("#search", "")
+        page.wait_for_function("document.querySelectorAll('#index tbody tr').length === 200")
 
-            # Sort by max activation (as the page holds it, to 4 significant digits): largest first, then reversed.
-            shown_max = [float(f"{v:.4g}") for v in data["max"]]
-            page.click("#index thead th[data-key=max]")
-            maxes = [shown_max[j] for j in ids()]
-            assert maxes == sorted(maxes, reverse=True) and ids()[0] == int(np.argmax(data["max"]))
-            assert page.get_attribute("#index thead th[data-key=max]", "aria-sort") == "descending"
-            page.click("#index thead th[data-key=max]")
-            order = ids()
-            maxes = [shown_max[j] for j in order]
-            assert maxes == sorted(maxes) and order[0] in np.flatnonzero(data["count"] == 0)
-            assert page.get_attribute("#index thead th[data-key=max]", "aria-sort") == "ascending"
-            page.click("#index thead th[data-key=freq]")
-            counts = [int(data["count"][j]) for j in ids()]
-            assert counts == sorted(counts, reverse=True) and len(counts) == 200  # numeric: 100 > 10 > 9
+        # Sort by max activation (as the page holds it, to 4 significant digits): largest first, then reversed.
+        shown_max = [float(f"{v:.4g}") for v in data["max"]]
+        page.click("#index thead th[data-key=max]")
+        maxes = [shown_max[j] for j in ids()]
+        assert maxes == sorted(maxes, reverse=True) and ids()[0] == int(np.argmax(data["max"]))
+        assert page.get_attribute("#index thead th[data-key=max]", "aria-sort") == "descending"
+        page.click("#index thead th[data-key=max]")
+        order = ids()
+        maxes = [shown_max[j] for j in order]
+        assert maxes == sorted(maxes) and order[0] in np.flatnonzero(data["count"] == 0)
+        assert page.get_attribute("#index thead th[data-key=max]", "aria-sort") == "ascending"
+        page.click("#index thead th[data-key=freq]")
+        counts = [int(data["count"][j]) for j in ids()]
+        assert counts == sorted(counts, reverse=True) and len(counts) == 200  # numeric: 100 > 10 > 9
 
-            # Click latent 3: its contexts (top token EVIL[0], shown as text), histogram and logit tables appear.
-            page.click("#index thead th[data-key=id]")
-            page.click('#index tbody tr[data-latent="3"]')
-            assert page.inner_text("#detail h2") == "Latent 3"
-            n3 = int(((data["ctx_rows"][3] >= 0) & (data["ctx_values"][3] > 0)).sum())
-            assert page.eval_on_selector_all("#detail .ctx", "c => c.length") == n3
-            tops = page.eval_on_selector_all("#detail .ctx .tok.top", "s => s.map(x => x.textContent)")
-            assert tops == [EVIL[0]] * n3
-            bars = page.eval_on_selector_all("#detail svg.act-hist rect.bar", "r => r.length")
-            assert bars == int((data["hist"][3] > 0).sum()) and bars > 0
-            assert page.eval_on_selector_all("#detail .logits tr", "r => r.length") == 20
-            assert page.evaluate("document.scripts.length") == 2 and dialogs == []
-            # Whitespace is visible: a newline token as ↵, a spaces-only token as dots.
-            texts = page.evaluate("[...document.querySelectorAll('#detail .tok')].map(t => t.textContent).join('')")
-            assert "\n" not in texts and "\t" not in texts
-            assert "#latent-3" in page.url
+        # Click latent 3: its contexts (top token EVIL[0], shown as text), histogram and logit tables appear.
+        page.click("#index thead th[data-key=id]")
+        page.click('#index tbody tr[data-latent="3"]')
+        assert page.inner_text("#detail h2") == "Latent 3"
+        n3 = int(((data["ctx_rows"][3] >= 0) & (data["ctx_values"][3] > 0)).sum())
+        assert page.eval_on_selector_all("#detail .ctx", "c => c.length") == n3
+        tops = page.eval_on_selector_all("#detail .ctx .tok.top", "s => s.map(x => x.textContent)")
+        assert tops == [EVIL[0]] * n3
+        bars = page.eval_on_selector_all("#detail svg.act-hist rect.bar", "r => r.length")
+        assert bars == int((data["hist"][3] > 0).sum()) and bars > 0
+        assert page.eval_on_selector_all("#detail .logits tr", "r => r.length") == 20
+        assert page.evaluate("document.scripts.length") == 2 and dialogs == []
+        # Whitespace is visible: a newline token as ↵, a spaces-only token as dots.
+        texts = page.evaluate("[...document.querySelectorAll('#detail .tok')].map(t => t.textContent).join('')")
+        assert "\n" not in texts and "\t" not in texts
+        assert "#latent-3" in page.url
 
-            shot = tmp_path / "dashboard.png"
-            page.screenshot(path=str(shot), full_page=False)
-            assert shot.stat().st_size > 10_000
-        finally:
-            browser.close()
+        shot = tmp_path / "dashboard.png"
+        page.screenshot(path=str(shot), full_page=False)
+        assert shot.stat().st_size > 10_000
     assert errors == []
     print(f"browser test: {time.perf_counter() - started:.1f}s in Chromium, screenshot {tmp_path / 'dashboard.png'}")
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+from browser import chromium_page
 from saekit.report import figures, render_report, write_report
 from saekit.report.html import esc, estimate_sentence, fmt_number, render_figure, visible_columns
 
@@ -359,74 +359,50 @@ def test_render_report_returns_the_page() -> None:
 
 # -- a real browser --------------------------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.mark.browser
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
-    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
     runs = make_runs()
     path = write_report(tmp_path / "out", runs, make_analysis(runs), ESTIMATE)
-    errors: list[str] = []
     started = time.perf_counter()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1360, "height": 900})
-            page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-            requests: list[str] = []
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(path.resolve().as_uri(), wait_until="load")
+    with chromium_page(path, viewport=(1360, 900)) as opened:
+        page, errors, requests = opened.page, opened.errors, opened.requests
 
-            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-            assert len(widths) == 6 and all(w > 0 for w in widths), widths
-            assert all(u.startswith(("file:", "data:")) for u in requests), requests
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        assert len(widths) == 6 and all(w > 0 for w in widths), widths
+        assert all(u.startswith(("file:", "data:")) for u in requests), requests
 
-            keys = page.eval_on_selector_all("#runs-table thead th", "hs => hs.map(h => h.dataset.key)")
-            assert keys == [k for k, _, _ in visible_columns(runs)]
+        keys = page.eval_on_selector_all("#runs-table thead th", "hs => hs.map(h => h.dataset.key)")
+        assert keys == [k for k, _, _ in visible_columns(runs)]
 
-            def column(name: str) -> list[str]:
-                i = keys.index(name)
-                return page.eval_on_selector_all(
-                    "#runs-table tbody tr", f"rows => rows.map(r => r.cells[{i}].getAttribute('data-v') ?? r.cells[{i}].textContent)"
-                )
+        def column(name: str) -> list[str]:
+            i = keys.index(name)
+            return page.eval_on_selector_all(
+                "#runs-table tbody tr", f"rows => rows.map(r => r.cells[{i}].getAttribute('data-v') ?? r.cells[{i}].textContent)"
+            )
 
-            def header(name: str) -> str:
-                return f'#runs-table thead th[data-key="{name}"]'
+        def header(name: str) -> str:
+            return f'#runs-table thead th[data-key="{name}"]'
 
-            before = column("seconds")
-            page.click(header("seconds"))
-            after = column("seconds")
-            numbers = [float(v) for v in after if v not in (None, "—")]
-            assert after != before
-            assert numbers == sorted(numbers) and len(numbers) == len(runs)  # numeric order: 0.4 < 8.2 < 11.4 < 17.8
-            page.click(header("seconds"))
-            desc = [float(v) for v in column("seconds")]
-            assert desc == sorted(desc, reverse=True)
-            page.click(header("mmcs"))
-            mmcs = column("mmcs")
-            present = [float(v) for v in mmcs if v not in (None, "—")]
-            assert present == sorted(present) and mmcs[-1] in (None, "—")  # the failed run (no MMCS) sorts last
-            assert page.get_attribute(header("mmcs"), "aria-sort") == "ascending"
+        before = column("seconds")
+        page.click(header("seconds"))
+        after = column("seconds")
+        numbers = [float(v) for v in after if v not in (None, "—")]
+        assert after != before
+        assert numbers == sorted(numbers) and len(numbers) == len(runs)  # numeric order: 0.4 < 8.2 < 11.4 < 17.8
+        page.click(header("seconds"))
+        desc = [float(v) for v in column("seconds")]
+        assert desc == sorted(desc, reverse=True)
+        page.click(header("mmcs"))
+        mmcs = column("mmcs")
+        present = [float(v) for v in mmcs if v not in (None, "—")]
+        assert present == sorted(present) and mmcs[-1] in (None, "—")  # the failed run (no MMCS) sorts last
+        assert page.get_attribute(header("mmcs"), "aria-sort") == "ascending"
 
-            shot = tmp_path / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-        finally:
-            browser.close()
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
     assert errors == []
     print(f"browser test: {time.perf_counter() - started:.1f}s in Chromium, screenshot {tmp_path / 'report.png'}")

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from browser import chromium_page
 from saekit.io import LATENTS_NAME, save_checkpoint
 from saekit.report import figures, read_source_info, render_report, write_report
 from saekit.report.html import esc, source_sentence, visible_columns
 from saekit.report.latents import load_latent_rates
 from saekit.sae import ReluSAE
-from test_report import CHROMIUM, CHROMIUM_ARGS, ESTIMATE, assert_valid_page, make_analysis, make_runs
+from test_report import ESTIMATE, assert_valid_page, make_analysis, make_runs
 
 SIZES = [512, 1024, 2048]
 L1S = [0.01, 0.03, 0.1, 0.3]
@@ -339,32 +340,21 @@ def test_pipeline_passes_source_info(tmp_path: Path) -> None:
 
 @pytest.mark.browser
 def test_real_data_report_renders_in_chromium(tmp_path: Path) -> None:
-    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     out = tmp_path / "out"
     runs = make_lm_runs(out)
     path = write_report(out, runs, lm_analysis(runs), None, SOURCE_INFO)
-    errors: list[str] = []
     started = time.perf_counter()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1360, "height": 900})
-            page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-            page.goto(path.resolve().as_uri(), wait_until="load")
-            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-            assert len(widths) >= 4 and all(w > 0 for w in widths), widths
-            assert "smollm2<b>" in page.inner_text("#source-info")
-            page.click('#runs-table thead th[data-key="ce_loss_recovered"]')
-            i = page.eval_on_selector_all("#runs-table thead th", "hs => hs.map(h => h.dataset.key).indexOf('ce_loss_recovered')")
-            values = page.eval_on_selector_all("#runs-table tbody tr", f"rows => rows.map(r => parseFloat(r.cells[{i}].dataset.v))")
-            assert values == sorted(values) and len(values) == len(runs)
-            shot = tmp_path / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-        finally:
-            browser.close()
+    with chromium_page(path, viewport=(1360, 900)) as opened:
+        page, errors = opened.page, opened.errors
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        assert len(widths) >= 4 and all(w > 0 for w in widths), widths
+        assert "smollm2<b>" in page.inner_text("#source-info")
+        page.click('#runs-table thead th[data-key="ce_loss_recovered"]')
+        i = page.eval_on_selector_all("#runs-table thead th", "hs => hs.map(h => h.dataset.key).indexOf('ce_loss_recovered')")
+        values = page.eval_on_selector_all("#runs-table tbody tr", f"rows => rows.map(r => parseFloat(r.cells[{i}].dataset.v))")
+        assert values == sorted(values) and len(values) == len(runs)
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
     assert errors == []
     print(f"browser test: {time.perf_counter() - started:.1f}s, screenshot {tmp_path / 'report.png'}")
