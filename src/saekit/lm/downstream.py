@@ -101,7 +101,9 @@ class DownstreamEvaluator:
         """Per member: ce_clean, ce_zero, ce_sae, ce_loss_recovered, ce_delta (CE_sae - CE_clean), ce_eval_tokens."""
         rows = []
         for k in range(sae.n_members):
-            ce = next_token_loss(self.lm, self.windows, splice=sae_splice(sae, k, input_scale, self.norm_threshold), **self.kw)
+            # member k alone: the ensemble's forward would reconstruct every member at every spliced pass
+            single = sae.member(k)
+            ce = next_token_loss(self.lm, self.windows, splice=sae_splice(single, 0, input_scale, self.norm_threshold), **self.kw)
             rows.append(
                 {
                     "ce_clean": self.ce_clean,
