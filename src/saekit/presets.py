@@ -80,10 +80,7 @@ def lm_config(activations: str, d: int, train_rows: int, overrides: list[str] = 
     apply on top."""
     from saekit.config import parse_config
 
-    data: dict[str, Any] = {}
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        set_override(data, key.strip(), raw.strip())
+    data = overrides_dict(overrides)
     sae = {"dict_size": [k * d for k in LM_SIZES_PER_D], "l1": LM_L1, **LM_SAE, **data.get("sae", {})}
     largest = max(sae["dict_size"]) if isinstance(sae["dict_size"], list) and sae["dict_size"] else sae["dict_size"]
     merged = {
@@ -93,6 +90,15 @@ def lm_config(activations: str, d: int, train_rows: int, overrides: list[str] = 
     }
     merged.update({k: v for k, v in data.items() if k not in ("source", "sae", "train")})
     return parse_config(merged)
+
+
+def overrides_dict(overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` overrides as the nested dict they describe (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        set_override(data, key.strip(), raw.strip())
+    return data
 
 
 def geometric_sizes(lo: float, hi: float) -> list[int]:
@@ -109,10 +115,7 @@ def preset_config(preset: str, overrides: list[str] = ()) -> Config:
         from saekit.errors import InputError
 
         raise InputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    data: dict[str, Any] = {}
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        set_override(data, key.strip(), raw.strip())
+    data = overrides_dict(overrides)
     source = parse_config({"source": data.get("source", {})}).source
     d = source.d
     if preset == "quick":
