@@ -49,6 +49,8 @@ def test_empty_dict_and_no_path_give_defaults():
 def test_known_archs_match_registry():
     """config.KNOWN_ARCHS (kept torch-free) lists exactly the registered architectures."""
     assert sorted(config_module.KNOWN_ARCHS) == sorted(ARCHITECTURES)
+    for name, arch in ARCHITECTURES.items():  # each constructor takes its knob as a per-member list
+        assert arch.member_keys == ("seeds", config_module.SPARSITY_KNOBS[name])
     assert len(set(config_module.KNOWN_ARCHS)) == len(config_module.KNOWN_ARCHS)
 
 
@@ -240,7 +242,7 @@ def test_expand_grid_full_product_in_stable_order():
     cfg = load_config(None, ["sae.dict_size=[64,128]", "sae.l1=[0.1,0.2]", "train.seeds=[1,2]"])
     specs = expand_grid(cfg)
     # 2 * 2 * 2 = 8 combinations, in itertools.product order (dict_size, l1, seed)
-    expected = [RunSpec(arch="relu", dict_size=m, l1=a, seed=s) for m, a, s in itertools.product([64, 128], [0.1, 0.2], [1, 2])]
+    expected = [RunSpec(arch="relu", dict_size=m, sparsity=a, seed=s) for m, a, s in itertools.product([64, 128], [0.1, 0.2], [1, 2])]
     assert specs == expected
     assert len(set(specs)) == 8
     assert expand_grid(cfg) == specs  # same order on a second call
@@ -249,7 +251,7 @@ def test_expand_grid_full_product_in_stable_order():
 def test_expand_grid_without_seeds_uses_train_seed():
     """Scalars and no seeds list: one RunSpec with train.seed."""
     cfg = parse_config({"sae": {"dict_size": 48, "l1": 0.3}, "train": {"seed": 7}})
-    assert expand_grid(cfg) == [RunSpec(arch="relu", dict_size=48, l1=0.3, seed=7)]
+    assert expand_grid(cfg) == [RunSpec(arch="relu", dict_size=48, sparsity=0.3, seed=7)]
 
 
 def test_expand_grid_l1_int_becomes_float():
@@ -257,8 +259,8 @@ def test_expand_grid_l1_int_becomes_float():
     cfg = parse_config({"sae": {"l1": [0, 1]}})
     specs = expand_grid(cfg)
     # default dict_size 1024, default seed 0; l1 axis [0, 1] -> two specs
-    assert [s.l1 for s in specs] == [0.0, 1.0]
-    assert all(isinstance(s.l1, float) for s in specs)
+    assert [s.sparsity for s in specs] == [0.0, 1.0]
+    assert all(isinstance(s.sparsity, float) for s in specs)
     assert all(s.dict_size == 1024 and s.seed == 0 for s in specs)
 
 

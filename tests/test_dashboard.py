@@ -363,8 +363,6 @@ def test_density_svg_counts_dead_latents_separately() -> None:
 # -- the page in a real browser -------------------------------------------------------------------------------------
 
 
-
-
 @pytest.mark.browser
 def test_dashboard_works_in_chromium(tmp_path: Path) -> None:
     m = 1200

@@ -360,7 +360,6 @@ def test_render_report_returns_the_page() -> None:
 # -- a real browser --------------------------------------------------------------------------------
 
 
-
 @pytest.mark.browser
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
 

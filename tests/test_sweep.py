@@ -51,7 +51,7 @@ def test_lockstep_ensembles_share_the_stream():
 
 
 def test_plan_groups_by_size_and_skips_done():
-    specs = [RunSpec(arch="relu", dict_size=m, l1=a, seed=s) for m in (8, 16) for a in (0.1, 0.2) for s in (0, 1)]
+    specs = [RunSpec(arch="relu", dict_size=m, sparsity=a, seed=s) for m in (8, 16) for a in (0.1, 0.2) for s in (0, 1)]
     ids = [f"r{i}" for i in range(len(specs))]
     plans = plan_ensembles(specs, ids, skip={"r0", "r5"})
     assert [(p.dict_size, p.run_ids) for p in plans] == [(8, ("r1", "r2", "r3")), (16, ("r4", "r6", "r7"))]

@@ -2,7 +2,8 @@
 
 A config has three sections, each a flat model whose fields are documented
 below; every default is the value we recommend for the report's toy data.
-Lists in `sae.dict_size`, `sae.l1` or `train.seeds` make a grid: one SAE per
+Lists in `sae.dict_size`, the architecture's sparsity knob (`sae.l1`, `sae.k` or
+`sae.l0_coef`) or `train.seeds` make a grid: one SAE per
 combination.
 """
 
@@ -18,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from saekit.errors import InputError
 
-# Names of the architectures in `saekit.sae.ARCHITECTURES` (kept here so that
-# configs validate without importing torch; a test keeps the two in step).
-KNOWN_ARCHS = ("relu",)
+# The architectures in `saekit.sae.ARCHITECTURES` and the config key each one sweeps as its sparsity knob
+# (kept here so that configs validate without importing torch; a test keeps the two in step).
+SPARSITY_KNOBS: dict[str, str] = {"relu": "l1", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef", "gated": "l1"}
+KNOWN_ARCHS = tuple(SPARSITY_KNOBS)
 
 # The recommended L1 coefficient for the report's toy data (d=256, G=512, 1024
 # latents) with `l1_reduction: mean`, batch 256, Adam lr 1e-3: on fresh seeds it
@@ -148,21 +150,95 @@ class SourceConfig(_Section):
         return self
 
 
+# Defaults that differ by architecture, applied when the key is not given (see README, "Architectures",
+# for the toy-data measurements behind them).
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "relu": {"l1": DEFAULT_L1},
+    "gated": {"l1": 0.3, "decoder_bias": True},
+    "topk": {"decoder_bias": True},
+    "batchtopk": {"decoder_bias": True},
+    "jumprelu": {"decoder_bias": True},
+}
+# The keys each architecture reads besides arch, dict_size, decoder_bias and decoder_bias_init.
+ARCH_KEYS: dict[str, tuple[str, ...]] = {
+    "relu": ("l1", "l1_reduction", "decoder_norm"),
+    "gated": ("l1",),
+    "topk": ("k", "aux_k", "aux_coef", "dead_after"),
+    "batchtopk": ("k", "aux_k", "aux_coef", "dead_after", "threshold_momentum"),
+    "jumprelu": ("l0_coef", "jump_bandwidth", "jump_init_threshold"),
+}
+_ALL_ARCH_KEYS = sorted({k for keys in ARCH_KEYS.values() for k in keys})
+# Keys added after run ids were first published: left out of a run's id while at their default, so that
+# the runs of earlier versions keep their ids (and a rerun skips them).
+SAE_KEYS_NEW_IN_V2 = ("decoder_norm",)
+
+
 class SAEConfig(_Section):
-    """The sparse autoencoder. Defaults: the report's SAE (ReLU, L1 on the mean, unit-norm decoder, no decoder bias)."""
+    """The sparse autoencoder. Defaults: the report's SAE (ReLU, L1 on the mean, unit-norm decoder, no decoder bias).
+
+    Each architecture has one sparsity knob, a grid axis when given as a list: `l1` (relu, gated), `k`
+    (topk, batchtopk) or `l0_coef` (jumprelu). Keys of another architecture are refused.
+    """
 
     arch: str = Field("relu", description=f"architecture, one of {', '.join(KNOWN_ARCHS)}")
     dict_size: int | list[int] = Field(1024, description="number of latents m (a list makes a grid axis)")
-    l1: float | list[float] = Field(DEFAULT_L1, description="L1 coefficient alpha (a list makes a grid axis)")
-    l1_reduction: Literal["mean", "sum"] = Field(
-        "mean", description="mean: alpha * mean over latents and batch of |c| (the report); sum: summed over latents, mean over batch"
+    l1: float | list[float] = Field(
+        DEFAULT_L1, description="relu, gated: L1 coefficient alpha (a list makes a grid axis; gated's default 0.3)"
     )
-    decoder_bias: bool = Field(False, description="add a decoder bias b_d (subtracted before encoding); off in the report")
+    l1_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="relu: mean: alpha * mean over latents and batch of |c| (the report); sum: summed over latents, mean over batch"
+    )
+    decoder_norm: Literal["unit", "free"] = Field(
+        "unit",
+        description="relu: unit: decoder rows kept at unit norm (the report); free: unconstrained decoder with the L1 term "
+        "weighted by each latent's decoder norm, sum_j |c_j| * ||W_d,j|| (Anthropic's 2024 update)",
+    )
+    k: int | list[int] = Field(8, description="topk, batchtopk: latents kept per sample (batchtopk: k*B per batch); a list is a grid axis")
+    aux_k: int | None = Field(
+        None, gt=0, description="topk, batchtopk: latents of the AuxK loss that reconstructs the residual from dead latents; null = d/2"
+    )
+    aux_coef: float = Field(1 / 32, ge=0, description="topk, batchtopk: weight of the AuxK loss (Gao et al. 2024: 1/32)")
+    dead_after: int = Field(
+        100_000, gt=0, description="topk, batchtopk: a latent that has not fired for this many samples is dead and joins the AuxK loss"
+    )
+    threshold_momentum: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="batchtopk: weight of each batch in the running mean of the smallest kept activation (the inference threshold)",
+    )
+    l0_coef: float | list[float] = Field(1e-3, description="jumprelu: coefficient lambda of the L0 penalty (a list is a grid axis)")
+    jump_bandwidth: float = Field(
+        0.001, gt=0, description="jumprelu: width epsilon of the rectangle kernel of the straight-through estimator"
+    )
+    jump_init_threshold: float = Field(0.001, gt=0, description="jumprelu: initial threshold theta of every latent")
+    decoder_bias: bool = Field(
+        False, description="add a decoder bias b_d (subtracted before encoding); off in the report, on for the later architectures"
+    )
     decoder_bias_init: Literal["zeros", "geometric_median"] = Field(
         "zeros",
         description="with decoder_bias: start b_d at zero, or at the geometric median of 8192 training samples "
         "(Bricken et al. 2023); real activations have a large mean that zeros would spend hundreds of steps learning",
     )
+
+    @property
+    def knob(self) -> str:
+        """The config key this architecture sweeps as its sparsity knob."""
+        return SPARSITY_KNOBS[self.arch]
+
+    def relevant(self) -> dict[str, Any]:
+        """The keys that apply to this architecture, with their values (what identifies the SAE);
+        keys added in later versions are left out while at their default."""
+        fields = type(self).model_fields
+        keys = ("arch", "dict_size", *ARCH_KEYS[self.arch], "decoder_bias", "decoder_bias_init")
+        return {k: getattr(self, k) for k in keys if not (k in SAE_KEYS_NEW_IN_V2 and getattr(self, k) == fields[k].default)}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arch_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("arch") in ARCH_DEFAULTS:
+            data = {**ARCH_DEFAULTS[data["arch"]], **data}
+        return data
 
     @field_validator("arch")
     @classmethod
@@ -172,30 +248,44 @@ class SAEConfig(_Section):
         return arch
 
     @model_validator(mode="after")
-    def _bias_init_needs_bias(self) -> SAEConfig:
+    def _check(self) -> SAEConfig:
         if self.decoder_bias_init != "zeros" and not self.decoder_bias:
             raise ValueError(f"sae.decoder_bias_init {self.decoder_bias_init!r} needs sae.decoder_bias: true")
+        # keys of another architecture are refused when set to anything but their default (so full dumps reload)
+        fields = type(self).model_fields
+        defaults = {**{k: fields[k].default for k in _ALL_ARCH_KEYS}, **ARCH_DEFAULTS.get(self.arch, {})}
+        for key in _ALL_ARCH_KEYS:
+            if key in self.model_fields_set and key not in ARCH_KEYS[self.arch] and getattr(self, key) != defaults[key]:
+                users = [a for a, keys in ARCH_KEYS.items() if key in keys]
+                raise ValueError(f"sae.{key} applies to {', '.join(users)} only, not {self.arch!r}")
+        for size in _as_list(self.k):
+            if self.arch in ("topk", "batchtopk") and size > _smallest_size(self.dict_size):
+                raise ValueError(f"k ({size}) is larger than dict_size ({_smallest_size(self.dict_size)})")
         return self
 
-    @field_validator("dict_size")
+    @field_validator("dict_size", "k")
     @classmethod
-    def _positive_sizes(cls, v: int | list[int]) -> int | list[int]:
+    def _positive_sizes(cls, v: int | list[int], info: Any) -> int | list[int]:
         for size in _as_list(v):
             if size <= 0:
-                raise ValueError(f"dict_size must be positive, got {size}")
+                raise ValueError(f"{info.field_name} must be positive, got {size}")
         if isinstance(v, list) and not v:
-            raise ValueError("dict_size list is empty")
+            raise ValueError(f"{info.field_name} list is empty")
         return v
 
-    @field_validator("l1")
+    @field_validator("l1", "l0_coef")
     @classmethod
-    def _nonnegative_l1(cls, v: float | list[float]) -> float | list[float]:
+    def _nonnegative_coef(cls, v: float | list[float], info: Any) -> float | list[float]:
         for a in _as_list(v):
             if a < 0 or not math.isfinite(a):
-                raise ValueError(f"l1 must be a finite number >= 0, got {a}")
+                raise ValueError(f"{info.field_name} must be a finite number >= 0, got {a}")
         if isinstance(v, list) and not v:
-            raise ValueError("l1 list is empty")
+            raise ValueError(f"{info.field_name} list is empty")
         return v
+
+
+def _smallest_size(dict_size: int | list[int]) -> int:
+    return min(_as_list(dict_size))
 
 
 class TrainConfig(_Section):
@@ -207,6 +297,14 @@ class TrainConfig(_Section):
         "none", description="none: constant lr (the report); linear: decay to 0 over the last `lr_decay_fraction` of training"
     )
     lr_decay_fraction: float = Field(0.2, gt=0, le=1, description="fraction of training over which `linear` decays the lr")
+    lr_warmup: float = Field(0.0, ge=0, lt=1, description="fraction of training over which the lr rises linearly from 0; 0 = off")
+    l1_warmup: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of training over which the sparsity coefficient (l1, or jumprelu's l0_coef) rises linearly "
+        "from 0 (Anthropic's 2024 update: 0.05); 0 = off",
+    )
     resample_every: int = Field(
         0, ge=0, description="every this many samples, latents that did not fire since the last check are resampled; 0 = never (the report)"
     )
@@ -259,15 +357,30 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
+# Train keys added after run ids were first published: left out of a run's id while at their default.
+TRAIN_KEYS_NEW_IN_V2 = ("lr_warmup", "l1_warmup")
+
+
 class RunSpec(BaseModel):
-    """One SAE of a grid: the config with every grid axis fixed to one value."""
+    """One SAE of a grid: the config with every grid axis fixed to one value.
+
+    `sparsity` is the value of the architecture's sparsity knob (`knob`: l1, k or l0_coef)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     arch: str
     dict_size: int
-    l1: float
+    sparsity: float
     seed: int
+
+    @property
+    def knob(self) -> str:
+        return SPARSITY_KNOBS[self.arch]
+
+    @property
+    def knob_value(self) -> int | float:
+        """The knob's value as the config holds it (an int for k)."""
+        return int(self.sparsity) if self.knob == "k" else self.sparsity
 
 
 def _as_list(v: Any) -> list:
@@ -275,11 +388,12 @@ def _as_list(v: Any) -> list:
 
 
 def expand_grid(cfg: Config) -> list[RunSpec]:
-    """Every (dict_size, l1, seed) combination the config describes, in a stable order."""
+    """Every (dict_size, sparsity knob, seed) combination the config describes, in a stable order."""
     seeds = cfg.train.seeds if cfg.train.seeds is not None else [cfg.train.seed]
+    knob_values = _as_list(getattr(cfg.sae, cfg.sae.knob))
     return [
-        RunSpec(arch=cfg.sae.arch, dict_size=m, l1=float(a), seed=s)
-        for m, a, s in itertools.product(_as_list(cfg.sae.dict_size), _as_list(cfg.sae.l1), seeds)
+        RunSpec(arch=cfg.sae.arch, dict_size=m, sparsity=float(a), seed=s)
+        for m, a, s in itertools.product(_as_list(cfg.sae.dict_size), knob_values, seeds)
         if m >= cfg.train.seeds_min_size or s == seeds[0]
     ]
 

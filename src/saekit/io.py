@@ -8,6 +8,7 @@ that a truncated or altered file is refused. A checkpoint may also hold
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from saekit.atomic import atomic_save_tensors, atomic_write_bytes, sha256_of_file
+from saekit.config import SPARSITY_KNOBS
 from saekit.errors import InputError
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
 
@@ -77,18 +79,21 @@ def read_cfg(folder: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: malformed JSON ({err})") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: expected a JSON object")
-    for key in ("arch", "d", "dict_size", "seeds", "l1", "sha256"):
+    for key in ("arch", "d", "dict_size", "seeds", "sha256"):
         if key not in cfg:
             raise InputError(f"{path}: missing key {key!r}")
     if not isinstance(cfg["arch"], str) or cfg["arch"] not in ARCHITECTURES:
         raise InputError(f"{path}: unknown architecture {cfg['arch']!r}")
+    knob = SPARSITY_KNOBS[cfg["arch"]]
+    if knob not in cfg:
+        raise InputError(f"{path}: missing key {knob!r}")
     for key in ("d", "dict_size"):
         if not _is_int(cfg[key]) or cfg[key] <= 0:
             raise InputError(f"{path}: {key} must be a positive integer, got {cfg[key]!r}")
     if not isinstance(cfg["seeds"], list) or not cfg["seeds"] or not all(_is_int(s) for s in cfg["seeds"]):
         raise InputError(f"{path}: seeds must be a non-empty list of integers")
-    if not isinstance(cfg["l1"], list) or len(cfg["l1"]) != len(cfg["seeds"]) or not all(_is_number(a) for a in cfg["l1"]):
-        raise InputError(f"{path}: l1 must be a list of numbers, one per seed")
+    if not isinstance(cfg[knob], list) or len(cfg[knob]) != len(cfg["seeds"]) or not all(_is_number(a) for a in cfg[knob]):
+        raise InputError(f"{path}: {knob} must be a list of numbers, one per seed")
     if not isinstance(cfg["sha256"], dict):
         raise InputError(f"{path}: sha256 must be an object of file name -> hash")
     if cfg.get("l1_reduction", "mean") not in ("mean", "sum"):
@@ -121,15 +126,10 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
     """Rebuild an SAE from a checkpoint folder, checking every file against its stored checksum."""
     folder = Path(folder)
     cfg = read_cfg(folder)
+    arch = ARCHITECTURES[cfg["arch"]]
+    accepted = [name for name in inspect.signature(arch.__init__).parameters if name not in ("self", "device")]
     try:
-        sae = ARCHITECTURES[cfg["arch"]](
-            d=int(cfg["d"]),
-            dict_size=int(cfg["dict_size"]),
-            seeds=[int(s) for s in cfg["seeds"]],
-            l1=[float(a) for a in cfg["l1"]],
-            l1_reduction=cfg.get("l1_reduction", "mean"),
-            decoder_bias=bool(cfg.get("decoder_bias", False)),
-        )
+        sae = arch(**{name: cfg[name] for name in accepted if name in cfg})
     except (TypeError, ValueError, RuntimeError) as err:
         raise InputError(f"{folder / CFG_NAME}: bad values ({str(err).splitlines()[0]})") from None
     tensors = _load_checked(folder, WEIGHTS_NAME, cfg)

@@ -149,9 +149,9 @@ def describe(preset: str, cfg: Config) -> str:
     minutes = 10 * cfg.source.d * latent_samples / 150e9 / 60
     duration = "under a minute" if minutes < 1 else f"about {minutes:.0f} min" if minutes < 120 else f"about {minutes / 60:.1f} h"
     sizes = sorted({s.dict_size for s in specs})
-    l1s = ", ".join(f"{a:.3g}" for a in sorted({s.l1 for s in specs}))
+    values = ", ".join(f"{a:.3g}" for a in sorted({s.sparsity for s in specs}))
     return (
-        f"saekit reproduce --preset {preset}: {len(specs)} SAEs, sizes {sizes}, L1 values [{l1s}], "
+        f"saekit reproduce --preset {preset}: {len(specs)} SAEs, sizes {sizes}, {cfg.sae.knob} values [{values}], "
         f"seeds {cfg.train.seeds} (both from size {cfg.train.seeds_min_size}), {cfg.train.samples:,} samples each; "
         f"training alone takes {duration} at 150 GFLOP/s (2 CPU cores; far less on a GPU)."
     )

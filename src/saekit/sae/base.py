@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,7 +20,15 @@ class SparseAutoencoder(nn.Module):
     """K stacked SAEs.  Subclasses set `arch` and implement encode, decode and loss_terms.
 
     Shapes: x (B, d) or (K, B, d); codes (K, B, m); W_dec (K, m, d) whose rows
-    are the dictionary directions.
+    are the dictionary directions. Every parameter and persistent buffer has the
+    member axis K first (so `member(k)` can slice the state dict).
+
+    The training loop calls, per step: `training_loss(x)` -> backward of its
+    'loss' summed over members -> `before_optimizer_step()` -> Adam ->
+    `after_optimizer_step()`. With `unit_decoder`, these two keep decoder rows at
+    unit norm (parallel gradient component removed, rows renormalised).
+    `sparsity_scale` (0..1) is set by the loop for a warm-up of the sparsity
+    coefficient; architectures without one ignore it.
     """
 
     arch: str = ""
@@ -26,9 +36,18 @@ class SparseAutoencoder(nn.Module):
     dict_size: int
     n_members: int
     W_dec: nn.Parameter
+    unit_decoder: bool = True
+    sparsity_scale: float = 1.0
 
     def init_kwargs(self) -> dict:
-        """Keyword arguments that rebuild an SAE of the same shape and hyperparameters (weights aside)."""
+        """Keyword arguments that rebuild an SAE of the same shape and hyperparameters (weights aside).
+        They are stored in cfg.json, so values must be JSON (numbers, strings, booleans, lists)."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_kwargs(cls, sae_cfg: Any) -> dict:
+        """The constructor's architecture options read from an `SAEConfig` (besides d, dict_size, seeds
+        and the sparsity knob's per-member list)."""
         raise NotImplementedError
 
     def member(self, k: int) -> SparseAutoencoder:
@@ -50,9 +69,52 @@ class SparseAutoencoder(nn.Module):
     def loss_terms(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def sparsity_term(self, c: torch.Tensor) -> torch.Tensor:
+        """The sparsity penalty per member before its coefficient, (K,), on codes c (K, B, m);
+        zeros for architectures whose sparsity is not a penalty (TopK)."""
+        return torch.zeros(c.shape[0], device=c.device)
+
+    def sparsity_coef(self) -> torch.Tensor:
+        """The penalty's coefficient per member, (K,) (zeros when there is none)."""
+        return torch.zeros(self.n_members, device=self.W_dec.device)
+
+    @torch.no_grad()
     def resample_latents(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
-        """Re-initialise the `dead` (K, m) latents from inputs x (N, d); returns how many."""
-        raise NotImplementedError
+        """Re-initialise dead latents on inputs the SAE reconstructs badly (Bricken et al. 2023, "Towards Monosemanticity").
+
+        For the common layout W_enc (K, d, m), b_enc (K, m), W_dec (K, m, d), b_dec (K, d) or None;
+        architectures with other parameters override it (or extend it for their own).
+
+        dead: (K, m) bool; x: (N, d) recent inputs. For each member, inputs are drawn with probability
+        proportional to their squared reconstruction error; a dead latent's decoder row becomes the
+        normalised input, its encoder column that direction scaled to 0.2 x the mean norm of the live
+        encoder columns, its bias 0, and its Adam moments 0. Returns how many latents were resampled.
+        """
+        x_hat, _ = self(x)
+        sq_err = (x_hat - x).pow(2).sum(dim=2)  # (K, N)
+        total = 0
+        for k in range(self.n_members):
+            idx = dead[k].nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            weights = sq_err[k].double().cpu()
+            weights = weights if weights.sum() > 0 else torch.ones_like(weights)
+            picks = torch.multinomial(weights, idx.numel(), replacement=True, generator=generator).to(x.device)
+            xin = x[picks] if self.b_dec is None else x[picks] - self.b_dec[k]
+            dirs = xin / xin.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n_dead, d)
+            enc_norms = self.W_enc[k].norm(dim=0)  # (m,)
+            live = ~dead[k]
+            scale = 0.2 * (enc_norms[live].mean() if live.any() else torch.tensor(1.0, device=x.device))
+            self.W_dec[k, idx] = dirs
+            self.W_enc[k][:, idx] = dirs.T * scale
+            self.b_enc[k, idx] = 0.0
+            for param, index in ((self.W_dec, (k, idx)), (self.W_enc, (k, slice(None), idx)), (self.b_enc, (k, idx))):
+                state = optimizer.state.get(param, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][index] = 0.0
+            total += idx.numel()
+        return total
 
     def training_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of a training step, each (K,), plus 'codes' (K, B, m) detached."""
@@ -68,6 +130,16 @@ class SparseAutoencoder(nn.Module):
         """The dictionary: decoder rows normalised to unit length, (K, m, d), detached."""
         w = self.W_dec.detach()
         return w / w.norm(dim=2, keepdim=True).clamp_min(1e-12)
+
+    def before_optimizer_step(self) -> None:
+        """After backward, before Adam: drop the decoder gradient's component along each (unit) row."""
+        if self.unit_decoder:
+            self.remove_parallel_grad()
+
+    def after_optimizer_step(self) -> None:
+        """After Adam: put decoder rows back on the unit sphere."""
+        if self.unit_decoder:
+            self.normalize_decoder()
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:

@@ -8,7 +8,7 @@ of the members' losses, and Adam is elementwise.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -73,7 +73,9 @@ class ReluSAE(SparseAutoencoder):
     b_dec: (K, d) when `decoder_bias` (subtracted before encoding, added after decoding).
     Loss = MSE (mean over batch and d) + l1_coef * L1, where L1 is the mean of
     |c| over latents and batch (`l1_reduction="mean"`, the report) or its sum
-    over latents averaged over the batch (`"sum"`).
+    over latents averaged over the batch (`"sum"`). With `decoder_norm="free"`
+    the decoder rows are unconstrained and each |c_j| is weighted by ||W_d,j||
+    (Anthropic's 2024 update), so shrinking a row cannot buy a smaller penalty.
     """
 
     arch = "relu"
@@ -87,6 +89,7 @@ class ReluSAE(SparseAutoencoder):
         l1: list[float],
         l1_reduction: Literal["mean", "sum"] = "mean",
         decoder_bias: bool = False,
+        decoder_norm: Literal["unit", "free"] = "unit",
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
@@ -94,8 +97,11 @@ class ReluSAE(SparseAutoencoder):
             raise ValueError("one l1 coefficient per member")
         if l1_reduction not in ("mean", "sum"):
             raise ValueError(f"l1_reduction must be 'mean' or 'sum', got {l1_reduction!r}")
+        if decoder_norm not in ("unit", "free"):
+            raise ValueError(f"decoder_norm must be 'unit' or 'free', got {decoder_norm!r}")
         self.d, self.dict_size, self.n_members = d, dict_size, len(seeds)
-        self.l1_reduction = l1_reduction
+        self.l1_reduction, self.decoder_norm = l1_reduction, decoder_norm
+        self.unit_decoder = decoder_norm == "unit"
         self.seeds = list(seeds)
         W_dec = torch.stack([random_unit_rows(dict_size, d, seed) for seed in seeds]).to(device)
         self.W_dec = nn.Parameter(W_dec)  # (K, m, d)
@@ -113,7 +119,12 @@ class ReluSAE(SparseAutoencoder):
             "l1": list(self.l1_values),
             "l1_reduction": self.l1_reduction,
             "decoder_bias": self.b_dec is not None,
+            "decoder_norm": self.decoder_norm,
         }
+
+    @classmethod
+    def config_kwargs(cls, sae_cfg: Any) -> dict:
+        return {"l1_reduction": sae_cfg.l1_reduction, "decoder_bias": sae_cfg.decoder_bias, "decoder_norm": sae_cfg.decoder_norm}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, d) shared by all members, or (K, B, d) -> codes c: (K, B, m)."""
@@ -128,53 +139,28 @@ class ReluSAE(SparseAutoencoder):
             x_hat = x_hat + self.b_dec[:, None, :]
         return x_hat
 
+    def sparsity_coef(self) -> torch.Tensor:
+        return self.l1_coef
+
     def sparsity_term(self, c: torch.Tensor) -> torch.Tensor:
-        """The L1 term per member, before its coefficient: (K,)."""
+        """The L1 term per member, before its coefficient: (K,). With a free decoder, |c_j| * ||W_d,j||."""
         l1 = c.abs()
+        if not self.unit_decoder:
+            l1 = l1 * self.W_dec.norm(dim=2)[:, None, :]
         return l1.mean(dim=(1, 2)) if self.l1_reduction == "mean" else l1.sum(dim=2).mean(dim=1)
 
     def training_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Like `loss_terms(x, *self(x))` plus 'codes', computed with a fused backward (see _FusedReluLoss)."""
+        """Like `loss_terms(x, *self(x))` plus 'codes', computed with a fused backward (see _FusedReluLoss)
+        for the unit-norm decoder, with autograd for the free one."""
+        if not self.unit_decoder:
+            return super().training_loss(x)
         reconstruction, sparsity, c = _FusedReluLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_reduction == "sum")
-        return {"reconstruction": reconstruction, "sparsity": sparsity, "loss": reconstruction + self.l1_coef * sparsity, "codes": c}
-
-    @torch.no_grad()
-    def resample_latents(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
-        """Re-initialise dead latents on inputs the SAE reconstructs badly (Bricken et al. 2023, "Towards Monosemanticity").
-
-        dead: (K, m) bool; x: (N, d) recent inputs. For each member, inputs are drawn with probability
-        proportional to their squared reconstruction error; a dead latent's decoder row becomes the
-        normalised input, its encoder column that direction scaled to 0.2 x the mean norm of the live
-        encoder columns, its bias 0, and its Adam moments 0. Returns how many latents were resampled.
-        """
-        x_hat, _ = self(x)
-        sq_err = (x_hat - x).pow(2).sum(dim=2)  # (K, N)
-        total = 0
-        for k in range(self.n_members):
-            idx = dead[k].nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            weights = sq_err[k].double().cpu()
-            weights = weights if weights.sum() > 0 else torch.ones_like(weights)
-            picks = torch.multinomial(weights, idx.numel(), replacement=True, generator=generator).to(x.device)
-            xin = x[picks] if self.b_dec is None else x[picks] - self.b_dec[k]
-            dirs = xin / xin.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n_dead, d)
-            enc_norms = self.W_enc[k].norm(dim=0)  # (m,)
-            live = ~dead[k]
-            scale = 0.2 * (enc_norms[live].mean() if live.any() else torch.tensor(1.0, device=x.device))
-            self.W_dec[k, idx] = dirs
-            self.W_enc[k][:, idx] = dirs.T * scale
-            self.b_enc[k, idx] = 0.0
-            for param, index in ((self.W_dec, (k, idx)), (self.W_enc, (k, slice(None), idx)), (self.b_enc, (k, idx))):
-                state = optimizer.state.get(param, {})
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in state:
-                        state[key][index] = 0.0
-            total += idx.numel()
-        return total
+        loss = reconstruction + (self.sparsity_scale * self.l1_coef) * sparsity
+        return {"reconstruction": reconstruction, "sparsity": sparsity, "loss": loss, "codes": c}
 
     def loss_terms(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """{'reconstruction': (K,), 'sparsity': (K,), 'loss': (K,)}; `loss` = reconstruction + l1_coef * sparsity."""
         reconstruction = (x_hat - x).pow(2).mean(dim=(1, 2))
         sparsity = self.sparsity_term(c)
-        return {"reconstruction": reconstruction, "sparsity": sparsity, "loss": reconstruction + self.l1_coef * sparsity}
+        loss = reconstruction + (self.sparsity_scale * self.l1_coef) * sparsity
+        return {"reconstruction": reconstruction, "sparsity": sparsity, "loss": loss}

@@ -10,28 +10,29 @@ from saekit.sae.base import SparseAutoencoder
 from saekit.sources import EVAL_STREAM, Source
 
 
-def evaluate(sae: SparseAutoencoder, source: Source, n_samples: int, batch_size: int, l1_reduction: str = "mean") -> list[dict[str, float]]:
+def evaluate(sae: SparseAutoencoder, source: Source, n_samples: int, batch_size: int) -> list[dict[str, float]]:
     """Per-member metrics of `evaluate_window` (without the fire counts)."""
-    return evaluate_window(sae, source, n_samples, batch_size, l1_reduction)[0]
+    return evaluate_window(sae, source, n_samples, batch_size)[0]
 
 
 @torch.no_grad()
-def evaluate_window(
-    sae: SparseAutoencoder, source: Source, n_samples: int, batch_size: int, l1_reduction: str = "mean"
-) -> tuple[list[dict[str, float]], torch.Tensor]:
+def evaluate_window(sae: SparseAutoencoder, source: Source, n_samples: int, batch_size: int) -> tuple[list[dict[str, float]], torch.Tensor]:
     """(rows, fire_counts (K, m)). Rows per member: mse, fvu, l0, dead_fraction, dense_fraction, reconstruction/sparsity/l1 terms over
     `n_samples` fresh samples of the evaluation stream; with ground truth also mmcs (truth -> dictionary),
     mmcs_dict (dictionary -> truth), recovered_0_9 and recovered_0_9_matched."""
     stats = WindowStats(sae.n_members, sae.d, sae.dict_size, device=sae.W_dec.device)
     step, seen = 0, 0
+    penalty = torch.zeros(sae.n_members, dtype=torch.float64, device=sae.W_dec.device)  # sum over batches of rows x mean term
     while seen < n_samples:
         x = source.batch(batch_size, step, EVAL_STREAM)[: n_samples - seen]
         x_hat, c = sae(x)
         stats.update(x, x_hat, c)
+        penalty += sae.sparsity_term(c).double() * x.shape[0]
         seen += x.shape[0]
         step += 1
-    mse, fvu, l0, sparsity = stats.mse(), stats.fvu(), stats.l0(), stats.sparsity(l1_reduction)
-    l1_coef = getattr(sae, "l1_coef", torch.zeros(sae.n_members))
+    mse, fvu, l0 = stats.mse(), stats.fvu(), stats.l0()
+    sparsity = penalty / max(seen, 1)
+    l1_coef = sae.sparsity_coef().detach()
     truth = source.ground_truth
     directions = sae.directions()
     rows = []

@@ -40,13 +40,23 @@ class TrainState:
     failed: set[int] = field(default_factory=set)  # members reported as diverged
 
 
-def lr_factor(step: int, n_steps: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base lr at `step`: 1, then (with lr_decay=linear) down to 0 over the last fraction."""
-    if cfg.lr_decay == "none":
+def warmup_factor(step: int, n_steps: int, fraction: float) -> float:
+    """Linear warm-up over the first `fraction` of `n_steps`: (step + 1) / warm-up steps, capped at 1; 1 when off."""
+    if fraction <= 0:
         return 1.0
+    warm_steps = max(1, int(round(fraction * n_steps)))
+    return min(1.0, (step + 1) / warm_steps)
+
+
+def lr_factor(step: int, n_steps: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at `step`: the warm-up (lr_warmup), then 1, then (with lr_decay=linear)
+    down to 0 over the last `lr_decay_fraction`."""
+    factor = warmup_factor(step, n_steps, cfg.lr_warmup)
+    if cfg.lr_decay == "none":
+        return factor
     decay_steps = max(1, int(round(cfg.lr_decay_fraction * n_steps)))
     start = n_steps - decay_steps
-    return 1.0 if step < start else max(0.0, (n_steps - step) / decay_steps)
+    return factor if step < start else min(factor, max(0.0, (n_steps - step) / decay_steps))
 
 
 def make_state(sae: SparseAutoencoder, cfg: TrainConfig, step: int = 0) -> TrainState:
@@ -93,13 +103,14 @@ def resample_dead(state: TrainState, source: Source, dead: torch.Tensor, batch_s
 
 
 def optimisation_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Loss terms -> backward -> drop the decoder gradient's parallel part -> Adam -> renormalise decoder rows."""
+    """Loss terms -> backward -> the SAE's decoder constraint (by default: drop the decoder gradient's
+    parallel part) -> Adam -> its projection (by default: renormalise decoder rows)."""
     terms = sae.training_loss(x)
     opt.zero_grad(set_to_none=True)
     terms["loss"].sum().backward()
-    sae.remove_parallel_grad()
+    sae.before_optimizer_step()
     opt.step()
-    sae.normalize_decoder()
+    sae.after_optimizer_step()
     return terms
 
 
@@ -109,6 +120,7 @@ def training_step(state: TrainState, x: torch.Tensor, source: Source, cfg: Train
     lr = cfg.lr * lr_factor(state.step, n_steps, cfg)
     for group in opt.param_groups:
         group["lr"] = lr
+    sae.sparsity_scale = warmup_factor(state.step, n_steps, cfg.l1_warmup)
     terms = optimisation_step(sae, opt, x)
     state.diverged |= ~torch.isfinite(terms["loss"])
     state.step += 1

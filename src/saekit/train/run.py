@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from saekit.atomic import atomic_write_bytes
-from saekit.config import Config, RunSpec, expand_grid
+from saekit.config import SPARSITY_KNOBS, TRAIN_KEYS_NEW_IN_V2, Config, RunSpec, TrainConfig, expand_grid
 from saekit.device import resolve_device
 from saekit.errors import InputError
 from saekit.io import load_optimizer_state, load_sae, read_cfg, save_checkpoint
@@ -31,7 +31,7 @@ def run_config_dict(cfg: Config, spec: RunSpec) -> dict[str, Any]:
     """The config of one SAE of the grid: every grid axis replaced by the spec's value."""
     data = cfg.model_dump()
     data["sae"]["dict_size"] = spec.dict_size
-    data["sae"]["l1"] = spec.l1
+    data["sae"][spec.knob] = spec.knob_value
     data["train"]["seed"] = spec.seed
     data["train"]["seeds"] = None
     return data
@@ -52,21 +52,25 @@ def run_id_for(cfg: Config, spec: RunSpec) -> str:
     """Readable and deterministic: the same config and spec always give the same id."""
     data = run_config_dict(cfg, spec)
     data["source"] = cfg.source.relevant()  # keys of other source kinds do not change the data
+    data["sae"] = {**cfg.sae.relevant(), "dict_size": spec.dict_size, spec.knob: spec.knob_value}  # nor keys of other archs
     for key in _NOT_IN_RUN_ID:
         data["train"].pop(key)
+    for key in TRAIN_KEYS_NEW_IN_V2:  # so that runs of earlier versions keep their ids
+        if data["train"][key] == TrainConfig.model_fields[key].default:
+            data["train"].pop(key)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{spec.arch}-m{spec.dict_size}-l1_{spec.l1:g}-s{spec.seed}-{digest}"
+    return f"{spec.arch}-m{spec.dict_size}-{spec.knob}_{spec.sparsity:g}-s{spec.seed}-{digest}"
 
 
 def build_ensemble(cfg: Config, plan: EnsemblePlan, d: int, device: torch.device) -> SparseAutoencoder:
-    """A fresh stacked SAE whose member k is the plan's k-th run (its seed and l1)."""
-    return ARCHITECTURES[plan.arch](
+    """A fresh stacked SAE whose member k is the plan's k-th run (its seed and sparsity knob's value)."""
+    arch = ARCHITECTURES[plan.arch]
+    return arch(
         d=d,
         dict_size=plan.dict_size,
         seeds=[s.seed for s in plan.specs],
-        l1=[s.l1 for s in plan.specs],
-        l1_reduction=cfg.sae.l1_reduction,
-        decoder_bias=cfg.sae.decoder_bias,
+        **{SPARSITY_KNOBS[plan.arch]: [s.knob_value for s in plan.specs]},
+        **arch.config_kwargs(cfg.sae),
     ).to(device)
 
 
@@ -92,6 +96,11 @@ def start_ensemble(cfg: Config, plan: EnsemblePlan, folder: Path, d: int, device
 def result_row(run: dict[str, Any]) -> dict[str, Any]:
     """The JSON object `saekit train --json` prints for one SAE (DESIGN.md's contract, plus extras)."""
     row = {key: run[key] for key in ("run_id", "arch", "dict_size", "l1", "seed", "samples", "seconds", "status")}
+    knob = SPARSITY_KNOBS.get(run["arch"], "l1")  # the store's l1 column holds the value of the arch's knob
+    if knob != "l1":
+        row["l1"] = None
+        row[knob] = int(run["l1"]) if knob == "k" else run["l1"]
+    row["sparsity_knob"] = knob
     row.update(run["metrics"] or {})
     row["checkpoint"] = run["checkpoint"]
     if run.get("error"):
@@ -210,7 +219,7 @@ def _start(cfg: Config, plans: list[EnsemblePlan], store: RunStore, d: int, devi
                 rid,
                 arch=spec.arch,
                 dict_size=spec.dict_size,
-                l1=spec.l1,
+                l1=spec.sparsity,
                 seed=spec.seed,
                 config=run_config_dict(cfg, spec),
                 checkpoint=str(store.out_dir / "runs" / rid),
@@ -255,7 +264,7 @@ def _finish(
         return
     t0 = time.perf_counter()
     n_eval = min(cfg.train.eval_samples, getattr(source, "eval_rows_kept", cfg.train.eval_samples))  # a finite held-out set
-    metrics, fire_counts = evaluate_window(state.sae, source, n_eval, max(cfg.train.batch_size, 4096), cfg.sae.l1_reduction)
+    metrics, fire_counts = evaluate_window(state.sae, source, n_eval, max(cfg.train.batch_size, 4096))
     input_scale = float(getattr(source, "input_scale", 1.0))
     threshold = float(getattr(source, "norm_threshold", math.inf))
     norm_threshold = threshold if math.isfinite(threshold) else None  # raw-scale norm of tokens left out of training
