@@ -27,6 +27,22 @@ def mmcs(dictionary: torch.Tensor, truth: torch.Tensor) -> float:
     return max_cosines(dictionary, truth).mean().item()
 
 
+def mmcs_members(directions: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """`mmcs` of every member of an ensemble at once, in the directions' dtype (for tracking during
+    training): directions (K, m, d) and truth (G, d), both unit rows -> (K,)."""
+    cos = torch.matmul(directions, truth.to(directions).T)  # (K, m, G)
+    return cos.amax(dim=1).mean(dim=1)
+
+
+def first_reaching(history: list[dict], name: str, threshold: float) -> int | None:
+    """The first `samples` of history rows ({samples, name: value}) at which `name` is >= threshold, or None."""
+    for row in history:
+        value = row.get(name)
+        if value is not None and value >= threshold:
+            return int(row["samples"])
+    return None
+
+
 def matched_cosines(dictionary: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Cosines of a one-to-one matching (Hungarian, maximising total cosine) of true features to
     dictionary rows: (min(G, m),). With m < G some true features stay unmatched and count as 0

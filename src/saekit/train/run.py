@@ -18,6 +18,7 @@ from saekit.config import SPARSITY_KNOBS, TRAIN_KEYS_NEW_IN_V2, Config, RunSpec,
 from saekit.device import resolve_device
 from saekit.errors import InputError
 from saekit.io import load_optimizer_state, load_sae, read_cfg, save_checkpoint
+from saekit.metrics import first_reaching, mmcs_members
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
 from saekit.sae.geometric_median import geometric_median
 from saekit.sources import make_source
@@ -36,6 +37,9 @@ def run_config_dict(cfg: Config, spec: RunSpec) -> dict[str, Any]:
     data["train"]["seeds"] = None
     return data
 
+
+# The MMCS at which a run counts as having found the features, for `samples_to_mmcs_0_95` (issue 6's comparison).
+MMCS_TARGET = 0.95
 
 # Decoder directions are also kept from this point of training, so the analysis can check that what it
 # counts no longer changes ("stable between the last checkpoints").
@@ -160,10 +164,14 @@ def run_config(
         by_state = {id(state): plan for state, plan in zip(states, plans)}
         late: dict[int, torch.Tensor] = {}  # decoder directions at LATE_FRACTION of training, per ensemble
 
+        truth = source.ground_truth
+
         def on_log(state: TrainState, samples: int, row: dict[str, torch.Tensor]) -> None:
             plan = by_state[id(state)]
             if id(state) not in late and samples >= LATE_FRACTION * cfg.train.samples:
                 late[id(state)] = state.sae.directions().clone()
+            if truth is not None:  # MMCS over training, for samples_to_mmcs_0_95 and the curves
+                row = {**row, "mmcs": mmcs_members(state.sae.directions(), truth)}
             store.log_history_many(
                 [(rid, samples, {n: v[k].item() for n, v in row.items()}) for k, rid in enumerate(plan.run_ids) if k not in state.failed]
             )
@@ -297,5 +305,6 @@ def _finish(
         }
         if source.ground_truth is not None:
             row["n_true_features"] = int(source.ground_truth.shape[0])
+            row["samples_to_mmcs_0_95"] = first_reaching(store.history(rid), "mmcs", MMCS_TARGET)
         store.finish_run(rid, samples=cfg.train.samples, seconds=seconds, metrics=row)
     shutil.rmtree(store.out_dir / "ensembles" / plan.ensemble_id, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""The architecture-independent training options (issue 6): sparsity knobs as grid axes, keys of other
+architectures refused, run ids of earlier versions kept, relu's free decoder, lr and L1 warm-up, and
+MMCS tracked over training."""
+
+import pytest
+import torch
+
+from saekit.config import TrainConfig, expand_grid, load_config, parse_config
+from saekit.errors import InputError
+from saekit.metrics import first_reaching, mmcs, mmcs_members
+from saekit.sae import ReluSAE
+from saekit.train.loop import lr_factor, make_state, training_step, warmup_factor
+from saekit.train.run import run_id_for
+
+
+def test_run_ids_of_earlier_versions_are_kept():
+    """Ids printed by saekit at commit 4f3b419 (before the architectures' keys existed) for the same configs,
+    so that a rerun of an old sweep still finds its finished SAEs."""
+    cfg = load_config("configs/toy.yaml")
+    assert [run_id_for(cfg, s) for s in expand_grid(cfg)] == ["relu-m1024-l1_0.3-s0-61217f36"]
+    sets = ["sae.decoder_bias=true", "sae.decoder_bias_init=geometric_median", "train.lr_decay=linear", "source.kind=tms"]
+    cfg = load_config("configs/toy.yaml", sets)
+    assert [run_id_for(cfg, s) for s in expand_grid(cfg)] == ["relu-m1024-l1_0.3-s0-21a6038e"]
+
+
+def test_new_options_change_the_run_id():
+    base = load_config("configs/toy.yaml")
+    ids = {run_id_for(base, expand_grid(base)[0])}
+    for extra in ("sae.decoder_norm=free", "train.lr_warmup=0.05", "train.l1_warmup=0.05"):
+        cfg = load_config("configs/toy.yaml", [extra])
+        ids.add(run_id_for(cfg, expand_grid(cfg)[0]))
+    assert len(ids) == 4
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"arch": "relu", "k": 4}, "sae.k applies to topk, batchtopk only"),
+        ({"arch": "relu", "l0_coef": 0.1}, "sae.l0_coef applies to jumprelu only"),
+        ({"arch": "topk", "l1": 0.5}, "sae.l1 applies to relu, gated only"),
+        ({"arch": "gated", "decoder_norm": "free"}, "sae.decoder_norm applies to relu only"),
+        ({"arch": "topk", "k": 0}, "k must be positive"),
+        ({"arch": "topk", "k": 64, "dict_size": 32}, "k (64) is larger than dict_size (32)"),
+        ({"arch": "jumprelu", "l0_coef": -1.0}, "l0_coef must be a finite number >= 0"),
+    ],
+)
+def test_keys_that_do_not_apply_are_refused(sets, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_config({"sae": sets})
+
+
+def test_each_architecture_sweeps_its_own_knob():
+    cfg = parse_config({"sae": {"arch": "topk", "k": [4, 8], "dict_size": [64, 128]}})
+    specs = expand_grid(cfg)
+    assert [(s.dict_size, s.knob, s.knob_value) for s in specs] == [(64, "k", 4), (64, "k", 8), (128, "k", 4), (128, "k", 8)]
+    assert isinstance(specs[0].knob_value, int)
+    assert run_id_for(cfg, specs[0]).startswith("topk-m64-k_4-s0-")
+    cfg = parse_config({"sae": {"arch": "jumprelu", "l0_coef": [0.01, 0.1]}})
+    assert [s.knob_value for s in expand_grid(cfg)] == [0.01, 0.1]
+
+
+def test_full_dump_of_a_config_reloads():
+    """A run's stored config (model_dump, every key) validates again for every architecture."""
+    for arch in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
+        cfg = parse_config({"sae": {"arch": arch}})
+        assert parse_config(cfg.model_dump()) == cfg
+
+
+def test_free_decoder_weights_the_l1_term_by_decoder_norms():
+    """d = 2, m = 2, one member: decoder rows of norm 2 and 3 (the identity scaled), encoder the identity, no bias.
+    x = (1, 4): codes (1, 4), L1 term with the mean reduction = (1*2 + 4*3) / 2 = 7 (by hand)."""
+    sae = ReluSAE(d=2, dict_size=2, seeds=[0], l1=[1.0], decoder_norm="free")
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2)[None])
+        sae.W_dec.copy_(torch.diag(torch.tensor([2.0, 3.0]))[None])
+    x = torch.tensor([[1.0, 4.0]])
+    x_hat, c = sae(x)
+    assert c.tolist() == [[[1.0, 4.0]]]
+    terms = sae.loss_terms(x, x_hat, c)
+    assert terms["sparsity"].item() == pytest.approx(7.0)
+    # reconstruction: x_hat = (2, 12), error (1, 8), mean square = 65 / 2
+    assert terms["reconstruction"].item() == pytest.approx(32.5)
+    assert sae.directions()[0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_free_decoder_is_not_renormalised_and_unit_decoder_is():
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    for norm, unit_after in (("unit", True), ("free", False)):
+        sae = ReluSAE(d=8, dict_size=16, seeds=[0], l1=[0.1], decoder_norm=norm)
+        state = make_state(sae, TrainConfig(lr=0.05))
+        training_step(state, x, source=None, cfg=TrainConfig(lr=0.05), n_steps=10)
+        norms = sae.W_dec.detach().norm(dim=2)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5) == unit_after
+
+
+def test_free_decoder_gradient_matches_finite_differences():
+    """The autograd path used for the free decoder, checked in float64 against finite differences."""
+    sae = ReluSAE(d=3, dict_size=4, seeds=[1], l1=[0.5], decoder_norm="free", decoder_bias=True).double()
+    x = torch.rand(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
+
+    W_dec = sae.W_dec.detach().clone().requires_grad_()
+    del sae.W_dec  # the parameter becomes the gradcheck input
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        sae.W_dec = w
+        return sae.training_loss(x)["loss"].sum()
+
+    assert torch.autograd.gradcheck(loss, (W_dec,))
+
+
+def test_warmup_factor_by_hand():
+    """Linear warm-up over 10% of 100 steps = 10 steps: step t gets (t + 1) / 10."""
+    assert [warmup_factor(t, 100, 0.1) for t in (0, 4, 9, 10, 99)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    assert warmup_factor(0, 100, 0.0) == 1.0
+
+
+def test_lr_warmup_and_decay_combine():
+    """100 steps, warm-up over the first 10, linear decay over the last 20: (t+1)/10, then 1, then (100-t)/20."""
+    cfg = TrainConfig(lr_warmup=0.1, lr_decay="linear", lr_decay_fraction=0.2)
+    assert [lr_factor(t, 100, cfg) for t in (0, 9, 50, 80, 90, 99)] == pytest.approx([0.1, 1.0, 1.0, 1.0, 0.5, 0.05])
+
+
+def test_l1_warmup_scales_the_penalty_in_the_fused_step():
+    """With l1_warmup the trainer sets sparsity_scale = (t+1)/warm-up steps; the logged loss of step 0 of 100
+    with a 50% warm-up is reconstruction + l1 * sparsity / 50."""
+    x = torch.rand(32, 8, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(l1_warmup=0.5, lr=1e-9)
+    sae = ReluSAE(d=8, dict_size=16, seeds=[0], l1=[2.0])
+    state = make_state(sae, cfg)
+    terms = training_step(state, x, source=None, cfg=cfg, n_steps=100)
+    assert sae.sparsity_scale == pytest.approx(1 / 50)
+    expected = terms["reconstruction"] + 2.0 / 50 * terms["sparsity"]
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_mmcs_members_equals_mmcs_per_member():
+    g = torch.Generator().manual_seed(3)
+    truth = torch.nn.functional.normalize(torch.randn(10, 6, generator=g), dim=1)
+    dirs = torch.nn.functional.normalize(torch.randn(3, 7, 6, generator=g), dim=2)
+    got = mmcs_members(dirs, truth)
+    assert got.tolist() == pytest.approx([mmcs(dirs[k], truth) for k in range(3)], abs=1e-6)
+    assert mmcs_members(truth[None], truth).item() == pytest.approx(1.0)
+
+
+def test_first_reaching():
+    history = [{"samples": 100, "mmcs": 0.5}, {"samples": 200, "loss": 1.0}, {"samples": 300, "mmcs": 0.96}, {"samples": 400, "mmcs": 0.99}]
+    assert first_reaching(history, "mmcs", 0.95) == 300
+    assert first_reaching(history, "mmcs", 0.999) is None
