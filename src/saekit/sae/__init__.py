@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from saekit.sae.base import SparseAutoencoder, random_unit_rows
+from saekit.sae.batchtopk import BatchTopKSAE
 from saekit.sae.relu import ReluSAE
+from saekit.sae.topk import TopKSAE
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"relu": ReluSAE}
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE}
 
-__all__ = ["ARCHITECTURES", "ReluSAE", "SparseAutoencoder", "random_unit_rows"]
+__all__ = ["ARCHITECTURES", "BatchTopKSAE", "ReluSAE", "SparseAutoencoder", "TopKSAE", "random_unit_rows"]

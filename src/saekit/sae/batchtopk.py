@@ -1,0 +1,97 @@
+"""BatchTopK sparse autoencoders: the top k*B activations of a whole batch, a single threshold at inference.
+
+Bussmann, Leask & Nanda (2024), "BatchTopK Sparse Autoencoders". In training,
+each member keeps the k*B largest of ReLU(W_e^T (x - b_d) + b_e) over the batch
+(B samples x m latents), so a sample may use more or fewer than k latents while
+the batch averages k. The smallest activation kept in each batch feeds a running
+mean, the persistent buffer `threshold` (K,):
+
+    threshold <- (1 - threshold_momentum) * threshold + threshold_momentum * smallest kept
+
+(the first batch sets it directly; until then it is -1 and the threshold is off).
+`encode` (evaluation, dashboards) does not look at the batch: z = a * (a > threshold),
+a = ReLU(pre-activations). Everything else (unit-norm decoder, encoder initialised as
+its transpose, AuxK on dead latents) is the TopK SAE's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from saekit.sae.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    """K BatchTopK SAEs; member i keeps k[i]*B activations per training batch of B samples.
+
+    Parameters as `TopKSAE`; one more persistent buffer, `threshold` (K,), the inference threshold.
+    Training decodes the dense codes with a bmm (a sample's number of active latents varies).
+    """
+
+    arch = "batchtopk"
+
+    def __init__(
+        self,
+        d: int,
+        dict_size: int,
+        seeds: list[int],
+        k: list[int],
+        aux_k: int | None = None,
+        aux_coef: float = 1 / 32,
+        dead_after: int = 100_000,
+        threshold_momentum: float = 0.01,
+        decoder_bias: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(d, dict_size, seeds, k, aux_k, aux_coef, dead_after, decoder_bias, device)
+        if not 0 < threshold_momentum <= 1:
+            raise ValueError(f"threshold_momentum must be in (0, 1], got {threshold_momentum}")
+        self.threshold_momentum = float(threshold_momentum)
+        self.register_buffer("threshold", torch.full((self.n_members,), -1.0, device=device))  # (K,); < 0 = not yet set
+
+    def init_kwargs(self) -> dict:
+        return {**super().init_kwargs(), "threshold_momentum": self.threshold_momentum}
+
+    @classmethod
+    def config_kwargs(cls, sae_cfg: Any) -> dict:
+        return {**super().config_kwargs(sae_cfg), "threshold_momentum": sae_cfg.threshold_momentum}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The inference path: x (B, d) or (K, B, d) -> a * (a > threshold), a = ReLU(pre-activations): (K, B, m)."""
+        acts = self.pre_activations(x).relu()
+        return acts * (acts > self.threshold[:, None, None])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, d) -> (x_hat (K, B, d), c (K, B, m)) through the threshold (inference path)."""
+        c = self.encode(x)
+        return self.decode(c), c
+
+    def batch_top_k(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pre: (K, B, m) -> (dense codes (K, B, m), smallest kept activation per member (K,), NaN when none
+        is positive). Member i keeps its k[i]*B largest ReLU activations over the whole batch."""
+        K, B, m = pre.shape
+        flat = pre.relu().reshape(K, B * m)
+        values, indices = flat.topk(min(max(self.k_values) * B, B * m), dim=1, sorted=True)  # (K, max k * B)
+        kept = torch.arange(values.shape[1], device=pre.device)[None, :] < self.k_per_member[:, None] * B
+        kept = kept & (values > 0)
+        values = values * kept
+        codes = torch.zeros_like(flat).scatter(1, indices, values).view(K, B, m)
+        smallest = values.detach().masked_fill(~kept, float("inf")).amin(dim=1)
+        return codes, torch.where(kept.any(dim=1), smallest, torch.full_like(smallest, float("nan")))
+
+    @torch.no_grad()
+    def update_threshold(self, smallest: torch.Tensor) -> None:
+        """Fold one batch's smallest kept activations (K,) into the running mean (NaN entries are skipped)."""
+        seen = ~torch.isnan(smallest)
+        unset = self.threshold < 0
+        running = (1 - self.threshold_momentum) * self.threshold + self.threshold_momentum * smallest
+        self.threshold.copy_(torch.where(seen, torch.where(unset, smallest, running), self.threshold))
+
+    def train_reconstruction(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch top-k training path (updates `threshold`): (x_hat, dense codes detached, fired (K, m))."""
+        codes, smallest = self.batch_top_k(pre)
+        self.update_threshold(smallest)
+        detached = codes.detach()
+        return self.decode(codes), detached, (detached > 0).any(dim=1)
