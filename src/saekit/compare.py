@@ -1,0 +1,118 @@
+"""`saekit compare`: every architecture on the same ground-truth data at a matched L0, in one table.
+
+TopK and BatchTopK take the target L0 as their k. The architectures with a penalty (relu, jumprelu,
+gated) cannot be told an L0, so each trains a small grid of coefficients around its default as one
+ensemble, and the member whose L0 is nearest the target (in log ratio) stands for it; the JSON keeps
+the whole grid. Every architecture sees the same data stream (same source config and seed) and the
+same training budget. The table: MMCS, recovered fraction, FVU, L0, dead fraction, and the samples
+after which MMCS first reached 0.95 (measured every `train.log_every` steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from saekit.atomic import atomic_write_bytes
+from saekit.config import ARCH_DEFAULTS, KNOWN_ARCHS, SPARSITY_KNOBS, Config, SAEConfig, load_config
+from saekit.errors import InputError
+
+# Coefficients tried for a penalty architecture: its default times these factors.
+PENALTY_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+COLUMNS = ("arch", "knob", "value", "l0", "mmcs", "recovered_0_9", "fvu", "dead_fraction", "samples_to_mmcs_0_95", "seconds")
+
+
+def knob_grid(arch: str, target_l0: int, dict_size: int) -> list[int | float]:
+    """The values of the architecture's sparsity knob to train: [target_l0] for k, else the default times PENALTY_FACTORS."""
+    knob = SPARSITY_KNOBS[arch]
+    if knob == "k":
+        if target_l0 > dict_size:
+            raise InputError(f"target L0 {target_l0} is larger than dict_size {dict_size}")
+        return [target_l0]
+    default = ARCH_DEFAULTS.get(arch, {}).get(knob, SAEConfig.model_fields[knob].default)
+    return [float(f"{default * f:.4g}") for f in PENALTY_FACTORS]
+
+
+def nearest_l0(rows: list[dict[str, Any]], target_l0: float) -> dict[str, Any]:
+    """The finished row whose L0 is nearest the target in log ratio (ties: the first)."""
+    done = [r for r in rows if r.get("status") == "done" and r.get("l0", 0) > 0]
+    if not done:
+        raise InputError("no SAE of this architecture finished with any active latent")
+    return min(done, key=lambda r: abs(math.log(r["l0"] / target_l0)))
+
+
+def compare_config(arch: str, base: Config, target_l0: int) -> Config:
+    """`base` with the architecture and its knob grid set (other sae keys take the architecture's defaults)."""
+    data = base.model_dump()
+    dict_size = data["sae"]["dict_size"]
+    if isinstance(dict_size, list):
+        raise InputError("compare trains one dictionary size; give sae.dict_size a single value")
+    knob = SPARSITY_KNOBS[arch]
+    data["sae"] = {"arch": arch, "dict_size": dict_size, knob: knob_grid(arch, target_l0, dict_size)}
+    data["train"]["seeds"] = None
+    return Config.model_validate(data)
+
+
+def run_compare(
+    overrides: list[str],
+    out_dir: str | Path,
+    *,
+    archs: list[str] | None = None,
+    target_l0: int = 8,
+    progress: bool = True,
+    max_memory: int | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Train every architecture (default: all) on the source and train config of `overrides` (toy defaults)
+    into OUT/ARCH/, pick each one's SAE nearest `target_l0`, and write OUT/compare.json and OUT/compare.md.
+
+    Returns {"target_l0", "rows" (one per arch, the table), "candidates" (every SAE trained), "table" (markdown)}.
+    """
+    from saekit.train.run import run_config
+
+    say = log or (lambda text: None)
+    archs = list(archs or KNOWN_ARCHS)
+    unknown = [a for a in archs if a not in KNOWN_ARCHS]
+    if unknown:
+        raise InputError(f"unknown architecture {unknown[0]!r}; known: {', '.join(KNOWN_ARCHS)}")
+    if target_l0 <= 0:
+        raise InputError(f"target L0 must be positive, got {target_l0}")
+    sae_keys = [o for o in overrides if o.split("=", 1)[0].strip().startswith("sae.") and not o.startswith("sae.dict_size")]
+    if sae_keys:
+        raise InputError(f"compare sets each architecture's sae keys itself; only sae.dict_size may be given, not {sae_keys[0]!r}")
+    base = load_config(None, overrides)
+    out = Path(out_dir)
+    rows, candidates = [], []
+    for arch in archs:
+        cfg = compare_config(arch, base, target_l0)
+        values = knob_grid(arch, target_l0, int(cfg.sae.dict_size))
+        say(f"compare: {arch}, {cfg.sae.knob} in {values}, {cfg.train.samples:,} samples each")
+        results, errors = run_config(cfg, out / arch, progress=progress, max_memory=max_memory)
+        for e in errors:
+            say(f"compare: {arch}: {e}")
+        candidates.extend(results)
+        chosen = nearest_l0(results, target_l0)
+        knob = SPARSITY_KNOBS[arch]
+        rows.append(
+            {"arch": arch, "knob": knob, "value": chosen[knob], **{c: chosen.get(c) for c in COLUMNS[3:]}, "run_id": chosen["run_id"]}
+        )
+    table = markdown_table(rows)
+    doc = {"target_l0": target_l0, "rows": rows, "candidates": candidates, "table": table}
+    atomic_write_bytes(out / "compare.json", json.dumps(doc, indent=2).encode())
+    atomic_write_bytes(out / "compare.md", (table + "\n").encode())
+    return doc
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table, one line per architecture."""
+    head = "| arch | knob | MMCS | recovered (cos ≥ 0.9) | FVU | L0 | dead | samples to MMCS 0.95 |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reach = r.get("samples_to_mmcs_0_95")
+        lines.append(
+            f"| {r['arch']} | {r['knob']} = {r['value']:g} | {r['mmcs']:.3f} | {r['recovered_0_9']:.3f} | {r['fvu']:.3f} | "
+            f"{r['l0']:.1f} | {r['dead_fraction']:.1%} | {'not reached' if reach is None else f'{reach / 1e6:.2f}M'} |"
+        )
+    return "\n".join(lines)

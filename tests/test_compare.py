@@ -1,0 +1,73 @@
+"""`saekit compare`: the knob grids, the matched-L0 choice, and a small end-to-end run."""
+
+import json
+import math
+
+import pytest
+
+from saekit.compare import PENALTY_FACTORS, knob_grid, markdown_table, nearest_l0, run_compare
+from saekit.config import DEFAULT_L1
+from saekit.errors import InputError
+
+SMALL = [
+    "source.d=32",
+    "source.n_features=48",
+    "source.mean_active=3",
+    "sae.dict_size=96",
+    "train.samples=200000",
+    "train.lr=3e-3",
+    "train.eval_samples=20000",
+    "train.log_every=20",
+]
+
+
+def test_knob_grid():
+    assert knob_grid("topk", 8, 1024) == [8]
+    assert knob_grid("relu", 8, 1024) == pytest.approx([DEFAULT_L1 * f for f in PENALTY_FACTORS])
+    with pytest.raises(InputError, match="larger than dict_size"):
+        knob_grid("batchtopk", 2000, 1024)
+
+
+def test_nearest_l0_is_nearest_in_log_ratio():
+    """Target 8: L0 4 is log-ratio 0.69 away, 15 is 0.63 away, so 15 wins; failed and silent rows are skipped."""
+    rows = [
+        {"status": "done", "l0": 4.0, "run_id": "a"},
+        {"status": "done", "l0": 15.0, "run_id": "b"},
+        {"status": "failed", "l0": 8.0, "run_id": "c"},
+        {"status": "done", "l0": 0.0, "run_id": "d"},
+    ]
+    assert nearest_l0(rows, 8)["run_id"] == "b"
+    with pytest.raises(InputError):
+        nearest_l0(rows[2:], 8)
+
+
+def test_markdown_table_row():
+    row = {"arch": "topk", "knob": "k", "value": 8, "mmcs": 0.99123, "recovered_0_9": 1.0, "fvu": 0.0123, "l0": 8.0}
+    row |= {"dead_fraction": 0.05, "samples_to_mmcs_0_95": 1_250_000}
+    lines = markdown_table([row, {**row, "samples_to_mmcs_0_95": None}]).splitlines()
+    assert lines[2] == "| topk | k = 8 | 0.991 | 1.000 | 0.012 | 8.0 | 5.0% | 1.25M |"
+    assert lines[3].endswith("| not reached |")
+
+
+def test_compare_refuses_sae_keys_and_unknown_archs(tmp_path):
+    with pytest.raises(InputError, match="only sae.dict_size"):
+        run_compare(["sae.l1=0.5"], tmp_path, progress=False)
+    with pytest.raises(InputError, match="unknown architecture 'nope'"):
+        run_compare([], tmp_path, archs=["nope"], progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_compare_end_to_end_small(tmp_path):
+    doc = run_compare(SMALL, tmp_path, archs=["relu"], target_l0=3, progress=False)
+    assert len(doc["candidates"]) == len(PENALTY_FACTORS)
+    (row,) = doc["rows"]
+    l0s = [c["l0"] for c in doc["candidates"]]
+    # the chosen coefficient is the one whose L0 is nearest 3 among the five trained
+    assert row["l0"] == min(l0s, key=lambda v: abs(math.log(v / 3)))
+    assert row["value"] in [c["l1"] for c in doc["candidates"]]
+    assert 0 < row["mmcs"] <= 1 and row["knob"] == "l1"
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["rows"] == doc["rows"]
+    assert (tmp_path / "compare.md").read_text().startswith("| arch | knob | MMCS")
+    # every candidate's MMCS was tracked during training, so the samples-to-0.95 column is filled where reached
+    assert all("samples_to_mmcs_0_95" in c for c in doc["candidates"])
