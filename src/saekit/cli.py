@@ -194,6 +194,39 @@ def reproduce(
 
 
 @app.command()
+def compare(
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a source or train key, e.g. --set source.seed=7")] = None,
+    out: Annotated[Path, typer.Option("--out", help="output folder: one sweep per architecture, compare.json and compare.md")] = Path(
+        "saekit-compare"
+    ),
+    l0: Annotated[int, typer.Option("--l0", help="the L0 to match: k of topk/batchtopk; penalty archs pick the nearest of a grid")] = 8,
+    archs: Annotated[Optional[str], typer.Option("--archs", help="comma-separated architectures (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the table and every SAE trained as one JSON document")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="refuse sweeps estimated to need more, e.g. 12G")] = None,
+) -> None:
+    """Train every architecture on the same ground-truth data at a matched L0 and tabulate MMCS, recovery, FVU, L0, dead latents."""
+    from saekit.compare import run_compare
+
+    try:
+        doc = run_compare(
+            set_ or [],
+            out,
+            archs=[a.strip() for a in archs.split(",")] if archs else None,
+            target_l0=l0,
+            progress=progress,
+            max_memory=_memory_limit(max_memory),
+            log=lambda text: print(text, file=sys.stderr, flush=True),
+        )
+    except InputError as err:
+        _fail(str(err), 2)
+    if as_json:
+        _print_json(doc)
+    else:
+        print(doc["table"])
+
+
+@app.command()
 def dashboard(
     out: Annotated[Path, typer.Argument(help="output folder holding runs/RUN_ID (and runs.sqlite)")],
     run: Annotated[str, typer.Option("--run", help="the run id of an SAE trained on language-model activations")],
