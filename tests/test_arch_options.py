@@ -170,3 +170,26 @@ def test_free_decoder_with_warmups_recovers_the_true_features(seed):
     assert metrics["mmcs"] >= 0.97, metrics
     assert metrics["recovered_0_9"] >= 0.9, metrics
     assert not torch.allclose(sae.W_dec.norm(dim=2), torch.ones(1, 96), atol=1e-3)  # the decoder really was free
+
+
+def test_a_topk_sweep_is_analysed_by_its_k_and_archs_do_not_mix(tmp_path):
+    """The estimate, its summary and the recommended run speak of k for a TopK sweep; a folder holding two
+    architectures is refused by the analysis (their knobs are different quantities)."""
+    from saekit.analysis import load_sweep
+    from saekit.pipeline import analyse_and_report, recommended_run
+    from saekit.train.run import run_config
+
+    small = ["source.d=16", "source.n_features=24", "source.mean_active=2", "train.samples=60000", "train.eval_samples=5000"]
+    cfg = load_config(None, [*small, "sae.arch=topk", "sae.k=[2,3]", "sae.dict_size=[24,48]", "train.seeds=[0,1]"])
+    results, errors = run_config(cfg, tmp_path, progress=False)
+    assert not errors and all(r["l1"] is None and r["sparsity_knob"] == "k" and r["k"] in (2, 3) for r in results)
+    result, report = analyse_and_report(tmp_path)
+    assert result["knob"] == "k" and result["l1"] is None and result["k"] in (2, 3)
+    assert f"at k {result['k']}" in result["summary"] and "L1" not in result["summary"]
+    chosen = recommended_run(results, result)
+    assert (chosen["dict_size"], chosen["k"]) == (result["dict_size"], result["k"])
+    assert "k = " in report.read_text()
+    relu = load_config(None, [*small, "sae.dict_size=24"])
+    run_config(relu, tmp_path, progress=False)
+    with pytest.raises(InputError, match="mixes architectures"):
+        load_sweep(tmp_path)

@@ -131,7 +131,7 @@ def estimate(
         _print_json(result)
         return
     print(f"n_features ~ {result['n_features']} (range {result['low']}-{result['high']})")
-    print(f"recommended: dict_size={result['dict_size']} l1={result['l1']:g}")
+    print(f"recommended: dict_size={result['dict_size']} {result['knob']}={result[result['knob']]:g}")
     for s in result["signals"]:
         mark = {True: "agrees", False: "disagrees", None: "no verdict"}[s["agrees"]]
         print(f"  {s['name']}: {s['value']} ({mark}) - {s['note']}")

@@ -23,6 +23,7 @@ from saekit.errors import InputError
 # (kept here so that configs validate without importing torch; a test keeps the two in step).
 SPARSITY_KNOBS: dict[str, str] = {"relu": "l1", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef", "gated": "l1"}
 KNOWN_ARCHS = tuple(SPARSITY_KNOBS)
+KNOB_LABELS = {"l1": "L1", "k": "k", "l0_coef": "L0 coefficient"}  # how each knob is named in text
 
 # The recommended L1 coefficient for the report's toy data (d=256, G=512, 1024
 # latents) with `l1_reduction: mean`, batch 256, Adam lr 1e-3: on fresh seeds it

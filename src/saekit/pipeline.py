@@ -89,13 +89,14 @@ def reproduce_lm(
 
 
 def recommended_run(results: list[dict[str, Any]], estimate: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The finished run the estimate recommends (its size and L1, seed 0 first), else the one with the lowest FVU
+    """The finished run the estimate recommends (its size and sparsity knob's value, seed 0 first), else the one with the lowest FVU
     among those with L0 <= 64, else the lowest FVU."""
     done = [r for r in results if r.get("status") == "done" and r.get("fvu") is not None]
     if not done:
         return None
     if estimate is not None:
-        match = [r for r in done if r["dict_size"] == estimate.get("dict_size") and r["l1"] == estimate.get("l1")]
+        knob = estimate.get("knob", "l1")
+        match = [r for r in done if r["dict_size"] == estimate.get("dict_size") and r.get(knob) == estimate.get(knob)]
         if match:
             return min(match, key=lambda r: r["seed"])
     sparse = [r for r in done if (r.get("l0") or 0) <= 64] or done

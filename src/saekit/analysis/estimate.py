@@ -50,13 +50,14 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     low, high = min(near), max(near)
 
     dict_size, l1 = recommend(sweep, n_features, top)
+    knob = sweep.knob_label  # "L1" for relu and gated sweeps, "k" for topk, ...
     signals = [
         {
             "name": "seed consensus",
             "value": n_features,
             "agrees": stable,
-            "note": f"at {top} latents and L1 {best['l1']:g} (seed agreement {best['agreement']:.3f}); "
-            f"neighbouring L1 values give {', '.join(str(c) for c in near)}"
+            "note": f"at {top} latents and {knob} {best['l1']:g} (seed agreement {best['agreement']:.3f}); "
+            f"neighbouring {knob} values give {', '.join(str(c) for c in near)}"
             + ("" if late is None else f"; at 80% of training it was {late}"),
         }
     ]
@@ -65,16 +66,18 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     disagreeing = [s["name"] for s in signals[1:] if s["agrees"] is False]
     summary = (
         f"About {n_features} features (range {low}-{high}), counted as the features two init seeds both learned "
-        f"at {top} latents; {'stable' if stable else 'NOT stable'} across neighbouring L1 values and since 80% of training. "
+        f"at {top} latents; {'stable' if stable else 'NOT stable'} across neighbouring {knob} values and since 80% of training. "
         f"Agreeing: {', '.join(agreeing) or 'none'}. Not agreeing: {', '.join(disagreeing) or 'none'}. "
-        f"Recommended SAE: {dict_size} latents at L1 {l1:g}."
+        f"Recommended SAE: {dict_size} latents at {knob} {l1:g}."
     )
+    knob_values = {"l1": l1} if sweep.knob == "l1" else {"l1": None, sweep.knob: int(l1) if sweep.knob == "k" else l1}
     return {
         "n_features": n_features,
         "low": low,
         "high": high,
         "dict_size": dict_size,
-        "l1": l1,
+        **knob_values,
+        "knob": sweep.knob,
         "stable": stable,
         "signals": signals,
         "summary": summary,

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from saekit.config import KNOB_LABELS, SPARSITY_KNOBS
 from saekit.errors import InputError
 from saekit.io import load_latent_stats, load_sae
 from saekit.store import RunStore
@@ -24,6 +25,16 @@ class Sweep:
     @property
     def dict_sizes(self) -> list[int]:
         return sorted({r["dict_size"] for r in self.runs})
+
+    @property
+    def knob(self) -> str:
+        """The config key of the sweep's sparsity knob (l1, k or l0_coef); the runs' `l1` field holds its values."""
+        return SPARSITY_KNOBS.get(self.runs[0].get("arch", "relu"), "l1") if self.runs else "l1"
+
+    @property
+    def knob_label(self) -> str:
+        """How the knob is named in text: L1, k or L0 coefficient."""
+        return KNOB_LABELS[self.knob]
 
     @property
     def l1s(self) -> list[float]:
@@ -61,4 +72,7 @@ def load_sweep(out_dir: str | Path) -> Sweep:
         runs = [r for r in store.runs("done") if r["metrics"]]
     if not runs:
         raise InputError(f"{out} has no finished runs")
+    archs = sorted({r["arch"] for r in runs})
+    if len(archs) > 1:
+        raise InputError(f"{out} mixes architectures ({', '.join(archs)}); analyse a sweep of one architecture")
     return Sweep(out, runs)

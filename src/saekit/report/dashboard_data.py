@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from saekit.config import SPARSITY_KNOBS
 from saekit.errors import InputError
 from saekit.io import load_sae, read_cfg
 
@@ -476,7 +477,8 @@ def collect_dashboard(
     meta = {
         "run_id": run_folder.name,
         "arch": cfg["arch"],
-        "l1": cfg["l1"][0],
+        "knob": SPARSITY_KNOBS[cfg["arch"]],
+        "knob_value": cfg[SPARSITY_KNOBS[cfg["arch"]]][0],
         "model": manifest.get("model_name") or manifest.get("model"),
         "layer": manifest.get("layer"),
         "site": manifest.get("site"),

@@ -178,10 +178,10 @@ def estimate_sentence(estimate: dict[str, Any] | None) -> str:
     if n is not None:
         rng = f" (range {fmt_number(low)}–{fmt_number(high)})" if low is not None and high is not None else ""
         parts.append(f"Estimated number of true features: {fmt_number(n)}{rng}.")
-    if estimate.get("dict_size") is not None or estimate.get("l1") is not None:
-        parts.append(
-            f"Recommended dictionary size {fmt_number(estimate.get('dict_size'))} with L1 coefficient α = {fmt_number(estimate.get('l1'))}."
-        )
+    knob = estimate.get("knob", "l1")
+    if estimate.get("dict_size") is not None or estimate.get(knob) is not None:
+        setting = f"L1 coefficient α = {fmt_number(estimate.get('l1'))}" if knob == "l1" else f"{knob} = {fmt_number(estimate.get(knob))}"
+        parts.append(f"Recommended dictionary size {fmt_number(estimate.get('dict_size'))} with {setting}.")
     return " ".join(parts) or "The estimate has no values."
 
 
