@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from saekit.sae.base import SparseAutoencoder, random_unit_rows
 from saekit.sae.batchtopk import BatchTopKSAE
+from saekit.sae.gated import GatedSAE
+from saekit.sae.jumprelu import JumpReLUSAE
 from saekit.sae.relu import ReluSAE
 from saekit.sae.topk import TopKSAE
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"relu": ReluSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE}
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    "relu": ReluSAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "gated": GatedSAE,
+}
 
-__all__ = ["ARCHITECTURES", "BatchTopKSAE", "ReluSAE", "SparseAutoencoder", "TopKSAE", "random_unit_rows"]
+__all__ = ["ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReluSAE", "SparseAutoencoder", "TopKSAE", "random_unit_rows"]
