@@ -244,6 +244,48 @@ def dashboard(
     print(path)
 
 
+@app.command("export")
+def export_(
+    run: Annotated[Path, typer.Argument(help="a saekit run folder, OUT/runs/RUN_ID")],
+    out: Annotated[Path, typer.Argument(help="folder to write")],
+    format_: Annotated[str, typer.Option("--format", help="saelens: cfg.json + sae_weights.safetensors, readable by SAE.load_from_disk")],
+) -> None:
+    """Write a trained SAE in another library's layout (input scale folded in: it acts on raw activations)."""
+    from saekit.interop import EXPORT_FORMATS, export_saelens
+
+    try:
+        if format_ not in EXPORT_FORMATS:
+            raise InputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format_!r}")
+        path = export_saelens(run, out)
+    except InputError as err:
+        _fail(str(err), 2)
+    print(path)
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="a SAELens folder, a dictionary_learning folder (ae.pt + config.json) or a saekit run")],
+    out: Annotated[Path, typer.Option("--out", help="checkpoint folder to write, e.g. OUT/runs/NAME (saekit dashboard OUT --run NAME)")],
+    activations: Annotated[
+        Optional[Path], typer.Option("--activations", help="the activations folder (saekit activations) the SAE reads, for the dashboard")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
+) -> None:
+    """Read an SAE saved by SAELens or dictionary_learning and write it as a saekit checkpoint (cfg.json + sae.safetensors)."""
+    from saekit.interop import import_sae
+
+    try:
+        summary = import_sae(path, out, activations=activations)
+    except InputError as err:
+        _fail(str(err), 2)
+    if as_json:
+        _print_json(summary)
+        return
+    src = summary["source"]
+    kind = src.get("architecture") or src.get("dict_class") or src.get("run_id") or ""
+    print(f"{out}: {summary['arch']} d={summary['d']} dict_size={summary['dict_size']} from {src['format']} {kind}".rstrip())
+
+
 @app.command()
 def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
