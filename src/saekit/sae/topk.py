@@ -101,10 +101,14 @@ class TopKSAE(SparseAutoencoder):
     # -- encoding and decoding ----------------------------------------------------------------
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, d) shared by all members, or (K, B, d) -> W_enc^T (x - b_dec) + b_enc: (K, B, m)."""
+        """x: (B, d) shared by all members, or (K, B, d) -> W_enc^T (x - b_dec) + b_enc: (K, B, m).
+
+        Computed as x W_enc + (b_enc - b_dec W_enc), so that b_dec's gradient costs a (1, m) x (m, d) product
+        instead of a (B, m) x (m, d) one."""
+        bias = self.b_enc[:, None, :]  # (K, 1, m)
         if self.b_dec is not None:
-            x = x - self.b_dec[:, None, :]
-        return torch.matmul(x, self.W_enc) + self.b_enc[:, None, :]
+            bias = bias - torch.bmm(self.b_dec[:, None, :], self.W_enc)
+        return torch.matmul(x, self.W_enc) + bias
 
     def top_k(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pre: (K, B, m) -> (values (K, B, max k), indices (K, B, max k)): each member's top k[i] pre-activations
