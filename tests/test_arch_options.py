@@ -188,7 +188,8 @@ def test_a_topk_sweep_is_analysed_by_its_k_and_archs_do_not_mix(tmp_path):
     assert f"at k {result['k']}" in result["summary"] and "L1" not in result["summary"]
     chosen = recommended_run(results, result)
     assert (chosen["dict_size"], chosen["k"]) == (result["dict_size"], result["k"])
-    assert "k = " in report.read_text()
+    page = report.read_text()
+    assert "k = " in page and "vs k (latents kept per sample)" in page and "read α below as k" in page
     relu = load_config(None, [*small, "sae.dict_size=24"])
     run_config(relu, tmp_path, progress=False)
     with pytest.raises(InputError, match="mixes architectures"):

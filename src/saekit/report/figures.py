@@ -12,6 +12,7 @@ import io
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,19 @@ class FigureBlock:
 
 
 # -- small helpers ---------------------------------------------------------------------------------
+
+# The sweep's sparsity knob as the figures name it: (name, symbol). The figures were written for the report's
+# L1 sweeps; `render_report` sets this for sweeps over TopK's k or JumpReLU's L0 coefficient.
+KNOB_TEXT: ContextVar[tuple[str, str]] = ContextVar("knob_text", default=("L1 coefficient α", "α"))
+KNOB_TEXTS = {"l1": ("L1 coefficient α", "α"), "k": ("k (latents kept per sample)", "k"), "l0_coef": ("L0 coefficient λ", "λ")}
+
+
+def knob_name() -> str:
+    return KNOB_TEXT.get()[0]
+
+
+def knob_symbol() -> str:
+    return KNOB_TEXT.get()[1]
 
 
 def finite(v: Any) -> float | None:
@@ -201,13 +215,13 @@ def recovery_heatmaps(runs: list[dict[str, Any]]) -> list[FigureBlock]:
             ax.set_yticks(range(len(sizes)), labels=[str(s) for s in sizes])
             if len(l1s) > 6:
                 _rotate_x(ax)
-            ax.set_xlabel("L1 coefficient α (log grid)")
+            ax.set_xlabel(f"{knob_name()} (log grid)")
             ax.set_ylabel("dictionary size (latents, log₂ grid)")
             ax.set_title(f"{label} ({arch})")
             fig.colorbar(im, ax=ax, label=f"{label} (0–1)", shrink=0.9)
         best = max(mmcs.items(), key=lambda kv: kv[1])
         (bs, ba), bv = best
-        block_title = f"Recovery of the true features ({arch}): best MMCS {bv:.3f} at dictionary size {bs}, α = {fmt_l1(ba)}"
+        block_title = f"Recovery of the true features ({arch}): best MMCS {bv:.3f} at dictionary size {bs}, {knob_symbol()} = {fmt_l1(ba)}"
         blocks.append(FigureBlock(key=f"recovery-{arch}", title=block_title, caption=RECOVERY_CAPTION, png=_to_data_uri(fig)))
     return blocks
 
@@ -244,7 +258,7 @@ def dead_latents(
     ax_dead, ax_live = fig.subplots(1, 2)
     for color, marker, a in zip(series_colors(len(l1s)), MARKERS * 10, l1s, strict=False):
         xs = [s for s in sizes if (a, s) in dead]
-        ax_dead.plot(xs, [dead[(a, s)] for s in xs], marker=marker, color=color, ms=5, lw=1.6, label=f"α = {fmt_l1(a)}")
+        ax_dead.plot(xs, [dead[(a, s)] for s in xs], marker=marker, color=color, ms=5, lw=1.6, label=f"{knob_symbol()} = {fmt_l1(a)}")
         xl = [s for s in sizes if (a, s) in live]
         ax_live.plot(xl, [live[(a, s)] for s in xl], marker=marker, color=color, ms=5, lw=1.6)
     ax_live.plot(sizes, sizes, color="#aaaaaa", lw=1, ls="-", zorder=0, label="all latents alive")
@@ -261,7 +275,7 @@ def dead_latents(
         _size_axis(ax_live, sizes, "y")
     ax_live.set_ylabel("live latents (count)")
     ax_live.set_title("Live latents level off near the feature count")
-    _figure_legend(fig, [ax_dead, ax_live], "L1 coefficient")
+    _figure_legend(fig, [ax_dead, ax_live], knob_name())
     block_title = "Dead latents vs dictionary size"
     first = _first_size_with_dead(dead, sizes)
     if first is not None:
@@ -313,7 +327,7 @@ LOSS_CAPTION = (
 
 def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]]) -> FigureBlock:
     """Reconstruction and sparsity loss vs L1, one line per dict size, with collapse points; plus l1_collapse vs size (log–log)."""
-    title = "Loss terms vs L1 coefficient"
+    title = f"Loss terms vs {knob_name()}"
     rows = list(analysis.get("loss_terms") or [])
     source_note = ""
     if not rows:
@@ -354,12 +368,12 @@ def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]]) -> FigureBl
                 yc = _interp_log(points[s], xs, ys, log_y=log_y)
                 ax.plot([points[s]], [yc], marker="D", ms=8, color=colors[s], mec="black", mew=1.0, ls="none", zorder=5)
         _l1_axis(ax, l1s)
-        ax.set_xlabel("L1 coefficient α")
+        ax.set_xlabel(knob_name())
         ax.grid(alpha=0.3)
     ax_rec.set_ylabel("reconstruction loss (MSE per element)")
-    ax_rec.set_title("Reconstruction loss rises with α")
+    ax_rec.set_title(f"Reconstruction loss rises with {knob_symbol()}")
     ax_sp.set_ylabel("sparsity loss (|latents|, before × α)")
-    ax_sp.set_title("Sparsity loss falls with α")
+    ax_sp.set_title(f"Sparsity loss falls with {knob_symbol()}")
     if points:
         ax_rec.plot([], [], marker="D", ms=7, color="white", mec="black", ls="none", label="collapse point")
     _figure_legend(fig, [ax_rec, ax_sp], "dictionary size")
@@ -378,7 +392,7 @@ def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]]) -> FigureBl
         _plain_log_labels(ax_c.yaxis, points.values())
         ax_c.set_xlabel("dictionary size m (latents)")
         ax_c.set_ylabel("collapse α")
-        ax_c.set_title("Collapse α vs size", fontsize=10)
+        ax_c.set_title(f"Collapse {knob_symbol()} vs size", fontsize=10)
         ax_c.grid(alpha=0.3, which="both")
         ax_c.legend(fontsize=7.5, loc="best")
     block_title = "Reconstruction and sparsity losses vs L1, looked at separately"
@@ -423,7 +437,7 @@ def cross_size(analysis: dict[str, Any], *, true_features: int | None = None, es
         for ax, values in ((ax_m, mmcs), (ax_f, matched)):
             xs = [s for s in sizes if (a, s) in values]
             if xs:
-                ax.plot(xs, [values[(a, s)] for s in xs], marker=marker, ms=5, lw=1.6, color=color, label=f"α = {fmt_l1(a)}")
+                ax.plot(xs, [values[(a, s)] for s in xs], marker=marker, ms=5, lw=1.6, color=color, label=f"{knob_symbol()} = {fmt_l1(a)}")
     for ax in (ax_m, ax_f):
         _size_axis(ax, sizes)
         _reference_lines(ax, true_features, estimate)
@@ -434,8 +448,9 @@ def cross_size(analysis: dict[str, Any], *, true_features: int | None = None, es
     ax_m.set_title("High up to the true size, lower beyond")
     ax_f.set_ylabel("matched fraction (of latents)")
     ax_f.set_title("Fraction of directions found again")
-    _figure_legend(fig, [ax_m, ax_f], "L1 coefficient")
-    return FigureBlock(key="cross", title="MMCS with larger dictionaries at the same α", caption=CROSS_CAPTION, png=_to_data_uri(fig))
+    _figure_legend(fig, [ax_m, ax_f], knob_name())
+    title = f"MMCS with larger dictionaries at the same {knob_symbol()}"
+    return FigureBlock(key="cross", title=title, caption=CROSS_CAPTION, png=_to_data_uri(fig))
 
 
 # -- 6. consensus ----------------------------------------------------------------------------------
@@ -468,7 +483,7 @@ def consensus(analysis: dict[str, Any], *, true_features: int | None = None, est
                 ax.plot(xs, [values[(s, a)] for a in xs], marker=marker, ms=5, lw=1.6, color=color, label=f"{s} latents")
     for ax in (ax_c, ax_a):
         _l1_axis(ax, l1s)
-        ax.set_xlabel("L1 coefficient α")
+        ax.set_xlabel(knob_name())
         ax.grid(alpha=0.3)
     _reference_lines(ax_c, true_features, estimate, axis="y")
     if wants_log(count.values()):
@@ -482,7 +497,7 @@ def consensus(analysis: dict[str, Any], *, true_features: int | None = None, est
     ax_a.set_title("Strength of agreement")
     _figure_legend(fig, [ax_c, ax_a], "dictionary size")
     return FigureBlock(
-        key="consensus", title="Consensus feature counts vs L1 coefficient", caption=CONSENSUS_CAPTION, png=_to_data_uri(fig)
+        key="consensus", title=f"Consensus feature counts vs {knob_name()}", caption=CONSENSUS_CAPTION, png=_to_data_uri(fig)
     )
 
 
