@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,11 @@ def safe_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"not a dictionary_learning SAE: {path} is missing")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise InputError(f"{path}: refused, not a plain state dict (unpickling it would need arbitrary code)") from None
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        if named:  # the file asks for a Python callable: loading it would run code
+            raise InputError(f"{path}: refused, not a plain state dict (unpickling it would call {named.group(1)})") from None
+        raise InputError(f"{path}: unreadable torch file (not a state dict torch.load can read with weights_only=True)") from None
     except Exception as err:  # truncated zip, not a torch file at all, ...
         raise InputError(f"{path}: unreadable torch file ({type(err).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
