@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -704,3 +705,35 @@ def test_saekit_loads_saelens_training_topk_and_batchtopk(tmp_path: Path, sae_le
         c_got, r_got = _codes_and_recon(ours, x)
         torch.testing.assert_close(c_got, c_want, atol=TOL, rtol=0)
         torch.testing.assert_close(r_got, r_want, atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------- an imported SAE in the dashboard
+
+
+def test_imported_saelens_sae_feeds_the_dashboard(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from lm_fixtures import make_tiny_llama
+    from saekit.lm.extract import extract_activations
+    from saekit.lm.models import load_model
+    from saekit.lm.shards import ShardReader
+    from saekit.report.dashboard import write_dashboard
+
+    model = make_tiny_llama(tmp_path / "model")
+    acts = tmp_path / "acts"
+    extract_activations(str(model), 1, "resid", "stdlib", tokens=1024, out=acts, window=64, dtype="float32", progress=False)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 48, generator=g)
+    tensors = {"W_enc": w, "b_enc": torch.zeros(48), "W_dec": w.T.clone(), "b_dec": torch.randn(32, generator=g)}
+    sl = _saelens_folder(tmp_path / "sl", {"architecture": "standard", "d_in": 32, "d_sae": 48}, tensors)
+
+    with pytest.raises(InputError, match="activations of width 32, the SAE reads width 6"):
+        import_sae(export_saelens(_run(tmp_path / "run", _random_sae("relu")), tmp_path / "sl6"), tmp_path / "x", activations=acts)
+    import_sae(sl, tmp_path / "out" / "runs" / "imported", activations=acts)
+    page = write_dashboard(tmp_path / "out", "imported", n_tokens=640, contexts=3, batch=256, lm=load_model(str(model)))
+    text = page.read_text(encoding="utf-8")
+    payload = json.loads(re.search(r'<script[^>]*type="application/json"[^>]*>(.*?)</script>', text, re.S).group(1))
+
+    # Expected counts: SAELens's codes of the same rows, ReLU((x - b_dec) W_enc + b_enc) > 0, per latent.
+    x = ShardReader(acts).read(0, 640)
+    codes = torch.relu((x - tensors["b_dec"]) @ w)
+    assert payload["count"] == (codes > 0).sum(0).tolist()
