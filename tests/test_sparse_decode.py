@@ -155,3 +155,31 @@ def test_decode_topk_values() -> None:
     for path in ("auto", "sparse", "dense"):
         with decode_path(path):
             assert torch.equal(decode_topk(values, indices, W), expected)
+
+
+def test_interleaved_ratio_with_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from saekit import bench
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    # call order: warm-up fast, warm-up slow, then (fast, slow) for each of 3 repeats of 1 step
+    durations = iter([7.0, 7.0, 1.0, 3.0, 2.0, 2.0, 1.0, 5.0])
+
+    def tick() -> None:
+        clock[0] += next(durations)
+
+    fast_s, slow_s, ratio = bench._interleaved_ratio(tick, tick, 1, 3, lambda: None)
+    # fast 1, 2, 1 -> median 1; slow 3, 2, 5 -> median 3; per-repeat ratios 3, 1, 5 -> median 3 (warm-ups not timed)
+    assert (fast_s, slow_s, ratio) == (1.0, 3.0, 3.0)
+
+
+def test_bench_sparse_decode_reports_its_shape() -> None:
+    from saekit.bench import bench_sparse_decode
+
+    r = bench_sparse_decode(d=16, dict_size=256, k=4, batch_size=32, steps=1, repeats=1)
+    assert (r["d"], r["dict_size"], r["k"], r["batch_size"]) == (16, 256, 4, 32)
+    for key in ("sparse_decode_ms", "dense_decode_ms", "topk_step_ms", "topk_dense_decode_step_ms"):
+        assert r[key] > 0, key
+    # one repeat: the speedups are the quotients of the two timings they name
+    assert r["sparse_decode_speedup"] == pytest.approx(r["dense_decode_ms"] / r["sparse_decode_ms"])
+    assert r["topk_step_speedup"] == pytest.approx(r["topk_dense_decode_step_ms"] / r["topk_step_ms"])

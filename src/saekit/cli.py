@@ -324,6 +324,18 @@ def bench(
             f"  toy batch {r['data_ms']:.2f} ms ({r['data_fraction_of_step']:.2f} of a step), "
             f"correlated {r['data_correlated_ms']:.2f} ms ({r['data_correlated_fraction_of_step']:.2f})"
         )
+    s = results["sparse_decode"]
+    print(
+        f"sparse_decode: d={s['d']} m={s['dict_size']} k={s['k']} batch={s['batch_size']}: decode forward+backward "
+        f"sparse {s['sparse_decode_ms']:.1f} ms, dense {s['dense_decode_ms']:.1f} ms: sparse_decode_speedup "
+        f"{s['sparse_decode_speedup']:.2f}"
+        + (
+            f"; TopK step {s['topk_step_ms']:.0f} ms, {s['topk_dense_decode_step_ms']:.0f} ms decoding densely: "
+            f"topk_step_speedup {s['topk_step_speedup']:.2f}"
+            if "topk_step_ms" in s
+            else ""
+        )
+    )
     x = results.get("extraction") or {}
     if "skipped" in x:
         print(f"extraction: skipped ({x['skipped']})")
