@@ -118,6 +118,7 @@ def test_exported_saelens_files_by_hand(tmp_path: Path) -> None:
     assert cfg["architecture"] == "standard" and (cfg["d_in"], cfg["d_sae"]) == (D, M)
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none" and cfg["dtype"] == "float32"
     assert cfg["metadata"]["saekit"]["arch"] == "relu" and cfg["metadata"]["saekit"]["input_scale_folded"] == 2.0
+    assert cfg["metadata"]["saekit"]["init_kwargs"] == sae.init_kwargs()  # as trained (unit decoder), not as folded
     assert cfg["metadata"]["sae_lens_version"] >= "6"  # read by SAELens as a 6.x config, not converted as a pre-6 one
     t = load_file(str(out / "sae_weights.safetensors"))
     assert set(t) == {"W_enc", "b_enc", "W_dec", "b_dec"}

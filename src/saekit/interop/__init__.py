@@ -64,7 +64,7 @@ def read_foreign(path: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """(SAE acting on raw activations, where it came from) for any of FORMATS."""
     fmt, folder = detect_format(path)
     if fmt == "saekit":
-        sae, cfg = load_run(folder)
+        sae, cfg, _ = load_run(folder)
         return sae, {
             "format": "saekit",
             "path": str(folder.resolve()),
@@ -110,14 +110,15 @@ def export_saelens(run_folder: str | Path, out_dir: str | Path) -> Path:
     fmt, folder = detect_format(run_folder)
     if fmt != "saekit":
         raise InputError(f"{run_folder}: not a saekit run folder (it holds a {fmt} SAE)")
-    sae, cfg = load_run(folder)
+    sae, cfg, trained = load_run(folder)
     _check_out_folder(out_dir, folder, writes="saelens")
     metadata = {
         "saekit": {
             "arch": sae.arch,
-            "init_kwargs": sae.init_kwargs(),
+            "init_kwargs": trained,
             "run_id": cfg.get("run_id", folder.name),
             "input_scale_folded": cfg.get("input_scale", 1.0),
+            "norm_threshold": cfg.get("norm_threshold"),  # raw-scale norm above which tokens were left out of training
         }
     }
     return saelens.write_saelens(sae, out_dir, metadata=metadata, log_feature_density=_log_density(folder))

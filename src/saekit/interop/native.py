@@ -20,8 +20,8 @@ def input_scale_of(cfg: dict[str, Any], where: Path) -> float:
     return float(scale)
 
 
-def load_run(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """(The checkpoint's single SAE rewritten to act on raw activations, its cfg.json).
+def load_run(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any], dict[str, Any]]:
+    """(The checkpoint's single SAE rewritten to act on raw activations, its cfg.json, the trained SAE's init kwargs).
 
     A run trained on activations times s (cfg.json input_scale) comes back with s folded into its weights
     (`saekit.io.fold_input_scale`), so its codes of raw x are the trained SAE's codes of s x and its
@@ -34,11 +34,12 @@ def load_run(folder: str | Path) -> tuple[SparseAutoencoder, dict[str, Any]]:
     sae = load_sae(folder)
     if sae.n_members != 1:
         raise InputError(f"{folder}: holds {sae.n_members} SAEs; expected one (a finished run's folder, OUT/runs/RUN_ID)")
+    trained = sae.init_kwargs()
     if scale == 1.0:
-        return sae, cfg
-    kwargs = sae.init_kwargs()
+        return sae, cfg, trained
+    kwargs = dict(trained)
     if kwargs.get("decoder_norm") == "unit":
         kwargs["decoder_norm"] = "free"
     rescaled = type(sae)(**kwargs)
     rescaled.load_state_dict(fold_input_scale(dict(sae.state_dict()), scale))
-    return rescaled, cfg
+    return rescaled, cfg, trained
