@@ -326,3 +326,14 @@ def test_cfg_json_impossible_values(tmp_path, key, value):
     _patch_cfg(folder, lambda cfg: cfg.__setitem__(key, value))
     with pytest.raises(InputError):
         load_sae(folder)
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    """mkstemp creates 0600 files; a checkpoint's cfg.json and safetensors are meant to be shared (0644, umask 022)."""
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ck", ReluSAE(d=4, dict_size=6, seeds=[0], l1=[0.1]), samples=1)
+    finally:
+        os.umask(old)
+    for name in ("cfg.json", "sae.safetensors"):
+        assert (tmp_path / "ck" / name).stat().st_mode & 0o777 == 0o644, name

@@ -37,6 +37,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
         digest = sha256_of_file(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # as atomic_write_bytes: mkstemp makes 0600, results are meant to be read by others
         os.replace(tmp, path)
         return digest
     except BaseException:
