@@ -62,7 +62,9 @@ def _decoder_grad(g: Tensor, values: Tensor, flat_idx: Tensor, n_rows: int) -> T
     """
     N, k = flat_idx.shape
     rows = flat_idx.reshape(-1)
-    order = rows.argsort()
+    # Sorted as one row of a 2-D tensor: torch's 1-D CPU sort runs in parallel and on a busy 2-core machine
+    # took ~250 ms for these 32k entries at 2 threads (0.8 ms at 1); one row sorts in ~3.5 ms either way.
+    order = rows.view(1, -1).argsort(dim=1, stable=True).view(-1)
     starts = torch.zeros(n_rows, dtype=torch.long, device=g.device)
     starts[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)[:-1]
     samples = torch.div(order, k, rounding_mode="floor")
