@@ -154,15 +154,6 @@ def test_gated_training_loss_by_hand():
     assert terms["loss"].item() == pytest.approx(0.615)
 
 
-def test_gated_free_decoder_weights_the_gate_l1_by_decoder_norms():
-    """Decoder rows of norm 2 and 3: ReLU(pi_gate) = (1.1, 0) -> 1.1 * 2 = 2.2 (the setup of the hand test)."""
-    sae = _hand_gated()
-    sae.decoder_norm, sae.unit_decoder = "free", False
-    with torch.no_grad():
-        sae.W_dec.copy_(torch.diag(torch.tensor([2.0, 3.0]))[None])
-    assert sae.training_loss(torch.tensor([[1.5, 0.7]], dtype=torch.float64))["sparsity"].item() == pytest.approx(2.2)
-
-
 def test_gated_auxiliary_loss_leaves_the_decoder_alone():
     """The auxiliary term reaches the gate path (W_enc, b_gate) but never W_dec, nor the magnitude path; the
     decoder's gradient from the whole loss is the reconstruction's alone (the L1 term has no decoder in it)."""
@@ -262,8 +253,8 @@ def test_architectures_are_registered():
 
 
 # The small case of tests/test_train.py (d=32, G=48, ~3 active, 96 latents, lr 3e-3, 1M samples) with a decoder
-# bias; the knob values are the small case's measured ones (README, "Architectures"): on source seed 11,
-# jumprelu l0_coef 3e-4 reached MMCS 0.999 and gated l1 0.01 MMCS 0.997.
+# bias. The knob values were measured when chosen: on source seeds 11 and 12, jumprelu l0_coef 3e-4 (bandwidth
+# 0.03, initial threshold 0.05) reached MMCS 0.999 and 0.997, gated l1 0.01 reached 0.997 on both.
 SMALL = {
     "source": {"d": 32, "n_features": 48, "mean_active": 3},
     "train": {"batch_size": 256, "lr": 3e-3, "samples": 1_000_000, "eval_samples": 20_000},
