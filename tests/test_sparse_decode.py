@@ -124,13 +124,14 @@ def test_values_grad_fallback_matches_kernel(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_prefers_sparse_rule() -> None:
-    # The documented thresholds: k/m <= 1/8 for d >= 64, k/m <= 1/16 below.
+    # The documented thresholds: k/m <= 1/16 for d >= 64, k/m <= 1/32 below.
     assert prefers_sparse(32, 16384, 768, "cpu")
-    assert prefers_sparse(128, 1024, 256, "cpu")  # exactly 1/8
-    assert not prefers_sparse(129, 1024, 256, "cpu")
-    assert prefers_sparse(32, 512, 32, "cpu")  # exactly 1/16 at d = 32
-    assert not prefers_sparse(33, 512, 32, "cpu")
-    assert not prefers_sparse(64, 512, 32, "cpu")  # 1/8 is too dense at d = 32
+    assert prefers_sparse(64, 1024, 256, "cpu")  # exactly 1/16
+    assert not prefers_sparse(65, 1024, 256, "cpu")
+    assert prefers_sparse(128, 2048, 64, "cpu")  # exactly 1/16 at d = 64
+    assert prefers_sparse(16, 512, 32, "cpu")  # exactly 1/32 at d = 32
+    assert not prefers_sparse(17, 512, 32, "cpu")
+    assert not prefers_sparse(32, 512, 32, "cpu")  # 1/16 is too dense at d = 32
 
 
 def test_decode_topk_paths(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,17 +54,23 @@ def _values_grad(g: Tensor, W_rows: Tensor, flat_idx: Tensor) -> Tensor:
     return grad.view(N, k)
 
 
-def _decoder_grad(g: Tensor, values: Tensor, flat_idx: Tensor, n_rows: int) -> Tensor:
+def _decoder_grad(g: Tensor, values: Tensor, flat_idx: Tensor, n_rows: int, members: int) -> Tensor:
     """dL/dW_rows[r] = sum over (n, j) with flat_idx[n, j] = r of values[n, j] * g[n]: -> (n_rows, d).
 
-    The transpose of the forward: an embedding bag over the rows of g, one bag per decoder row
-    (entries sorted by row), so each output row is written once and rows nobody chose come out zero.
+    g (N, d), values and flat_idx (N, k), the N = K*B samples member-major, so that member i's entries
+    (rows in [i*m, (i+1)*m)) are the i-th of `members` equal blocks. The transpose of the forward: an
+    embedding bag over the rows of g, one bag per decoder row (entries sorted by row), so each output row
+    is written once and rows nobody chose come out zero.
     """
     N, k = flat_idx.shape
     rows = flat_idx.reshape(-1)
-    # Sorted as one row of a 2-D tensor: torch's 1-D CPU sort runs in parallel and on a busy 2-core machine
-    # took ~250 ms for these 32k entries at 2 threads (0.8 ms at 1); one row sorts in ~3.5 ms either way.
-    order = rows.view(1, -1).argsort(dim=1, stable=True).view(-1)
+    # Each member's entries are sorted as one row of a 2-D tensor (members' row ranges are disjoint, so
+    # the blocks concatenate to a global order). torch's 1-D CPU sort of integers is a parallel radix sort
+    # that on this busy 2-core machine took ~250 ms for 32k entries at 2 threads (0.5 ms at 1 thread);
+    # a row of a 2-D tensor is sorted on one thread: ~3.5 ms for 32k entries, at any thread count.
+    block = N * k // members
+    order = rows.view(members, block).argsort(dim=1, stable=True)
+    order = (order + (torch.arange(members, device=g.device) * block)[:, None]).view(-1)
     starts = torch.zeros(n_rows, dtype=torch.long, device=g.device)
     starts[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)[:-1]
     samples = torch.div(order, k, rounding_mode="floor")
@@ -100,7 +106,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_values = _values_grad(g_flat, W_dec.reshape(K * m, d), flat_idx).view(K, B, k)
         if ctx.needs_input_grad[2]:
-            g_W_dec = _decoder_grad(g_flat, values, flat_idx, K * m).view(K, m, d)
+            g_W_dec = _decoder_grad(g_flat, values, flat_idx, K * m, K).view(K, m, d)
         return g_values, None, g_W_dec
 
 
@@ -111,18 +117,26 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 
 
 def prefers_sparse(k: int, dict_size: int, d: int, device: torch.device | str) -> bool:
-    """Whether `decode_topk` takes the sparse path: k/m <= 1/8 when d >= 64, k/m <= 1/16 below.
+    """Whether `decode_topk` takes the sparse path: k/m <= 1/16 when d >= 64, k/m <= 1/32 below.
 
-    Measured on a 2-core AMD EPYC CPU (one thread, forward + backward of sparse_decode against dense_decode,
-    medians of 3 x 3 calls): the sparse path wins below k/m ~ 1/8 at d = 64..768 (ratios at k/m = 1/8:
-    1.1 at d=256 m=1024, 1.1 at d=768 m=4096, 0.95 at d=64 m=2048) and below ~1/16 at d = 32 (1.04 at
-    k/m = 1/16, 0.72 at 1/8), where the dense matmul is cheap. At k/m = 1/512 (d=768, m=16384, k=32) it is
-    about 20x faster. The rule depends only on the shapes, so a run takes the same path every time; it
-    has not been measured on GPUs, where the same thresholds apply. `device` is accepted for that purpose.
+    Measured on a 2-core AMD EPYC CPU shared with other jobs, one thread, forward + backward (gradients for
+    values and W_dec) of sparse_decode against dense_decode, the median of 3 per-repeat time ratios
+    dense/sparse at k/m = 1/32, 1/16, 1/8, 1/4:
+
+        d=32  m=512   B=1024: 1.45 0.74 0.52 0.24      d=256 m=1024 B=256 K=8: 4.01 2.21 1.04 0.55
+        d=64  m=2048  B=1024: 2.44 1.17 0.60 0.28      d=768 m=4096  B=512:    3.77 2.13 1.13 0.59
+        d=256 m=1024  B=256:  2.39 2.40 0.74 0.48      d=768 m=16384 B=256:    2.22 1.45 0.81 0.38
+        d=256 m=1024  B=1024: 3.22 1.86 0.87 0.44
+
+    so the sparse path wins up to k/m ~ 1/16 (about 1/8 at large d, where it is a tie) and only up to
+    ~1/32 at d = 32, where the dense matmul is cheap. At k/m = 1/512 (d=768, m=16384, k=32, batch 1024)
+    it is 14-20x faster (`saekit bench`'s sparse_decode_speedup). The rule depends only on the shapes, so
+    a run takes the same path every time. It has not been measured on GPUs: the same thresholds apply
+    there (`device` is in the signature so that a device-specific rule can be added without callers changing).
     """
     if d >= 64:
-        return k * 8 <= dict_size
-    return k * 16 <= dict_size
+        return k * 16 <= dict_size
+    return k * 32 <= dict_size
 
 
 _FORCED_PATH: ContextVar[str] = ContextVar("saekit_decode_path", default="auto")
