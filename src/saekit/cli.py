@@ -199,7 +199,13 @@ def compare(
     out: Annotated[Path, typer.Option("--out", help="output folder: one sweep per architecture, compare.json and compare.md")] = Path(
         "saekit-compare"
     ),
-    l0: Annotated[int, typer.Option("--l0", help="the L0 to match: k of topk/batchtopk; penalty archs pick the nearest of a grid")] = 8,
+    l0: Annotated[
+        Optional[int],
+        typer.Option(
+            "--l0",
+            help="the L0 to match (k of topk/batchtopk; penalty archs pick the nearest of a grid); default: the data's mean active features",
+        ),
+    ] = None,
     archs: Annotated[Optional[str], typer.Option("--archs", help="comma-separated architectures (default: all)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the table and every SAE trained as one JSON document")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,

@@ -55,18 +55,30 @@ def compare_config(arch: str, base: Config, target_l0: int) -> Config:
     return Config.model_validate(data)
 
 
+def default_target_l0(cfg: Config) -> int:
+    """The data's own mean number of active true features, rounded (toy: mean_active; tms, compute:
+    n_features x (1 - sparsity)); 8 for sources that do not say."""
+    src = cfg.source
+    if src.kind == "toy":
+        return max(1, round(src.mean_active))
+    if src.kind in ("tms", "compute"):
+        return max(1, round(src.n_features * (1 - src.sparsity)))
+    return 8
+
+
 def run_compare(
     overrides: list[str],
     out_dir: str | Path,
     *,
     archs: list[str] | None = None,
-    target_l0: int = 8,
+    target_l0: int | None = None,
     progress: bool = True,
     max_memory: int | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
     """Train every architecture (default: all) on the source and train config of `overrides` (toy defaults)
-    into OUT/ARCH/, pick each one's SAE nearest `target_l0`, and write OUT/compare.json and OUT/compare.md.
+    into OUT/ARCH/, pick each one's SAE nearest `target_l0` (default: `default_target_l0`), and write
+    OUT/compare.json and OUT/compare.md.
 
     Returns {"target_l0", "rows" (one per arch, the table), "candidates" (every SAE trained), "table" (markdown)}.
     """
@@ -77,12 +89,13 @@ def run_compare(
     unknown = [a for a in archs if a not in KNOWN_ARCHS]
     if unknown:
         raise InputError(f"unknown architecture {unknown[0]!r}; known: {', '.join(KNOWN_ARCHS)}")
-    if target_l0 <= 0:
-        raise InputError(f"target L0 must be positive, got {target_l0}")
     sae_keys = [o for o in overrides if o.split("=", 1)[0].strip().startswith("sae.") and not o.startswith("sae.dict_size")]
     if sae_keys:
         raise InputError(f"compare sets each architecture's sae keys itself; only sae.dict_size may be given, not {sae_keys[0]!r}")
     base = load_config(None, overrides)
+    target_l0 = default_target_l0(base) if target_l0 is None else target_l0
+    if target_l0 <= 0:
+        raise InputError(f"target L0 must be positive, got {target_l0}")
     out = Path(out_dir)
     rows, candidates = [], []
     for arch in archs:
