@@ -71,3 +71,14 @@ def test_compare_end_to_end_small(tmp_path):
     assert (tmp_path / "compare.md").read_text().startswith("| arch | knob | MMCS")
     # every candidate's MMCS was tracked during training, so the samples-to-0.95 column is filled where reached
     assert all("samples_to_mmcs_0_95" in c for c in doc["candidates"])
+
+
+def test_default_target_l0_is_the_datas_mean_active_features():
+    """toy: mean_active rounded (5 by default); tms: 80 features x (1 - 0.97) = 2.4 -> 2; a file source does not say -> 8."""
+    from saekit.compare import default_target_l0
+    from saekit.config import load_config
+
+    assert default_target_l0(load_config(None)) == 5
+    assert default_target_l0(load_config(None, ["source.mean_active=2.6"])) == 3
+    assert default_target_l0(load_config(None, ["source.kind=tms"])) == 2
+    assert default_target_l0(load_config(None, ["source.kind=file", "source.path=x.npy"])) == 8

@@ -203,7 +203,7 @@ def compare(
         Optional[int],
         typer.Option(
             "--l0",
-            help="the L0 to match (k of topk/batchtopk; penalty archs pick the nearest of a grid); default: the data's mean active features",
+            help="the L0 to match (k of topk/batchtopk; penalty archs pick the nearest of a grid); default: the mean active features",
         ),
     ] = None,
     archs: Annotated[Optional[str], typer.Option("--archs", help="comma-separated architectures (default: all)")] = None,
