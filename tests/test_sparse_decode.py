@@ -114,13 +114,70 @@ def test_values_grad_fallback_matches_kernel(monkeypatch: pytest.MonkeyPatch) ->
     # Devices without the per-sample-weights kernel gather the rows instead: same numbers.
     g = torch.Generator().manual_seed(2)
     W_rows, grad = torch.randn(30, 7, generator=g), torch.randn(6, 7, generator=g)
-    flat_idx = torch.randn(6, 30, generator=g).topk(4, dim=1).indices
-    kernel = sd._values_grad(grad, W_rows, flat_idx)
+    rows = torch.randn(6, 30, generator=g).topk(4, dim=1).indices.reshape(-1)  # 4 entries for each of 6 bags
+    bags = torch.arange(6).repeat_interleave(4)
+    kernel = sd._weights_grad(grad, W_rows, rows, torch.arange(0, 24, 4), bags)
     monkeypatch.setattr(sd, "_PER_SAMPLE_WEIGHTS_BACKWARD_DEVICES", ())
-    fallback = sd._values_grad(grad, W_rows, flat_idx)
-    expected = torch.einsum("nkd,nd->nk", W_rows[flat_idx], grad)  # g[n] . W[idx[n, j]] by definition
+    fallback = sd._weights_grad(grad, W_rows, rows, torch.arange(0, 24, 4), bags)
+    expected = torch.einsum("nd,nd->n", W_rows[rows], grad[bags])  # g[bag] . W[row] by definition
     torch.testing.assert_close(kernel, expected)
     torch.testing.assert_close(fallback, expected)
+
+
+def test_flat_forward_by_hand() -> None:
+    # The _tiny codes in BatchTopK's layout: flat index = sample * m + latent with m = 4, entries in any order,
+    # plus one entry of sample 1 more (value 1 on latent 0) so the samples hold 2 and 3 entries.
+    _, _, W = _tiny()
+    values = torch.tensor([[3.0, 2.0, 1.0, 0.5, 1.0]])
+    flat = torch.tensor([[5, 2, 7, 0, 4]])  # s1 l1, s0 l2, s1 l3, s0 l0, s1 l0
+    # sample 0: (6.5, -2, 3) as in test_forward_by_hand; sample 1: (1, 4, 1) + 1*r0 = (2, 4, 3)
+    expected = torch.tensor([[[6.5, -2.0, 3.0], [2.0, 4.0, 3.0]]])
+    assert torch.equal(sd.sparse_decode_flat(values, flat, W, 2), expected)
+    assert torch.equal(sd.dense_decode_flat(values, flat, W, 2), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 40, 5, 12), (3, 8, 30, 4, 20), (2, 5, 16, 3, 80)])
+def test_flat_matches_autograd_through_dense(shape: tuple[int, int, int, int, int]) -> None:
+    # (K, B, m, d, n): n entries per member over the whole batch, as batch top-k picks them (n = B*m in the last:
+    # every code kept), some samples with no entry at all in the first, and exact zeros among the values.
+    K, B, m, d, n = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    W = torch.randn(K, m, d, generator=g)
+    pre = torch.randn(K, B * m, generator=g)
+    if n < B * m:
+        pre[:, : m * 2] -= 100.0  # samples 0 and 1 lose every entry to the others
+    values, flat = pre.topk(n, dim=1)
+    values = values * (torch.rand(K, n, generator=g) < 0.8)
+    weight = torch.randn(K, B, d, generator=g)
+
+    def grads(fn):
+        v, w = values.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fn(v, flat, w, B)
+        (out * weight).sum().backward()
+        return out.detach(), v.grad, w.grad
+
+    for a, b in zip(grads(sd.sparse_decode_flat), grads(sd.dense_decode_flat)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if n < B * m:
+        assert (grads(sd.sparse_decode_flat)[0][:, :2] == 0).all()  # the samples without entries decode to 0
+
+
+def test_decode_batch_topk_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8 entries over B = 2 samples of m = 4 at d = 3: 4 per sample, k/m = 1 -> dense unless forced.
+    _, _, W = _tiny()
+    values, flat = torch.arange(1.0, 9.0)[None], torch.arange(8)[None]
+    expected = sd.dense_decode_flat(values, flat, W, 2)
+    for path in ("auto", "sparse", "dense"):
+        with decode_path(path):
+            torch.testing.assert_close(sd.decode_batch_topk(values, flat, W, 2), expected)
+    # Which path auto takes: 3 entries over B = 2 samples is 2 per sample (rounded up) at d = 3;
+    # m = 64 gives k/m = 1/32 (sparse), m = 63 just above (dense).
+    calls: list[str] = []
+    monkeypatch.setattr(sd, "sparse_decode_flat", lambda *a: calls.append("sparse"))
+    monkeypatch.setattr(sd, "dense_decode_flat", lambda *a: calls.append("dense"))
+    for m in (64, 63):
+        sd.decode_batch_topk(values[:, :3], flat[:, :3], torch.zeros(1, m, 3), 2)
+    assert calls == ["sparse", "dense"]
 
 
 def test_prefers_sparse_rule() -> None:

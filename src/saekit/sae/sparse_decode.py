@@ -2,7 +2,14 @@
 
 With k latents per sample, x_hat = sum_j values[j] * W_dec[indices[j]] costs B*k*d
 instead of the B*m*d of a dense matmul (Gao et al. 2024, "Scaling and evaluating
-sparse autoencoders", section on sparse kernels).
+sparse autoencoders", on sparse decoder kernels). Two layouts:
+
+- TopK: values and indices (K, B, k), k latents per sample -> `sparse_decode`, `decode_topk`;
+- BatchTopK: values and flat indices (K, n) into each member's flattened (B, m) codes, any number
+  per sample -> `sparse_decode_flat`, `decode_batch_topk`.
+
+`dense_decode` / `dense_decode_flat` are the references (scatter, then a matmul); `decode_topk` and
+`decode_batch_topk` pick the faster path by `prefers_sparse`, or as `decode_path` forces.
 """
 
 from __future__ import annotations
@@ -28,92 +35,110 @@ def dense_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     return torch.bmm(codes, W_dec)
 
 
-def _flat_indices(indices: Tensor, m: int) -> Tensor:
-    """indices (K, B, k) into each member's m rows -> (K*B, k) into the K*m rows of W_dec.reshape(K*m, d)."""
-    K = indices.shape[0]
-    offsets = (torch.arange(K, device=indices.device) * m)[:, None, None]
-    return (indices + offsets).reshape(-1, indices.shape[2])
-
-
 _PER_SAMPLE_WEIGHTS_BACKWARD_DEVICES = ("cpu", "cuda")  # devices with a kernel for aten._embedding_bag_per_sample_weights_backward
 
 
-def _values_grad(g: Tensor, W_rows: Tensor, flat_idx: Tensor) -> Tensor:
-    """dL/dvalues[n, j] = g[n] . W_rows[flat_idx[n, j]]: g (N, d), W_rows (R, d), flat_idx (N, k) -> (N, k).
+def _weights_grad(g: Tensor, W_rows: Tensor, rows: Tensor, offsets: Tensor, bags: Tensor) -> Tensor:
+    """dL/dweights[e] = g[bags[e]] . W_rows[rows[e]]: g (n_bags, d), W_rows (R, d), rows and bags (n,) -> (n,).
 
     The embedding-bag kernel for per-sample-weight gradients reads each kept row once and never
-    materialises the (N, k, d) gathered rows; other devices gather the rows and use bmm.
+    materialises the (n, d) gathered rows; other devices gather the rows.
     """
-    N, k = flat_idx.shape
     if g.device.type not in _PER_SAMPLE_WEIGHTS_BACKWARD_DEVICES:
-        return torch.bmm(W_rows[flat_idx], g.unsqueeze(2)).view(N, k)
-    bags = torch.arange(N, device=g.device)
-    grad = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        g, W_rows, flat_idx.reshape(-1), bags * k, bags.repeat_interleave(k), 0, -1
-    )
-    return grad.view(N, k)
+        return (W_rows[rows] * g[bags]).sum(dim=1)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W_rows, rows, offsets, bags, 0, -1)
 
 
-def _decoder_grad(g: Tensor, values: Tensor, flat_idx: Tensor, n_rows: int, members: int) -> Tensor:
-    """dL/dW_rows[r] = sum over (n, j) with flat_idx[n, j] = r of values[n, j] * g[n]: -> (n_rows, d).
+def _rows_grad(g: Tensor, weights: Tensor, rows: Tensor, bags: Tensor, n_rows: int, members: int) -> Tensor:
+    """dL/dW_rows[r] = sum over entries e with rows[e] = r of weights[e] * g[bags[e]]: -> (n_rows, d).
 
-    g (N, d), values and flat_idx (N, k), the N = K*B samples member-major, so that member i's entries
-    (rows in [i*m, (i+1)*m)) are the i-th of `members` equal blocks. The transpose of the forward: an
-    embedding bag over the rows of g, one bag per decoder row (entries sorted by row), so each output row
-    is written once and rows nobody chose come out zero.
+    g (n_bags, d); weights, rows, bags (n,), in `members` equal blocks, block i holding the entries of
+    member i, whose rows lie in [i*n_rows/members, (i+1)*n_rows/members). The transpose of the forward:
+    an embedding bag over the rows of g, one bag per decoder row (entries sorted by row), so each output
+    row is written once and rows nobody chose come out zero.
     """
-    N, k = flat_idx.shape
-    rows = flat_idx.reshape(-1)
+    n = rows.shape[0]
     # Each member's entries are sorted as one row of a 2-D tensor (members' row ranges are disjoint, so
     # the blocks concatenate to a global order). torch's 1-D CPU sort of integers is a parallel radix sort
     # that on this busy 2-core machine took ~250 ms for 32k entries at 2 threads (0.5 ms at 1 thread);
     # a row of a 2-D tensor is sorted on one thread: ~3.5 ms for 32k entries, at any thread count.
-    block = N * k // members
+    block = n // members
     order = rows.view(members, block).argsort(dim=1, stable=True)
     order = (order + (torch.arange(members, device=g.device) * block)[:, None]).view(-1)
     starts = torch.zeros(n_rows, dtype=torch.long, device=g.device)
     starts[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)[:-1]
-    samples = torch.div(order, k, rounding_mode="floor")
-    weights = values.reshape(-1)[order]
-    return torch.nn.functional.embedding_bag(samples, g, starts, mode="sum", per_sample_weights=weights)
+    return torch.nn.functional.embedding_bag(bags[order], g, starts, mode="sum", per_sample_weights=weights[order])
 
 
-class _SparseDecode(torch.autograd.Function):
-    """x_hat[K, B] = sum_j values[K, B, j] * W_dec[K, indices[K, B, j]] with a hand-written backward.
+class _EntriesDecode(torch.autograd.Function):
+    """out[b] = sum over entries e with bags[e] = b of weights[e] * W_rows[rows[e]], with a hand-written backward.
 
-    Members are handled together by viewing W_dec (K, m, d) as K*m rows and offsetting each member's indices.
-    Forward and both gradients are embedding bags: no (K, B, m) or (K, B, k, d) tensor is ever made.
+    Entries are grouped by bag (bags non-decreasing; `offsets` (n_bags,) where each bag starts) and come in
+    `members` equal blocks of disjoint row ranges (see `_rows_grad`). Forward and both gradients are
+    embedding bags: no dense code tensor and no (n, d) gathered rows are made.
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-        K, B, k = values.shape
-        m, d = W_dec.shape[1:]
-        flat_idx = _flat_indices(indices, m)  # (K*B, k)
-        W_rows = W_dec.reshape(K * m, d)
-        out = torch.nn.functional.embedding_bag(flat_idx, W_rows, mode="sum", per_sample_weights=values.reshape(K * B, k))
-        ctx.save_for_backward(values, flat_idx, W_dec)
-        return out.view(K, B, d)
+    def forward(ctx, weights: Tensor, rows: Tensor, bags: Tensor, offsets: Tensor, W_rows: Tensor, members: int) -> Tensor:
+        out = torch.nn.functional.embedding_bag(rows, W_rows, offsets, mode="sum", per_sample_weights=weights)
+        ctx.save_for_backward(weights, rows, bags, offsets, W_rows)
+        ctx.members = members
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
-        values, flat_idx, W_dec = ctx.saved_tensors
-        K, B, k = values.shape
-        m, d = W_dec.shape[1:]
-        g_flat = g.reshape(K * B, d).contiguous()
-        g_values = g_W_dec = None
+        weights, rows, bags, offsets, W_rows = ctx.saved_tensors
+        g = g.contiguous()
+        g_weights = g_W_rows = None
         if ctx.needs_input_grad[0]:
-            g_values = _values_grad(g_flat, W_dec.reshape(K * m, d), flat_idx).view(K, B, k)
-        if ctx.needs_input_grad[2]:
-            g_W_dec = _decoder_grad(g_flat, values, flat_idx, K * m, K).view(K, m, d)
-        return g_values, None, g_W_dec
+            g_weights = _weights_grad(g, W_rows, rows, offsets, bags)
+        if ctx.needs_input_grad[4]:
+            g_W_rows = _rows_grad(g, weights, rows, bags, W_rows.shape[0], ctx.members)
+        return g_weights, None, None, None, g_W_rows, None
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """sum_j values[..., j] * W_dec[indices[..., j]]: values (K, B, k), indices (K, B, k) int64 in [0, m),
-    W_dec (K, m, d) -> (K, B, d). Differentiable w.r.t. values and W_dec."""
-    return _SparseDecode.apply(values, indices, W_dec)
+    W_dec (K, m, d) -> (K, B, d). Differentiable w.r.t. values and W_dec; repeated indices add up.
+
+    Members are decoded together by viewing W_dec as K*m rows and offsetting member i's indices by i*m.
+    """
+    K, B, k = values.shape
+    m, d = W_dec.shape[1:]
+    dev = indices.device
+    rows = (indices + (torch.arange(K, device=dev) * m)[:, None, None]).reshape(-1)
+    bags = torch.arange(K * B, device=dev)
+    offsets, bags = bags * k, bags.repeat_interleave(k)
+    out = _EntriesDecode.apply(values.reshape(-1), rows, bags, offsets, W_dec.reshape(K * m, d), K)
+    return out.view(K, B, d)
+
+
+def sparse_decode_flat(values: Tensor, flat_indices: Tensor, W_dec: Tensor, batch_size: int) -> Tensor:
+    """BatchTopK's layout: values (K, n) and flat_indices (K, n) int64 into each member's flattened (B, m)
+    codes (as `codes.view(K, B*m).topk(n)` gives; a sample may hold any number of the n entries),
+    W_dec (K, m, d) -> (K, B, d). Differentiable w.r.t. values and W_dec; repeated indices add up."""
+    K, n = values.shape
+    m, d = W_dec.shape[1:]
+    dev = flat_indices.device
+    order = flat_indices.argsort(dim=1, stable=True)  # sample-major within each member (a 2-D sort: see _rows_grad)
+    flat = flat_indices.gather(1, order)
+    sample = torch.div(flat, m, rounding_mode="floor")
+    member = torch.arange(K, device=dev)[:, None]
+    rows = (flat - sample * m + member * m).reshape(-1)
+    bags = (sample + member * batch_size).reshape(-1)
+    offsets = torch.zeros(K * batch_size, dtype=torch.long, device=dev)
+    offsets[1:] = torch.bincount(bags, minlength=K * batch_size).cumsum(0)[:-1]
+    out = _EntriesDecode.apply(values.gather(1, order).reshape(-1), rows, bags, offsets, W_dec.reshape(K * m, d), K)
+    return out.view(K, batch_size, d)
+
+
+def dense_decode_flat(values: Tensor, flat_indices: Tensor, W_dec: Tensor, batch_size: int) -> Tensor:
+    """The reference for `sparse_decode_flat`: scatter to dense codes (K, B, m), then bmm -> (K, B, d)."""
+    K, _ = values.shape
+    m = W_dec.shape[1]
+    codes = values.new_zeros(K, batch_size * m).scatter_add(1, flat_indices, values)
+    return torch.bmm(codes.view(K, batch_size, m), W_dec)
 
 
 def prefers_sparse(k: int, dict_size: int, d: int, device: torch.device | str) -> bool:
@@ -144,7 +169,7 @@ _FORCED_PATH: ContextVar[str] = ContextVar("saekit_decode_path", default="auto")
 
 @contextmanager
 def decode_path(path: Literal["auto", "sparse", "dense"]) -> Iterator[None]:
-    """Within the block, `decode_topk` uses `path` ("sparse", "dense", or "auto" = `prefers_sparse`)."""
+    """Within the block, `decode_topk` and `decode_batch_topk` use `path` ("sparse", "dense", or "auto" = `prefers_sparse`)."""
     if path not in ("auto", "sparse", "dense"):
         raise ValueError(f"decode path must be 'auto', 'sparse' or 'dense', got {path!r}")
     token = _FORCED_PATH.set(path)
@@ -162,3 +187,15 @@ def decode_topk(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
         _, m, d = W_dec.shape
         path = "sparse" if prefers_sparse(values.shape[2], m, d, W_dec.device) else "dense"
     return sparse_decode(values, indices, W_dec) if path == "sparse" else dense_decode(values, indices, W_dec)
+
+
+def decode_batch_topk(values: Tensor, flat_indices: Tensor, W_dec: Tensor, batch_size: int) -> Tensor:
+    """Decode BatchTopK's codes, values and flat_indices (K, n) into the flattened (B, m) codes, with W_dec
+    (K, m, d) -> (K, B, d), with `sparse_decode_flat` or `dense_decode_flat` as `prefers_sparse` says for the
+    mean number of entries per sample n/B (or as `decode_path` forces)."""
+    path = _FORCED_PATH.get()
+    if path == "auto":
+        _, m, d = W_dec.shape
+        path = "sparse" if prefers_sparse(-(-values.shape[1] // batch_size), m, d, W_dec.device) else "dense"
+    decode = sparse_decode_flat if path == "sparse" else dense_decode_flat
+    return decode(values, flat_indices, W_dec, batch_size)
