@@ -144,20 +144,20 @@ def dense_decode_flat(values: Tensor, flat_indices: Tensor, W_dec: Tensor, batch
 def prefers_sparse(k: int, dict_size: int, d: int, device: torch.device | str) -> bool:
     """Whether `decode_topk` takes the sparse path: k/m <= 1/16 when d >= 64, k/m <= 1/32 below.
 
-    Measured on a 2-core AMD EPYC CPU shared with other jobs, one thread, forward + backward (gradients for
-    values and W_dec) of sparse_decode against dense_decode, the median of 3 per-repeat time ratios
-    dense/sparse at k/m = 1/32, 1/16, 1/8, 1/4:
+    Measured on a 2-core AMD EPYC CPU shared with other jobs (load ~8), one thread, forward + backward
+    (gradients for values and W_dec) of sparse_decode against dense_decode, the median of 3 per-repeat time
+    ratios dense/sparse at k/m = 1/32, 1/16, 1/8, 1/4:
 
-        d=32  m=512   B=1024: 1.45 0.74 0.52 0.24      d=256 m=1024 B=256 K=8: 4.01 2.21 1.04 0.55
-        d=64  m=2048  B=1024: 2.44 1.17 0.60 0.28      d=768 m=4096  B=512:    3.77 2.13 1.13 0.59
-        d=256 m=1024  B=256:  2.39 2.40 0.74 0.48      d=768 m=16384 B=256:    2.22 1.45 0.81 0.38
-        d=256 m=1024  B=1024: 3.22 1.86 0.87 0.44
+        d=32  m=512   B=1024: 1.17 0.68 0.43 0.22      d=256 m=1024 B=256 K=8: 3.41 1.74 1.05 0.50
+        d=64  m=2048  B=1024: 1.86 0.98 0.58 0.26      d=768 m=4096  B=512:    3.39 1.97 0.94 0.44
+        d=256 m=1024  B=256:  4.99 1.50 0.80 0.44      d=768 m=16384 B=256:    1.90 1.11 0.59 0.33
+        d=256 m=1024  B=1024: 3.18 1.44 0.93 0.47
 
-    so the sparse path wins up to k/m ~ 1/16 (about 1/8 at large d, where it is a tie) and only up to
-    ~1/32 at d = 32, where the dense matmul is cheap. At k/m = 1/512 (d=768, m=16384, k=32, batch 1024)
-    it is 14-20x faster (`saekit bench`'s sparse_decode_speedup). The rule depends only on the shapes, so
-    a run takes the same path every time. It has not been measured on GPUs: the same thresholds apply
-    there (`device` is in the signature so that a device-specific rule can be added without callers changing).
+    so the sparse path wins up to k/m = 1/16 at d >= 64 (0.98, a tie, at d = 64) and up to 1/32 at d = 32,
+    where the dense matmul is cheap. At k/m = 1/512 (d=768, m=16384, k=32, batch 1024) it is 12-18x faster
+    (`saekit bench`'s sparse_decode_speedup at 1-2 threads). The rule depends only on the shapes, so a run
+    takes the same path every time. It has not been measured on GPUs: the same thresholds apply there
+    (`device` is in the signature so that a device-specific rule can be added without callers changing).
     """
     if d >= 64:
         return k * 16 <= dict_size
