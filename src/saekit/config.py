@@ -155,7 +155,7 @@ class SourceConfig(_Section):
 # for the toy-data measurements behind them).
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "relu": {"l1": DEFAULT_L1},
-    "gated": {"l1": 0.3, "decoder_bias": True},
+    "gated": {"l1": 0.001, "decoder_bias": True},
     "topk": {"decoder_bias": True},
     "batchtopk": {"decoder_bias": True},
     "jumprelu": {"decoder_bias": True},
@@ -208,11 +208,11 @@ class SAEConfig(_Section):
         le=1,
         description="batchtopk: weight of each batch in the running mean of the smallest kept activation (the inference threshold)",
     )
-    l0_coef: float | list[float] = Field(1e-3, description="jumprelu: coefficient lambda of the L0 penalty (a list is a grid axis)")
+    l0_coef: float | list[float] = Field(3e-5, description="jumprelu: coefficient lambda of the L0 penalty (a list is a grid axis)")
     jump_bandwidth: float = Field(
-        0.001, gt=0, description="jumprelu: width epsilon of the rectangle kernel of the straight-through estimator"
+        0.03, gt=0, description="jumprelu: width epsilon of the rectangle kernel of the straight-through estimator"
     )
-    jump_init_threshold: float = Field(0.001, gt=0, description="jumprelu: initial threshold theta of every latent")
+    jump_init_threshold: float = Field(0.05, gt=0, description="jumprelu: initial threshold theta of every latent")
     decoder_bias: bool = Field(
         False, description="add a decoder bias b_d (subtracted before encoding); off in the report, on for the later architectures"
     )
