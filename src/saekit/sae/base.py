@@ -64,7 +64,10 @@ class SparseAutoencoder(nn.Module):
         raise NotImplementedError
 
     def decode(self, c: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """c: (K, B, m) -> x_hat = c W_dec (+ b_dec): (K, B, d). The dense decoder every architecture shares."""
+        x_hat = torch.bmm(c, self.W_dec)
+        b_dec = getattr(self, "b_dec", None)
+        return x_hat if b_dec is None else x_hat + b_dec[:, None, :]
 
     def loss_terms(self, x: torch.Tensor, x_hat: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -82,8 +85,8 @@ class SparseAutoencoder(nn.Module):
     def resample_latents(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
         """Re-initialise dead latents on inputs the SAE reconstructs badly (Bricken et al. 2023, "Towards Monosemanticity").
 
-        For the common layout W_enc (K, d, m), b_enc (K, m), W_dec (K, m, d), b_dec (K, d) or None;
-        architectures with other parameters override it (or extend it for their own).
+        The loop is shared; what a re-initialised latent's parameters become is `reinit_latents`, which
+        architectures with other parameters than W_enc, b_enc, W_dec, b_dec override.
 
         dead: (K, m) bool; x: (N, d) recent inputs. For each member, inputs are drawn with probability
         proportional to their squared reconstruction error; a dead latent's decoder row becomes the
@@ -105,16 +108,22 @@ class SparseAutoencoder(nn.Module):
             enc_norms = self.W_enc[k].norm(dim=0)  # (m,)
             live = ~dead[k]
             scale = 0.2 * (enc_norms[live].mean() if live.any() else torch.tensor(1.0, device=x.device))
-            self.W_dec[k, idx] = dirs
-            self.W_enc[k][:, idx] = dirs.T * scale
-            self.b_enc[k, idx] = 0.0
-            for param, index in ((self.W_dec, (k, idx)), (self.W_enc, (k, slice(None), idx)), (self.b_enc, (k, idx))):
+            for param, index in self.reinit_latents(k, idx, dirs, scale):
                 state = optimizer.state.get(param, {})
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in state:
                         state[key][index] = 0.0
             total += idx.numel()
         return total
+
+    @torch.no_grad()
+    def reinit_latents(self, k: int, idx: torch.Tensor, dirs: torch.Tensor, scale: torch.Tensor) -> list[tuple[nn.Parameter, tuple]]:
+        """Member k's latents `idx` get decoder rows `dirs` (n, d), encoder columns dirs * scale and bias 0.
+        Returns the (parameter, index) slots set, whose Adam moments the caller zeroes."""
+        self.W_dec[k, idx] = dirs
+        self.W_enc[k][:, idx] = dirs.T * scale
+        self.b_enc[k, idx] = 0.0
+        return [(self.W_dec, (k, idx)), (self.W_enc, (k, slice(None), idx)), (self.b_enc, (k, idx))]
 
     def training_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of a training step, each (K,), plus 'codes' (K, B, m) detached."""

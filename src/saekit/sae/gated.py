@@ -95,13 +95,6 @@ class GatedSAE(SparseAutoencoder):
         """x: (B, d) or (K, B, d) -> codes c: (K, B, m)."""
         return self.codes_from(*self.gate_and_magnitude(x))
 
-    def decode(self, c: torch.Tensor) -> torch.Tensor:
-        """c: (K, B, m) -> x_hat: (K, B, d)."""
-        x_hat = torch.bmm(c, self.W_dec)
-        if self.b_dec is not None:
-            x_hat = x_hat + self.b_dec[:, None, :]
-        return x_hat
-
     def decode_frozen(self, c: torch.Tensor) -> torch.Tensor:
         """Like `decode`, through detached W_dec and b_dec (the auxiliary path): (K, B, m) -> (K, B, d)."""
         x_hat = torch.bmm(c, self.W_dec.detach())
@@ -146,38 +139,12 @@ class GatedSAE(SparseAutoencoder):
         return {"reconstruction": reconstruction, "sparsity": sparsity, "auxiliary": auxiliary, "loss": loss, "codes": c.detach()}
 
     @torch.no_grad()
-    def resample_latents(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
-        """Re-initialise dead latents as the base class does (Bricken et al. 2023), for the gated layout.
-
-        dead: (K, m) bool; x: (N, d). Inputs are drawn with probability proportional to their squared
-        reconstruction error; a dead latent's decoder row becomes the normalised input (minus b_dec), its
-        gate direction that row scaled to 0.2 x the mean norm of the live gate directions, b_gate and b_mag 0,
-        r_mag 0 (magnitude path = gate path), and the Adam moments of all of these 0. Returns the count."""
-        x_hat, _ = self(x)
-        sq_err = (x_hat - x).pow(2).sum(dim=2)  # (K, N)
-        total = 0
-        for k in range(self.n_members):
-            idx = dead[k].nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            weights = sq_err[k].double().cpu()
-            weights = weights if weights.sum() > 0 else torch.ones_like(weights)
-            picks = torch.multinomial(weights, idx.numel(), replacement=True, generator=generator).to(x.device)
-            xin = x[picks] if self.b_dec is None else x[picks] - self.b_dec[k]
-            dirs = xin / xin.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n_dead, d)
-            live = ~dead[k]
-            enc_norms = self.W_enc[k].norm(dim=0)  # (m,)
-            scale = 0.2 * (enc_norms[live].mean() if live.any() else torch.tensor(1.0, device=x.device))
-            self.W_dec[k, idx] = dirs
-            self.W_enc[k][:, idx] = dirs.T * scale
-            for bias in (self.b_gate, self.r_mag, self.b_mag):
-                bias[k, idx] = 0.0
-            slots = [(self.W_dec, (k, idx)), (self.W_enc, (k, slice(None), idx))]
-            slots += [(p, (k, idx)) for p in (self.b_gate, self.r_mag, self.b_mag)]
-            for param, index in slots:
-                state = optimizer.state.get(param, {})
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in state:
-                        state[key][index] = 0.0
-            total += idx.numel()
-        return total
+    def reinit_latents(self, k: int, idx: torch.Tensor, dirs: torch.Tensor, scale: torch.Tensor) -> list[tuple[nn.Parameter, tuple]]:
+        """The base class's resampling (Bricken et al. 2023) for the gated layout: decoder rows `dirs`, gate
+        directions dirs * scale, b_gate, b_mag and r_mag 0 (magnitude path = gate path)."""
+        self.W_dec[k, idx] = dirs
+        self.W_enc[k][:, idx] = dirs.T * scale
+        for bias in (self.b_gate, self.r_mag, self.b_mag):
+            bias[k, idx] = 0.0
+        biases = [(p, (k, idx)) for p in (self.b_gate, self.r_mag, self.b_mag)]
+        return [(self.W_dec, (k, idx)), (self.W_enc, (k, slice(None), idx)), *biases]

@@ -153,13 +153,6 @@ class JumpReLUSAE(SparseAutoencoder):
         """x: (B, d) or (K, B, d) -> codes (K, B, m); differentiable in theta through the STE."""
         return JumpReLUFunction.apply(self.pre_activations(x), self.threshold(), self.bandwidth)
 
-    def decode(self, c: torch.Tensor) -> torch.Tensor:
-        """c: (K, B, m) -> x_hat: (K, B, d)."""
-        x_hat = torch.bmm(c, self.W_dec)
-        if self.b_dec is not None:
-            x_hat = x_hat + self.b_dec[:, None, :]
-        return x_hat
-
     def sparsity_coef(self) -> torch.Tensor:
         return self.l0_coef
 

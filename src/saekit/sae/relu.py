@@ -132,13 +132,6 @@ class ReluSAE(SparseAutoencoder):
             x = x - self.b_dec[:, None, :]
         return torch.relu(torch.matmul(x, self.W_enc) + self.b_enc[:, None, :])
 
-    def decode(self, c: torch.Tensor) -> torch.Tensor:
-        """c: (K, B, m) -> x_hat: (K, B, d)."""
-        x_hat = torch.bmm(c, self.W_dec)
-        if self.b_dec is not None:
-            x_hat = x_hat + self.b_dec[:, None, :]
-        return x_hat
-
     def sparsity_coef(self) -> torch.Tensor:
         return self.l1_coef
 

@@ -134,11 +134,6 @@ class TopKSAE(SparseAutoencoder):
         """x: (B, d) or (K, B, d) -> dense codes c: (K, B, m) with at most k[i] nonzeros per sample."""
         return self._dense(*self.top_k(self.pre_activations(x)))
 
-    def decode(self, c: torch.Tensor) -> torch.Tensor:
-        """c: (K, B, m) -> x_hat: (K, B, d)."""
-        x_hat = torch.bmm(c, self.W_dec)
-        return x_hat if self.b_dec is None else x_hat + self.b_dec[:, None, :]
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, d) -> (x_hat (K, B, d), c (K, B, m)); the reconstruction is decoded sparsely."""
         values, indices = self.top_k(self.pre_activations(x))
