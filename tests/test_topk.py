@@ -10,6 +10,7 @@ import torch
 from saekit.config import Config, parse_config
 from saekit.io import load_sae, save_checkpoint
 from saekit.sae import ARCHITECTURES, BatchTopKSAE, TopKSAE
+from saekit.sae.sparse_decode import decode_path
 from saekit.sources import make_source
 from saekit.train.evaluate import evaluate
 from saekit.train.loop import make_state, optimisation_step, train
@@ -172,6 +173,17 @@ def test_batchtopk_keeps_k_times_b_across_the_batch():
     torch.testing.assert_close(codes, expected)
     # the first batch sets the threshold to its smallest kept activation
     assert sae.threshold.tolist() == [4.5, 3.0]
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_batchtopk_reconstruction_by_hand(path):
+    sae = _identity(BatchTopKSAE, 3, [1, 2])
+    x = torch.tensor([[5.0, 4.5, 0.5], [4.0, 3.0, 2.0]])
+    with decode_path(path):
+        rec = sae.training_loss(x)["reconstruction"]
+    # identity decoder: x_hat = the codes of the test above. Member 0 errors (0, 0, 0.5), (4, 3, 2): 29.25 / 6;
+    # member 1 errors (0, 0, 0.5), (0, 0, 2): 4.25 / 6
+    torch.testing.assert_close(rec, torch.tensor([29.25 / 6, 4.25 / 6]))
 
 
 def test_batchtopk_kb_nonzero_on_random_inputs():

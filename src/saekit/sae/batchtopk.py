@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from saekit.sae.sparse_decode import decode_batch_topk
 from saekit.sae.topk import TopKSAE
 
 
@@ -27,7 +28,7 @@ class BatchTopKSAE(TopKSAE):
     """K BatchTopK SAEs; member i keeps k[i]*B activations per training batch of B samples.
 
     Parameters as `TopKSAE`; one more persistent buffer, `threshold` (K,), the inference threshold.
-    Training decodes the dense codes with a bmm (a sample's number of active latents varies).
+    Training decodes the kept entries with `decode_batch_topk` (sparse or dense, whichever is faster for the shape).
     """
 
     arch = "batchtopk"
@@ -68,18 +69,17 @@ class BatchTopKSAE(TopKSAE):
         c = self.encode(x)
         return self.decode(c), c
 
-    def batch_top_k(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pre: (K, B, m) -> (dense codes (K, B, m), smallest kept activation per member (K,), NaN when none
-        is positive). Member i keeps its k[i]*B largest ReLU activations over the whole batch."""
+    def batch_top_k(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pre: (K, B, m) -> (values (K, n), flat_indices (K, n) into the flattened (B, m) codes, smallest kept
+        activation per member (K,), NaN when none is positive), n = max(k) * B. Member i keeps its k[i]*B largest
+        ReLU activations over the whole batch; its entries beyond those (and any that are not positive) are 0."""
         K, B, m = pre.shape
-        flat = pre.relu().reshape(K, B * m)
-        values, indices = flat.topk(min(max(self.k_values) * B, B * m), dim=1, sorted=True)  # (K, max k * B)
+        values, indices = pre.relu().reshape(K, B * m).topk(min(max(self.k_values) * B, B * m), dim=1, sorted=True)
         kept = torch.arange(values.shape[1], device=pre.device)[None, :] < self.k_per_member[:, None] * B
         kept = kept & (values > 0)
         values = values * kept
-        codes = torch.zeros_like(flat).scatter(1, indices, values).view(K, B, m)
         smallest = values.detach().masked_fill(~kept, float("inf")).amin(dim=1)
-        return codes, torch.where(kept.any(dim=1), smallest, torch.full_like(smallest, float("nan")))
+        return values, indices, torch.where(kept.any(dim=1), smallest, torch.full_like(smallest, float("nan")))
 
     @torch.no_grad()
     def update_threshold(self, smallest: torch.Tensor) -> None:
@@ -91,7 +91,11 @@ class BatchTopKSAE(TopKSAE):
 
     def train_reconstruction(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch top-k training path (updates `threshold`): (x_hat, dense codes detached, fired (K, m))."""
-        codes, smallest = self.batch_top_k(pre)
+        K, B, m = pre.shape
+        values, indices, smallest = self.batch_top_k(pre)
         self.update_threshold(smallest)
-        detached = codes.detach()
-        return self.decode(codes), detached, (detached > 0).any(dim=1)
+        x_hat = decode_batch_topk(values, indices, self.W_dec, B)
+        if self.b_dec is not None:
+            x_hat = x_hat + self.b_dec[:, None, :]
+        codes = torch.zeros(K, B * m, dtype=values.dtype, device=values.device).scatter(1, indices, values.detach()).view(K, B, m)
+        return x_hat, codes, (codes > 0).any(dim=1)
