@@ -11,7 +11,9 @@ auxiliary loss (AuxK) gives latents that have stopped firing a gradient:
 
 A latent is dead when it has not fired for `dead_after` training samples; the
 count lives in the persistent buffer `samples_since_fired` (K, m), so it
-survives checkpoints. The total loss is reconstruction + aux_coef * AuxK, with
+survives checkpoints. The total loss is reconstruction + aux_coef * AuxK (Gao et al.
+use aux_coef = 1/32 and a 10M-token window; the defaults here, 0.25 and 20k
+samples, are what the toy data needed, see saekit.config), with
 the reconstruction term the same MSE (mean over batch and d) as the ReLU SAE;
 Gao et al. normalise both terms by the input variance instead, which leaves
 their ratio, and with Adam the training, unchanged.
@@ -49,8 +51,8 @@ class TopKSAE(SparseAutoencoder):
         seeds: list[int],
         k: list[int],
         aux_k: int | None = None,
-        aux_coef: float = 1 / 32,
-        dead_after: int = 100_000,
+        aux_coef: float = 0.25,
+        dead_after: int = 20_000,
         decoder_bias: bool = True,
         device: str | torch.device = "cpu",
     ) -> None:
