@@ -39,6 +39,21 @@ class SparseAutoencoder(nn.Module):
     unit_decoder: bool = True
     sparsity_scale: float = 1.0
 
+    def init_dictionary(
+        self, d: int, dict_size: int, seeds: list[int], decoder_bias: bool, device: str | torch.device, encoder_bias: bool = True
+    ) -> None:
+        """Set d, dict_size, n_members, seeds and the parameters every architecture starts from: W_dec (K, m, d)
+        with unit rows drawn from each member's seed, W_enc (K, d, m) its transpose, b_enc (K, m) zeros (unless
+        `encoder_bias` is False) and b_dec (K, d) zeros when `decoder_bias` (else None)."""
+        self.d, self.dict_size, self.n_members = d, dict_size, len(seeds)
+        self.seeds = list(seeds)
+        W_dec = torch.stack([random_unit_rows(dict_size, d, seed) for seed in seeds]).to(device)
+        self.W_dec = nn.Parameter(W_dec)  # (K, m, d)
+        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())  # (K, d, m)
+        if encoder_bias:
+            self.b_enc = nn.Parameter(torch.zeros(self.n_members, dict_size, device=device))  # (K, m)
+        self.b_dec = nn.Parameter(torch.zeros(self.n_members, d, device=device)) if decoder_bias else None  # (K, d)
+
     def init_kwargs(self) -> dict:
         """Keyword arguments that rebuild an SAE of the same shape and hyperparameters (weights aside).
         They are stored in cfg.json, so values must be JSON (numbers, strings, booleans, lists)."""

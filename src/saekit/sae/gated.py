@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saekit.sae.base import SparseAutoencoder, random_unit_rows
+from saekit.sae.base import SparseAutoencoder
 
 
 class GatedSAE(SparseAutoencoder):
@@ -51,16 +51,11 @@ class GatedSAE(SparseAutoencoder):
         super().__init__()
         if len(l1) != len(seeds):
             raise ValueError("one l1 coefficient per member")
-        self.d, self.dict_size, self.n_members = d, dict_size, len(seeds)
-        self.seeds = list(seeds)
+        self.init_dictionary(d, dict_size, seeds, decoder_bias, device, encoder_bias=False)
         K = self.n_members
-        W_dec = torch.stack([random_unit_rows(dict_size, d, seed) for seed in seeds]).to(device)
-        self.W_dec = nn.Parameter(W_dec)  # (K, m, d)
-        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())  # (K, d, m)
         self.b_gate = nn.Parameter(torch.zeros(K, dict_size, device=device))  # (K, m)
         self.r_mag = nn.Parameter(torch.zeros(K, dict_size, device=device))  # (K, m)
         self.b_mag = nn.Parameter(torch.zeros(K, dict_size, device=device))  # (K, m)
-        self.b_dec = nn.Parameter(torch.zeros(K, d, device=device)) if decoder_bias else None  # (K, d)
         self.l1_values = [float(a) for a in l1]
         self.register_buffer("l1_coef", torch.tensor(self.l1_values, dtype=torch.float32, device=device))  # (K,)
 

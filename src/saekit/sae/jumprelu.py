@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from saekit.sae.base import SparseAutoencoder, random_unit_rows
+from saekit.sae.base import SparseAutoencoder
 
 
 def rectangle_window(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -109,17 +109,11 @@ class JumpReLUSAE(SparseAutoencoder):
             raise ValueError("bandwidth and init_threshold must be positive")
         if decoder_norm not in ("unit", "free"):
             raise ValueError(f"decoder_norm must be 'unit' or 'free', got {decoder_norm!r}")
-        self.d, self.dict_size, self.n_members = d, dict_size, len(seeds)
         self.bandwidth, self.init_threshold = float(bandwidth), float(init_threshold)
         self.decoder_norm = decoder_norm
         self.unit_decoder = decoder_norm == "unit"
-        self.seeds = list(seeds)
-        W_dec = torch.stack([random_unit_rows(dict_size, d, seed) for seed in seeds]).to(device)
-        self.W_dec = nn.Parameter(W_dec)  # (K, m, d)
-        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())  # (K, d, m)
-        self.b_enc = nn.Parameter(torch.zeros(self.n_members, dict_size, device=device))  # (K, m)
+        self.init_dictionary(d, dict_size, seeds, decoder_bias, device)
         self.log_threshold = nn.Parameter(torch.full((self.n_members, dict_size), math.log(init_threshold), device=device))
-        self.b_dec = nn.Parameter(torch.zeros(self.n_members, d, device=device)) if decoder_bias else None  # (K, d)
         self.l0_values = [float(a) for a in l0_coef]
         self.register_buffer("l0_coef", torch.tensor(self.l0_values, dtype=torch.float32, device=device))  # (K,)
 

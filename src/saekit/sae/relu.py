@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
-from saekit.sae.base import SparseAutoencoder, random_unit_rows
+from saekit.sae.base import SparseAutoencoder
 
 
 class _FusedReluLoss(torch.autograd.Function):
@@ -99,15 +98,9 @@ class ReluSAE(SparseAutoencoder):
             raise ValueError(f"l1_reduction must be 'mean' or 'sum', got {l1_reduction!r}")
         if decoder_norm not in ("unit", "free"):
             raise ValueError(f"decoder_norm must be 'unit' or 'free', got {decoder_norm!r}")
-        self.d, self.dict_size, self.n_members = d, dict_size, len(seeds)
         self.l1_reduction, self.decoder_norm = l1_reduction, decoder_norm
         self.unit_decoder = decoder_norm == "unit"
-        self.seeds = list(seeds)
-        W_dec = torch.stack([random_unit_rows(dict_size, d, seed) for seed in seeds]).to(device)
-        self.W_dec = nn.Parameter(W_dec)  # (K, m, d)
-        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())  # (K, d, m)
-        self.b_enc = nn.Parameter(torch.zeros(self.n_members, dict_size, device=device))  # (K, m)
-        self.b_dec = nn.Parameter(torch.zeros(self.n_members, d, device=device)) if decoder_bias else None  # (K, d)
+        self.init_dictionary(d, dict_size, seeds, decoder_bias, device)
         self.l1_values = [float(a) for a in l1]
         self.register_buffer("l1_coef", torch.tensor(l1, dtype=torch.float32, device=device))  # (K,)
 

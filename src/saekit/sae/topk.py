@@ -27,9 +27,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from saekit.sae.base import SparseAutoencoder, random_unit_rows
+from saekit.sae.base import SparseAutoencoder
 from saekit.sae.sparse_decode import decode_topk
 
 
@@ -65,14 +64,9 @@ class TopKSAE(SparseAutoencoder):
             raise ValueError(f"aux_k must be positive, got {aux_k}")
         if aux_coef < 0 or dead_after <= 0:
             raise ValueError("aux_coef must be >= 0 and dead_after > 0")
-        self.d, self.dict_size, self.n_members = d, dict_size, len(seeds)
-        self.seeds, self.k_values = list(seeds), [int(v) for v in k]
+        self.k_values = [int(v) for v in k]
         self.aux_k, self.aux_coef, self.dead_after = aux_k, float(aux_coef), int(dead_after)
-        W_dec = torch.stack([random_unit_rows(dict_size, d, seed) for seed in seeds]).to(device)
-        self.W_dec = nn.Parameter(W_dec)  # (K, m, d)
-        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())  # (K, d, m)
-        self.b_enc = nn.Parameter(torch.zeros(self.n_members, dict_size, device=device))  # (K, m)
-        self.b_dec = nn.Parameter(torch.zeros(self.n_members, d, device=device)) if decoder_bias else None  # (K, d)
+        self.init_dictionary(d, dict_size, seeds, decoder_bias, device)
         self.register_buffer("k_per_member", torch.tensor(self.k_values, device=device), persistent=False)  # (K,)
         self.register_buffer("samples_since_fired", torch.zeros(self.n_members, dict_size, dtype=torch.long, device=device))
 
