@@ -399,12 +399,20 @@ def main() -> None:
         _fail_plain(str(err), 2)
     except KeyboardInterrupt:
         _fail_plain("interrupted", 130)
+    except OSError as err:  # the system refused (disk full, permissions): not bad input, so exit 1
+        _fail_plain(_os_error_line(err), 1)
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
         import click
 
         if isinstance(err, click.ClickException):
             _fail_plain(err.format_message(), 2)
         _fail_plain(f"{type(err).__name__}: {err}", 1)
+
+
+def _os_error_line(err: OSError) -> str:
+    """'FILE: no space left on device' (the file named when known)."""
+    reason = err.strerror.lower() if err.strerror else (str(err) or "unknown system error")
+    return f"{err.filename}: {reason}" if err.filename else f"{type(err).__name__}: {reason}"
 
 
 def _fail_plain(message: str, code: int) -> NoReturn:

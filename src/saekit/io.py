@@ -4,12 +4,20 @@
 the samples seen, and the SHA-256 of each tensor file, which `load` checks so
 that a truncated or altered file is refused. A checkpoint may also hold
 `optimizer.safetensors` (Adam's state) to resume training.
+
+Rewriting a checkpoint replaces several files, so it goes through cfg.json: the new tensor files are
+written next to the old ones as `.NAME.next`, then cfg.json (naming their hashes) replaces the old one
+(the commit), then each `.NAME.next` is renamed to NAME. A failure (disk full) before the commit leaves
+the previous checkpoint as it was; a kill after it leaves a folder whose cfg.json's hashes are found in
+NAME or `.NAME.next`, which `load` reads and the next save settles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +53,19 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     latent_stats: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `folder/sae.safetensors` (+ optimizer state) and then `folder/cfg.json`, each atomically.
+    """Write `folder/sae.safetensors` (+ optimizer state, latent statistics) and `folder/cfg.json`.
 
-    cfg.json is written last, so a folder whose cfg.json names hashes that match is complete.
+    The tensor files are staged first and cfg.json is the commit (see the module's docstring): whatever
+    happens, the folder holds either the previous checkpoint or this one, never a mix.
     """
     folder = Path(folder)
-    hashes = {WEIGHTS_NAME: atomic_save_tensors(dict(sae.state_dict()), folder / WEIGHTS_NAME)}
+    _settle(folder)
+    files = {WEIGHTS_NAME: dict(sae.state_dict())}
     if optimizer is not None:
-        hashes[OPTIMIZER_NAME] = atomic_save_tensors(_optimizer_tensors(sae, optimizer), folder / OPTIMIZER_NAME)
+        files[OPTIMIZER_NAME] = _optimizer_tensors(sae, optimizer)
     if latent_stats is not None:
-        hashes[LATENTS_NAME] = atomic_save_tensors(latent_stats, folder / LATENTS_NAME)
+        files[LATENTS_NAME] = latent_stats
+    hashes: dict[str, str] = {}
     cfg = {
         "format_version": FORMAT_VERSION,
         "arch": sae.arch,
@@ -64,8 +75,54 @@ def save_checkpoint(
         "config": config or {},
         **(extra or {}),
     }
-    atomic_write_bytes(folder / CFG_NAME, json.dumps(cfg, indent=2).encode())
+    try:
+        for name, tensors in files.items():
+            hashes[name] = _stage(tensors, folder, name)
+        atomic_write_bytes(folder / CFG_NAME, json.dumps(cfg, indent=2).encode())  # the commit
+    except BaseException:
+        with contextlib.suppress(OSError):  # (if this fails too, the next save settles the folder)
+            _settle(folder)  # staged files go, unless cfg.json was committed and names them (then they are renamed)
+        raise
+    for name in files:
+        os.replace(_next(folder, name), folder / name)
     return folder
+
+
+def _stage(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> str:
+    """Write `folder/.name.next`; returns its SHA-256. A failed write names `folder/name` (what the user knows)."""
+    try:
+        return atomic_save_tensors(tensors, _next(folder, name))
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(folder / name)) from err
+
+
+def _next(folder: Path, name: str) -> Path:
+    """Where a rewrite stages the new `name` until cfg.json names it."""
+    return folder / f".{name}.next"
+
+
+def _settle(folder: Path) -> None:
+    """Finish a rewrite a kill interrupted after its commit (rename each `.NAME.next` cfg.json names), and
+    drop staged files of one interrupted before it and temporary files, so that a new rewrite may stage its own."""
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(".*.tmp"):  # temporary files of atomic writes a kill interrupted
+        tmp.unlink(missing_ok=True)
+    staged = sorted(folder.glob(".*.next"))
+    if not staged:
+        return
+    try:
+        hashes = read_cfg(folder)["sha256"]
+    except InputError:
+        hashes = {}
+    for path in staged:
+        name = path.name[1 : -len(".next")]
+        if hashes.get(name) is not None and sha256_of_file(path) == hashes[name]:
+            os.replace(path, folder / name)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def read_cfg(folder: str | Path) -> dict[str, Any]:
@@ -110,12 +167,19 @@ def _is_number(v: Any) -> bool:
 
 
 def _load_checked(folder: Path, name: str, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of `folder/name` whose SHA-256 is the one cfg.json records (or of the staged `.name.next`
+    of a rewrite killed after its commit); InputError naming the file otherwise."""
     path = folder / name
     if not path.is_file():
         raise InputError(f"checkpoint file missing: {path}")
     expected = cfg["sha256"].get(name)
-    if expected is not None and sha256_of_file(path) != expected:
-        raise InputError(f"checkpoint file corrupt (checksum mismatch): {path}")
+    if not isinstance(expected, str):
+        raise InputError(f"{folder / CFG_NAME}: no checksum recorded for {name}")
+    if sha256_of_file(path) != expected:
+        staged = _next(folder, name)
+        if not (staged.is_file() and sha256_of_file(staged) == expected):
+            raise InputError(f"checkpoint file corrupt (checksum mismatch): {path}")
+        path = staged
     try:
         return load_file(str(path))
     except Exception as err:
@@ -128,11 +192,21 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
     cfg = read_cfg(folder)
     arch = ARCHITECTURES[cfg["arch"]]
     accepted = [name for name in inspect.signature(arch.__init__).parameters if name not in ("self", "device")]
+    tensors = _load_checked(folder, WEIGHTS_NAME, cfg)
+    # Before building (which allocates what cfg.json says): the decoder must be the size cfg.json says, so an
+    # absurd d, dict_size or seed list is refused here instead of allocated.
+    want = (len(cfg["seeds"]), cfg["dict_size"], cfg["d"])
+    got = tuple(tensors["W_dec"].shape) if "W_dec" in tensors else None
+    if got != want:
+        raise InputError(f"{folder / WEIGHTS_NAME}: tensors do not match cfg.json (W_dec {got}, cfg.json (seeds, dict_size, d) {want})")
     try:
         sae = arch(**{name: cfg[name] for name in accepted if name in cfg})
     except (TypeError, ValueError, RuntimeError) as err:
         raise InputError(f"{folder / CFG_NAME}: bad values ({str(err).splitlines()[0]})") from None
-    tensors = _load_checked(folder, WEIGHTS_NAME, cfg)
+    expected = sae.state_dict()
+    for name, t in tensors.items():
+        if name in expected and t.dtype != expected[name].dtype:
+            raise InputError(f"{folder / WEIGHTS_NAME}: tensors do not match cfg.json ({name} is {t.dtype}, not {expected[name].dtype})")
     try:
         sae.load_state_dict(tensors)
     except RuntimeError as err:

@@ -71,7 +71,7 @@ def read_dictionary_learning(folder: Path) -> ForeignSAE:
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     trainer = _trainer_config(config_path)
     dict_class = trainer.get("dict_class")
-    if dict_class not in CLASSES:
+    if not isinstance(dict_class, str) or dict_class not in CLASSES:
         known = ", ".join(CLASSES)
         raise InputError(f"{config_path}: dictionary_learning class {dict_class!r} has no saekit counterpart (saekit reads {known})")
     arch, names, b_dec_on_input = CLASSES[dict_class]

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from saekit import __version__
-from saekit.atomic import atomic_save_tensors, atomic_write_bytes
+from saekit.atomic import atomic_save_tensors, atomic_write_bytes, replace_together
 from saekit.errors import InputError
 from saekit.interop.weights import ForeignSAE
 from saekit.io import fold_input_scale
@@ -45,7 +45,10 @@ def read_saelens(folder: Path) -> ForeignSAE:
     """The SAE in a SAELens folder, acting on raw activations; InputError on anything saekit cannot represent."""
     cfg_path, weights_path = folder / CFG_NAME, folder / WEIGHTS_NAME
     cfg = _read_json_object(cfg_path)
-    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    metadata = cfg.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{cfg_path}: metadata must be an object, got {type(metadata).__name__}")
+    version = cfg.get("sae_lens_version") or metadata.get("sae_lens_version")
     theirs = _architecture(cfg, cfg_path, pre_6=not version)
     if theirs not in TO_SAEKIT:
         known = ", ".join(sorted(TO_SAEKIT))
@@ -75,7 +78,7 @@ def read_saelens(folder: Path) -> ForeignSAE:
         "path": str(folder.resolve()),
         "sae_lens_version": version,
         **{k: cfg[k] for k in ("apply_b_dec_to_input", "normalize_activations", "reshape_activations") if k in cfg},
-        **{k: v for k, v in (cfg.get("metadata") or {}).items() if k in ("model_name", "hook_name", "hook_head_index")},
+        **{k: v for k, v in metadata.items() if k in ("model_name", "hook_name", "hook_head_index")},
     }
     return ForeignSAE(arch, tensors, b_dec_on_input=bool(cfg.get("apply_b_dec_to_input", True)), hyper=hyper, source=source)
 
@@ -115,7 +118,8 @@ def _positive_int(cfg: dict[str, Any], key: str, where: Path) -> int:
 
 
 def _k(cfg: dict[str, Any], d_sae: int, where: Path) -> int:
-    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    kwargs = cfg.get("activation_fn_kwargs")
+    k = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
     if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= d_sae:
         raise InputError(f"{where}: k must be an integer in 1..d_sae ({d_sae}), got {k!r}")
     return k
@@ -157,7 +161,7 @@ def _fold_decoder_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def _saekit_hints(cfg: dict[str, Any], arch: str, hyper: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
     """A folder written by `export_saelens` records the saekit SAE's init kwargs in metadata['saekit']: use them
     (seeds, sparsity knob, training options), and read a jumprelu with one shared threshold back as batchtopk."""
-    hints = (cfg.get("metadata") or {}).get("saekit")
+    hints = (cfg.get("metadata") or {}).get("saekit")  # metadata is an object (read_saelens checked)
     if not isinstance(hints, dict) or not isinstance(hints.get("init_kwargs"), dict):
         return arch, hyper
     wanted = hints.get("arch")
@@ -235,8 +239,9 @@ def write_saelens(
     metadata: dict[str, Any] | None = None,
     log_feature_density: torch.Tensor | None = None,
 ) -> Path:
-    """Write `sae` (one member, acting on raw activations) as a SAELens folder: sae_weights.safetensors, then
-    cfg.json (each atomically), and sparsity.safetensors ('sparsity': log10 feature density (m,)) when given."""
+    """Write `sae` (one member, acting on raw activations) as a SAELens folder: sae_weights.safetensors,
+    cfg.json and sparsity.safetensors ('sparsity': log10 feature density (m,)) when given, all written in
+    full before any replaces a file of a previous export."""
     theirs, tensors, extra = saelens_tensors(sae)
     cfg = {
         "architecture": theirs,
@@ -250,8 +255,9 @@ def write_saelens(
         **extra,
         "metadata": {"sae_lens_version": LAYOUT_VERSION, "saekit_version": __version__, **(metadata or {})},
     }
-    atomic_save_tensors(tensors, out_dir / WEIGHTS_NAME)
+    writes = {out_dir / WEIGHTS_NAME: lambda path: atomic_save_tensors(tensors, path)}
     if log_feature_density is not None:
-        atomic_save_tensors({"sparsity": log_feature_density.float().cpu()}, out_dir / SPARSITY_NAME)
-    atomic_write_bytes(out_dir / CFG_NAME, json.dumps(cfg, indent=2).encode())
+        writes[out_dir / SPARSITY_NAME] = lambda path: atomic_save_tensors({"sparsity": log_feature_density.float().cpu()}, path)
+    writes[out_dir / CFG_NAME] = lambda path: atomic_write_bytes(path, json.dumps(cfg, indent=2).encode())
+    replace_together(writes)  # a failed write (disk full) leaves a previous export whole, not a mix of two
     return out_dir
