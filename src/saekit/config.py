@@ -119,7 +119,7 @@ class SourceConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _kind_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("kind") in KIND_DEFAULTS:
+        if isinstance(data, dict) and isinstance(data.get("kind"), str) and data["kind"] in KIND_DEFAULTS:
             data = {**KIND_DEFAULTS[data["kind"]], **data}
         return data
 
@@ -249,7 +249,7 @@ class SAEConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _arch_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("arch") in ARCH_DEFAULTS:
+        if isinstance(data, dict) and isinstance(data.get("arch"), str) and data["arch"] in ARCH_DEFAULTS:
             data = {**ARCH_DEFAULTS[data["arch"]], **data}
         return data
 
@@ -415,12 +415,18 @@ def format_validation_error(err: ValidationError) -> str:
     """One line naming each bad key and why."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after[_check(), SourceConfig]",))
+        loc = ".".join(_printable(p) for p in e["loc"] if p not in ("function-after[_check(), SourceConfig]",))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown config key"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "bad config: " + "; ".join(parts)
+
+
+def _printable(part: object) -> str:
+    """A key as it reads in a one-line message: quoted when it holds a line break or other unprintable character."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
 
 
 def set_override(data: dict, key: str, raw_value: str) -> None:
@@ -430,8 +436,8 @@ def set_override(data: dict, key: str, raw_value: str) -> None:
         raise InputError(f"bad --set key {key!r}")
     try:
         value = yaml.safe_load(raw_value)
-    except yaml.YAMLError:
-        value = raw_value
+    except Exception:  # noqa: BLE001 - YAMLError, PyYAML's constructors' ValueError, KeyError (2001-13-45, !!bool maybe), RecursionError
+        value = raw_value  # not YAML: the text itself, which validation then accepts or refuses
     node = data
     for p in path[:-1]:
         child = node.setdefault(p, {})
@@ -462,6 +468,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             where = getattr(err, "problem_mark", None)
             line = f" (line {where.line + 1})" if where is not None else ""
             raise InputError(f"config is not valid YAML: {p}{line}") from None
+        except Exception as err:  # noqa: BLE001 - PyYAML's constructors raise ValueError, KeyError (a date 2001-13-45), RecursionError
+            why = str(err).splitlines()[0] if str(err) else ""
+            raise InputError(f"config is not valid YAML: {p} ({type(err).__name__}: {why})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -7,12 +7,17 @@ from scipy.optimize import linear_sum_assignment
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of a (n, d) with every row of b (k, d): (n, k), float64."""
+    """Cosine similarity of every row of a (n, d) with every row of b (k, d): (n, k), float64.
+
+    An all-zero row has no direction and gets cosine 0 with everything. Any other row is scaled to unit
+    norm however small it is (the norm is taken in float64, where no nonzero float32 row's norm is 0)."""
+    return _unit_rows(a) @ _unit_rows(b).T
+
+
+def _unit_rows(a: torch.Tensor) -> torch.Tensor:
     a = a.double()
-    b = b.double()
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return a @ b.T
+    norms = a.norm(dim=1, keepdim=True)
+    return a / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 def max_cosines(dictionary: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
