@@ -465,6 +465,56 @@ def test_disk_full_during_report_keeps_the_previous_report(sweeps: dict[str, Pat
     assert (out / "report.html").read_bytes() == before and not _strays(out)
 
 
+def _saekit_with_a_file_size_limit(args: list[object], limit: int) -> subprocess.CompletedProcess:
+    """`saekit ARGS` in a process that may not write any file past `limit` bytes: the kernel fails such writes with
+    EFBIG (Python ignores SIGXFSZ), a real failure of the real writers (safetensors' Rust writer, SQLite, Python's)."""
+    import resource
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "saekit.cli", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and EFBIG as on Linux")
+def test_a_real_write_failure_in_safetensors_writer_is_named(sweeps: dict[str, Path], tmp_path: Path) -> None:
+    """No fake: safetensors' own writer hits the limit writing the export's weights (a 4,000-byte limit; the file
+    is ~4,600 bytes). The message it raises ('... (os error 27)') becomes the file's name and reason, exit 1; the
+    earlier export stays as it was."""
+    first, second = sorted((sweeps["finished"] / "runs").iterdir())
+    dest = tmp_path / "exported"
+    code, _, err = _saekit("export", first, dest, "--format", "saelens")
+    assert code == 0, err
+    assert (dest / "sae_weights.safetensors").stat().st_size > 4000
+    before = _files(dest)
+    done = _saekit_with_a_file_size_limit(["export", second, dest, "--format", "saelens"], 4000)
+    assert _error_line(done.returncode, done.stderr, 1) == f"saekit: error: {dest / 'sae_weights.safetensors'}: file too large"
+    assert _files(dest) == before and not _strays(dest)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and EFBIG as on Linux")
+def test_a_real_write_failure_in_the_run_store_leaves_it_sound(sweeps: dict[str, Path], tmp_path: Path) -> None:
+    """No fake: SQLite cannot grow runs.sqlite's write-ahead log past the limit when the 64s are registered. Exit 1
+    with one line naming the store; the database still opens, passes its integrity check, and the finished runs'
+    rows and files are as they were; with the limit gone the same command trains."""
+    out = _copy(sweeps, "finished", tmp_path)
+    before_rows, before_files = _store(out), _files(out / "runs")
+    done = _saekit_with_a_file_size_limit(["train", *_sets(LARGE), "--out", out, "--json", "--no-progress"], 2000)
+    assert _error_line(done.returncode, done.stderr, 1).startswith("saekit: error: runs.sqlite: ")
+    assert _store(out) == before_rows and _files(out / "runs") == before_files
+    code, stdout, err = _train(out, LARGE)
+    assert code == 0, err
+    assert {r["status"] for r in json.loads(stdout)} == {"done"}
+
+
+def test_the_cli_names_the_run_store_as_the_store_does() -> None:
+    from saekit.cli import RUN_STORE_NAME
+
+    assert RUN_STORE_NAME == RunStore.FILENAME
+
+
 def test_disk_full_when_creating_the_temporary_file(tmp_path: Path, monkeypatch) -> None:
     """No room even for the temporary file's entry: the error names the file to write, not a temporary name."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
@@ -10,6 +11,8 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 
 from saekit.errors import InputError
+
+RUN_STORE_NAME = "runs.sqlite"  # (saekit.store.RunStore.FILENAME, without importing the store here)
 
 app = typer.Typer(
     add_completion=False,
@@ -401,6 +404,8 @@ def main() -> None:
         _fail_plain("interrupted", 130)
     except OSError as err:  # the system refused (disk full, permissions): not bad input, so exit 1
         _fail_plain(_os_error_line(err), 1)
+    except sqlite3.Error as err:  # only the run store uses SQLite (disk full: "disk I/O error"; "database is locked")
+        _fail_plain(f"{RUN_STORE_NAME}: {err}", 1)
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
         import click
 
