@@ -61,19 +61,24 @@ def train(
         Optional[str], typer.Option("--max-memory", help="refuse sweeps estimated to need more, e.g. 12G (default: 80% of available RAM)")
     ] = None,
 ) -> None:
-    """Train every SAE the config describes (one, or a grid from lists), sizes as ensembles in lockstep."""
+    """Train every SAE the config describes (one, or a grid from lists), sizes as ensembles in lockstep.
+
+    Under torchrun the ranks share the work (train.parallel; README, "Running across machines"); rank 0 prints."""
     from saekit.config import load_config
+    from saekit.distributed import distributed_env
     from saekit.train.run import run_config
 
     try:
+        env = distributed_env()
         cfg = load_config(config, set_ or [])
         limit = _memory_limit(max_memory)
-        results, errors = run_config(cfg, out, progress=progress, on_result=None if as_json else _print_summary, max_memory=limit)
+        on_result = None if as_json else _print_summary
+        results, errors = run_config(cfg, out, progress=progress, on_result=on_result, max_memory=limit, dist_env=env)
     except InputError as err:
         _fail(str(err), 2)
-    if as_json:
+    if as_json and env.is_main:
         _print_json(results)
-    for e in errors:
+    for e in errors if env.is_main else []:
         print(f"saekit: error: {e}", file=sys.stderr)
     if errors:
         raise typer.Exit(1)

@@ -335,6 +335,12 @@ class TrainConfig(_Section):
         description="dictionaries smaller than this train only the first of `seeds` (seed consensus needs two only at the largest sizes)",
     )
     device: str = Field("auto", description="auto = CUDA when present, else CPU; or any torch device string")
+    parallel: Literal["members", "data"] = Field(
+        "members",
+        description="under torchrun (more than one process): members = the grid's SAEs are dealt to the ranks, each rank trains "
+        "its share (a sweep); data = every SAE trains on all ranks, each rank on its slice of every batch (batch_size must "
+        "divide by the number of ranks), gradients averaged by DistributedDataParallel (one large SAE). Ignored in a single process",
+    )
     matmul_precision: Literal["highest", "high", "medium"] = Field(
         "highest",
         description="torch.set_float32_matmul_precision during training: highest = plain float32 (default); "

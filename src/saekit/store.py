@@ -45,14 +45,17 @@ CREATE TABLE IF NOT EXISTS history (
 
 
 class RunStore:
-    """A handle on `OUT/runs.sqlite`; creates the folder and tables on first use."""
+    """A handle on `OUT/runs.sqlite` (or another file of OUT: `filename`); creates the folder and tables on first use.
+
+    Under torchrun each rank of a sweep writes its own `OUT/runs.rank{r}.sqlite` (`rank_filename`), which
+    rank 0 merges into `OUT/runs.sqlite` at the end (`merge_rank_stores`)."""
 
     FILENAME = "runs.sqlite"
 
-    def __init__(self, out_dir: str | Path) -> None:
+    def __init__(self, out_dir: str | Path, filename: str | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.out_dir / self.FILENAME
+        self.path = self.out_dir / (filename or self.FILENAME)
         self.db = sqlite3.connect(self.path, timeout=30.0)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -127,6 +130,90 @@ class RunStore:
         for r in self.db.execute("SELECT samples, name, value FROM history WHERE run_id=? ORDER BY samples", (run_id,)):
             rows.setdefault(r["samples"], {"samples": r["samples"]})[r["name"]] = r["value"]
         return list(rows.values())
+
+
+RANK_PATTERN = "runs.rank*.sqlite"
+
+
+def rank_filename(rank: int) -> str:
+    """The store file rank `rank` of a distributed sweep writes: runs.rank{rank}.sqlite."""
+    return f"runs.rank{rank}.sqlite"
+
+
+def rank_store_paths(out_dir: str | Path) -> list[Path]:
+    """The rank files in `out_dir` (of this sweep, or left by an interrupted one of any world size), in rank order."""
+
+    def rank_of(p: Path) -> int:
+        middle = p.name[len("runs.rank") : -len(".sqlite")]
+        return int(middle) if middle.isdigit() else -1
+
+    return sorted((p for p in Path(out_dir).glob(RANK_PATTERN) if rank_of(p) >= 0), key=rank_of)
+
+
+def done_run_ids(out_dir: str | Path) -> set[str]:
+    """Runs marked done in OUT/runs.sqlite or in any rank file of OUT (read without writing)."""
+    done: set[str] = set()
+    for path in [Path(out_dir) / RunStore.FILENAME, *rank_store_paths(out_dir)]:
+        if path.is_file():
+            db = sqlite3.connect(path, timeout=30.0)
+            try:
+                if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone():
+                    done.update(r[0] for r in db.execute("SELECT run_id FROM runs WHERE status='done'"))
+            finally:
+                db.close()
+    return done
+
+
+def _precedence(row: sqlite3.Row | dict[str, Any]) -> tuple[bool, float]:
+    """Which of two rows of one run to keep: a done row over any other, then the more recently updated."""
+    return (row["status"] == "done", float(row["updated"]))
+
+
+def merge_rank_stores(out_dir: str | Path, paths: list[Path] | None = None) -> int:
+    """Merge rank files (default: every `runs.rank*.sqlite` of OUT) into OUT/runs.sqlite in one transaction,
+    then delete them. Returns how many run rows were written.
+
+    Of the rows of one run (in OUT/runs.sqlite and the rank files), a done one wins over any other, then
+    the most recently updated; history rows of the winning file replace, the others only fill gaps. The rank
+    files are removed only after the transaction committed: a crash before leaves everything in place."""
+    paths = rank_store_paths(out_dir) if paths is None else paths
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
+        return 0
+    loaded: list[tuple[list[sqlite3.Row], list[sqlite3.Row]]] = []  # (runs, history) of each file
+    for path in paths:
+        db = sqlite3.connect(path, timeout=30.0)
+        db.row_factory = sqlite3.Row
+        try:
+            runs = list(db.execute("SELECT * FROM runs"))
+            loaded.append((runs, list(db.execute("SELECT run_id, samples, name, value FROM history"))))
+        finally:
+            db.close()
+    with RunStore(out_dir) as main:
+        best = {r["run_id"]: (_precedence(r), -1) for r in main.db.execute("SELECT run_id, status, updated FROM runs")}
+        for i, (runs, _) in enumerate(loaded):  # -1 = the row already in OUT/runs.sqlite
+            for r in runs:
+                if r["run_id"] not in best or _precedence(r) > best[r["run_id"]][0]:
+                    best[r["run_id"]] = (_precedence(r), i)
+        written = 0
+        with main.db:
+            for i, (runs, history) in enumerate(loaded):
+                winners = {r["run_id"] for r in runs if best[r["run_id"]][1] == i}
+                for r in runs:
+                    if r["run_id"] in winners:
+                        cols = ", ".join(r.keys())
+                        main.db.execute(f"INSERT OR REPLACE INTO runs ({cols}) VALUES ({', '.join('?' * len(r))})", tuple(r))
+                        written += 1
+                # the winner's history replaces; a losing copy of a run only fills sample counts the winner lacks
+                for verb, keep in (("IGNORE", False), ("REPLACE", True)):
+                    main.db.executemany(
+                        f"INSERT OR {verb} INTO history (run_id, samples, name, value) VALUES (?, ?, ?, ?)",
+                        [tuple(h) for h in history if (h["run_id"] in winners) == keep],
+                    )
+    for path in paths:
+        for extra in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            extra.unlink(missing_ok=True)
+    return written
 
 
 def _row_dict(row: sqlite3.Row) -> dict[str, Any]:

@@ -97,7 +97,9 @@ class SparseAutoencoder(nn.Module):
         return torch.zeros(self.n_members, device=self.W_dec.device)
 
     @torch.no_grad()
-    def resample_latents(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+    def resample_latents(
+        self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator | list[torch.Generator]
+    ) -> int:
         """Re-initialise dead latents on inputs the SAE reconstructs badly (Bricken et al. 2023, "Towards Monosemanticity").
 
         The loop is shared; what a re-initialised latent's parameters become is `reinit_latents`, which
@@ -107,7 +109,11 @@ class SparseAutoencoder(nn.Module):
         proportional to their squared reconstruction error; a dead latent's decoder row becomes the
         normalised input, its encoder column that direction scaled to 0.2 x the mean norm of the live
         encoder columns, its bias 0, and its Adam moments 0. Returns how many latents were resampled.
+
+        `generator`: one for all members (drawn from in member order), or one per member, so that what a
+        member draws does not depend on which other members share its ensemble (the training loop's way).
         """
+        generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * self.n_members
         x_hat, _ = self(x)
         sq_err = (x_hat - x).pow(2).sum(dim=2)  # (K, N)
         total = 0
@@ -117,7 +123,7 @@ class SparseAutoencoder(nn.Module):
                 continue
             weights = sq_err[k].double().cpu()
             weights = weights if weights.sum() > 0 else torch.ones_like(weights)
-            picks = torch.multinomial(weights, idx.numel(), replacement=True, generator=generator).to(x.device)
+            picks = torch.multinomial(weights, idx.numel(), replacement=True, generator=generators[k]).to(x.device)
             xin = x[picks] if self.b_dec is None else x[picks] - self.b_dec[k]
             dirs = xin / xin.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n_dead, d)
             enc_norms = self.W_enc[k].norm(dim=0)  # (m,)

@@ -32,6 +32,9 @@ class BatchTopKSAE(TopKSAE):
     """
 
     arch = "batchtopk"
+    # Set by data-parallel training (saekit.train.data_parallel.DataParallel): takes the top k*B over every rank's
+    # rows of the batch. None: this process's batch is the whole batch.
+    batch_group: Any = None
 
     def __init__(
         self,
@@ -72,7 +75,10 @@ class BatchTopKSAE(TopKSAE):
     def batch_top_k(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pre: (K, B, m) -> (values (K, n), flat_indices (K, n) into the flattened (B, m) codes, smallest kept
         activation per member (K,), NaN when none is positive), n = max(k) * B. Member i keeps its k[i]*B largest
-        ReLU activations over the whole batch; its entries beyond those (and any that are not positive) are 0."""
+        ReLU activations over the whole batch; its entries beyond those (and any that are not positive) are 0.
+        In data-parallel training the whole batch is every rank's rows (`batch_group`)."""
+        if self.batch_group is not None:
+            return self.batch_group.batch_top_k(self, pre)
         K, B, m = pre.shape
         values, indices = pre.relu().reshape(K, B * m).topk(min(max(self.k_values) * B, B * m), dim=1, sorted=True)
         kept = torch.arange(values.shape[1], device=pre.device)[None, :] < self.k_per_member[:, None] * B

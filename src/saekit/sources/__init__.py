@@ -39,10 +39,19 @@ def stream_batches(source: Source, batch_size: int, stream: int = 0, start_step:
         step += 1
 
 
-def make_source(cfg: SourceConfig, device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> Source:
+def make_source(
+    cfg: SourceConfig,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+    *,
+    shard: tuple[int, int] | None = None,
+    norms: tuple[float, float] | None = None,
+) -> Source:
     """Build the source a config describes (reads and checks files; raises InputError on bad data).
 
     `tms` and `compute` train their model on first use and keep it in `cache_dir` (None: no cache).
+    `activations` only: `shard` = (rank, world size) trains on the shard files i with i % world size == rank;
+    `norms` = (norm_threshold, input_scale) measured elsewhere (another rank's `source.norms`) instead of here.
     """
     # the keys that apply to a kind (the ones its run ids hash) are exactly its source's arguments
     kwargs = {key: value for key, value in cfg.relevant().items() if key != "kind"}
@@ -55,7 +64,7 @@ def make_source(cfg: SourceConfig, device: str | torch.device = "cpu", cache_dir
     if cfg.kind == "activations":
         from saekit.sources.activations import ActivationSource  # reads shards; needs no language-model packages
 
-        source = ActivationSource(**kwargs, device=device)
+        source = ActivationSource(**kwargs, device=device, shard=shard, norms=norms)
         if "d" in cfg.model_fields_set and cfg.d != source.d:
             raise InputError(f"source.d is {cfg.d} but {cfg.path} holds activations of width {source.d}")
         return source

@@ -16,6 +16,10 @@ a request for any other step than the next one replays the buffer's bookkeeping 
 (no data read) and then loads the buffer's rows, so a resumed sweep sees exactly the batches it would
 have seen. With `normalize`, every batch is multiplied by `input_scale` = sqrt(d / E||x||²), measured
 on a spread sample of the training rows; the scale is recorded with each SAE.
+
+In data-parallel training (`shard` = (rank, N)) a source trains only on the windows of the shard files
+i with i % N == rank (its own shuffle buffer over them); the held-out windows, the norm threshold and the
+scale stay those of the whole folder (measured by rank 0, given to the others as `norms`).
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ class ActivationSource:
         eval_fraction: float = 0.05,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        shard: tuple[int, int] | None = None,
+        norms: tuple[float, float] | None = None,
     ) -> None:
         from saekit.lm.shards import ShardReader
 
@@ -109,17 +115,47 @@ class ActivationSource:
         if n_windows < 2:
             raise InputError(f"{self.path}: {n_windows} window(s) of activations; at least 2 are needed (one held out)")
         self.eval_windows = min(n_windows - 1, max(1, round(eval_fraction * n_windows)))
-        self.train_windows = n_windows - self.eval_windows
-        self.train_rows = self.train_windows * self.kept_per_window
+        self.eval_start = n_windows - self.eval_windows  # the first held-out window
         self.eval_rows = self.eval_windows * self.kept_per_window
         self.windows_per_chunk = max(1, CHUNK_TOKENS // self.window)
-        self.n_chunks = math.ceil(self.train_windows / self.windows_per_chunk)
+        self.shard = shard
+        self._window_ids: torch.Tensor | None = None  # training window j -> window of the folder (None: j itself)
+        self._set_training_windows(self.eval_start)
+        # measured on all training windows (or given: rank 0's measurement), so every rank scales alike
+        self.norm_threshold, self.input_scale = norms if norms is not None else self._measure_norms(max_norm_ratio, normalize)
+        if shard is not None:
+            self._restrict_to_shard_files(*shard)
         self.buffer_rows = min(buffer_size, self.train_rows)
-        self.norm_threshold, self.input_scale = self._measure_norms(max_norm_ratio, normalize)
         self._buffer: _Buffer | None = None
         self._eval_kept: int | None = None
 
     # -- row bookkeeping ------------------------------------------------------------------------------
+
+    def _set_training_windows(self, n: int) -> None:
+        self.train_windows = n
+        self.train_rows = n * self.kept_per_window
+        self.n_chunks = math.ceil(n / self.windows_per_chunk)
+
+    def _restrict_to_shard_files(self, rank: int, world_size: int) -> None:
+        """Train only on the windows of shard files i with i % world_size == rank (held-out windows stay held out)."""
+        starts = self.reader._starts
+        ids = [
+            w
+            for i in range(rank, len(starts) - 1, world_size)
+            for w in range(starts[i] // self.window, min(starts[i + 1] // self.window, self.eval_start))
+        ]
+        if not ids:
+            raise InputError(
+                f"{self.path}: rank {rank} of {world_size} has no training windows in its shard files (every {world_size}th of "
+                f"{len(starts) - 1} from shard {rank}); write more shards or start fewer processes"
+            )
+        self._window_ids = torch.tensor(ids, dtype=torch.long)
+        self._set_training_windows(len(ids))
+
+    @property
+    def norms(self) -> tuple[float, float]:
+        """(norm_threshold, input_scale), to give to the sources of other ranks."""
+        return self.norm_threshold, self.input_scale
 
     def global_rows(self, rows: torch.Tensor, first_window: int = 0) -> torch.Tensor:
         """Rows counted over kept positions (from window `first_window` on) -> rows of the shards."""
@@ -151,7 +187,10 @@ class ActivationSource:
 
     def read_training_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Training-row ids -> (n, d) float32, unscaled."""
-        return self._read_global(self.global_rows(rows))
+        if self._window_ids is None:
+            return self._read_global(self.global_rows(rows))
+        windows = self._window_ids[rows // self.kept_per_window]
+        return self._read_global(windows * self.window + self.skip_positions + rows % self.kept_per_window)
 
     def _measure_norms(self, max_norm_ratio: float, normalize: bool) -> tuple[float, float]:
         """(norm_threshold, input_scale) from up to SCALE_SAMPLE_ROWS training rows read in 16 spread chunks:
@@ -179,7 +218,7 @@ class ActivationSource:
             kept, step = 0, 65_536
             for start in range(0, self.eval_rows, step):
                 rows = torch.arange(start, min(start + step, self.eval_rows))
-                kept += int(self.ordinary(self._read_global(self.global_rows(rows, first_window=self.train_windows))).sum())
+                kept += int(self.ordinary(self._read_global(self.global_rows(rows, first_window=self.eval_start))).sum())
             self._eval_kept = kept
         return self._eval_kept
 
@@ -204,7 +243,7 @@ class ActivationSource:
         if stream == 1:
             start = (step * batch_size) % self.eval_rows
             rows = (torch.arange(start, start + batch_size)) % self.eval_rows
-            return self._scaled(self._read_global(self.global_rows(rows, first_window=self.train_windows)), "held-out rows")
+            return self._scaled(self._read_global(self.global_rows(rows, first_window=self.eval_start)), "held-out rows")
         g = seeded_generator(self.seed, _RANDOM_SALT, stream, step)
         rows = torch.randint(self.train_rows, (batch_size,), generator=g)
         return self._scaled(self.read_training_rows(rows), f"random batch {step}")
@@ -226,7 +265,7 @@ class ActivationSource:
     def eval_token_windows(self, n_tokens: int) -> torch.Tensor:
         """Token ids (N, window) of the first held-out windows holding at least `n_tokens` kept positions."""
         n = min(self.eval_windows, max(1, math.ceil(n_tokens / self.kept_per_window)))
-        start = self.train_windows * self.window
+        start = self.eval_start * self.window
         return self.reader.token_ids(start, start + n * self.window).view(n, self.window)
 
     def describe(self) -> dict[str, Any]:
@@ -241,6 +280,7 @@ class ActivationSource:
             "skip_positions": self.skip_positions,
             "norm_threshold": self.norm_threshold if math.isfinite(self.norm_threshold) else None,
             "train_windows": self.train_windows,
+            **({} if self.shard is None else {"shard": list(self.shard)}),
             "eval_windows": self.eval_windows,
             "train_rows": self.train_rows,
             "eval_rows": self.eval_rows,

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -18,8 +19,10 @@ from tqdm.auto import tqdm
 from saekit.config import TrainConfig
 from saekit.sae.base import SparseAutoencoder
 from saekit.sources import Source
+from saekit.sources.seeding import seeded_generator
 
 RESAMPLE_STREAM = 2
+RESAMPLE_SALT = 0x7273  # salt of the per-member generators that pick resampling inputs
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,6 +41,7 @@ class TrainState:
     fired: torch.Tensor | None = None  # (K, m) bool: latents that fired since the last resampling
     resumed_from: int = 0  # the step a resumed ensemble restarted at (0 = trained from scratch)
     failed: set[int] = field(default_factory=set)  # members reported as diverged
+    parallel: Any = None  # a saekit.train.data_parallel.DataParallel when the ensemble trains on every rank's rows
 
 
 def warmup_factor(step: int, n_steps: int, fraction: float) -> float:
@@ -91,13 +95,14 @@ def duplicate_latents(directions: torch.Tensor, threshold: float) -> torch.Tenso
 
 
 def resample_dead(state: TrainState, source: Source, dead: torch.Tensor, batch_size: int) -> int:
-    """Resample `dead` (K, m) latents on a fresh batch of at least 8192 inputs from their own stream."""
+    """Resample `dead` (K, m) latents on a fresh batch of at least 8192 inputs from their own stream; member k
+    picks its inputs with a generator seeded by (its init seed, the step), not shared with the other members."""
     if not dead.any():
         return 0
     x = source.batch(max(8192, batch_size), state.step, RESAMPLE_STREAM)
-    g = torch.Generator()
-    g.manual_seed(state.step)
-    count = state.sae.resample_latents(dead, x, state.optimizer, g)
+    # one generator per member, from its init seed and the step: a member resamples alike in any ensemble
+    generators = [seeded_generator(seed, RESAMPLE_SALT, state.step) for seed in state.sae.seeds]
+    count = state.sae.resample_latents(dead, x, state.optimizer, generators)
     state.resampled += count
     return count
 
@@ -121,7 +126,7 @@ def training_step(state: TrainState, x: torch.Tensor, source: Source, cfg: Train
     for group in opt.param_groups:
         group["lr"] = lr
     sae.sparsity_scale = warmup_factor(state.step, n_steps, cfg.l1_warmup)
-    terms = optimisation_step(sae, opt, x)
+    terms = optimisation_step(sae, opt, x) if state.parallel is None else state.parallel.optimisation_step(opt, x)
     state.diverged |= ~torch.isfinite(terms["loss"])
     state.step += 1
     if cfg.resample_every > 0:
@@ -129,10 +134,17 @@ def training_step(state: TrainState, x: torch.Tensor, source: Source, cfg: Train
         samples = state.step * cfg.batch_size
         if samples // cfg.resample_every > (samples - cfg.batch_size) // cfg.resample_every:
             if samples <= cfg.resample_until * cfg.samples:
+                if state.parallel is not None:  # a latent that fired on any rank's rows fired
+                    state.parallel.union(state.fired)
                 stale = ~state.fired
                 if cfg.resample_duplicates:
                     stale |= duplicate_latents(sae.directions(), cfg.duplicate_cosine)
-                resample_dead(state, source, stale, cfg.batch_size)
+                if state.parallel is None:
+                    resample_dead(state, source, stale, cfg.batch_size)
+                else:  # on rank 0's candidate inputs, then its parameters and Adam moments everywhere
+                    count = resample_dead(state, source, stale, cfg.batch_size) if state.parallel.env.is_main else 0
+                    state.parallel.broadcast_state(opt)
+                    state.resampled += state.parallel.broadcast_int(count) - count
             state.fired.zero_()
     terms["lr"] = torch.tensor([lr])
     return terms
@@ -197,6 +209,8 @@ def train_lockstep(
                 log_now = state.step % cfg.log_every == 0 or last
                 ckpt_now = last or samples // cfg.checkpoint_every > (samples - B) // cfg.checkpoint_every
                 if log_now or ckpt_now:
+                    if state.parallel is not None:  # every rank takes the same decisions
+                        state.parallel.union(state.diverged)
                     bad = [k for k in state.diverged.nonzero().flatten().tolist() if k not in state.failed]
                     if bad:
                         msg = f"loss became NaN/Inf by step {state.step} (samples {samples}); try a smaller train.lr"
@@ -206,8 +220,10 @@ def train_lockstep(
                     if len(state.failed) == state.sae.n_members:
                         active.remove(state)
                         continue
-                    if log_now and on_log is not None:
-                        on_log(state, samples, _log_row(terms))
+                    if log_now and (on_log is not None or state.parallel is not None):
+                        row = _log_row(terms) if state.parallel is None else state.parallel.mean_row(_log_row(terms))
+                        if on_log is not None:
+                            on_log(state, samples, row)
                     if ckpt_now and on_checkpoint is not None:
                         on_checkpoint(state, min(samples, cfg.samples))
             bar.update(B)

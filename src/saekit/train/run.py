@@ -16,13 +16,25 @@ import torch
 from saekit.atomic import atomic_write_bytes
 from saekit.config import SPARSITY_KNOBS, TRAIN_KEYS_NEW_IN_V2, Config, RunSpec, TrainConfig, expand_grid
 from saekit.device import resolve_device
+from saekit.distributed import (
+    DistEnv,
+    all_gather_objects,
+    assign_ranks,
+    barrier,
+    broadcast_object,
+    device_for_rank,
+    distributed_env,
+    process_group,
+    raise_if_any,
+)
 from saekit.errors import InputError
 from saekit.io import load_optimizer_state, load_sae, read_cfg, save_checkpoint
 from saekit.metrics import first_reaching, mmcs_members
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
 from saekit.sae.geometric_median import geometric_median
 from saekit.sources import make_source
-from saekit.store import RunStore
+from saekit.store import RunStore, done_run_ids, merge_rank_stores, rank_filename
+from saekit.train.data_parallel import DataParallel, RankBatches, check_data_parallel
 from saekit.train.evaluate import evaluate_window
 from saekit.train.loop import TrainState, make_state, train_lockstep
 from saekit.train.sweep import BYTES_PER_FLOAT, EnsemblePlan, available_memory_bytes, format_bytes, plan_ensembles, sweep_memory_bytes
@@ -49,7 +61,7 @@ SOURCE_CACHE = "sources"  # trained models of `tms` and `compute` sources, by co
 SOURCE_INFO = "source.json"  # what the source says of itself (e.g. how many features its model represents)
 
 # Keys that change how a run is watched or where it runs, not what it computes: left out of its id.
-_NOT_IN_RUN_ID = ("device", "log_every", "checkpoint_every")
+_NOT_IN_RUN_ID = ("device", "log_every", "checkpoint_every", "parallel")
 
 
 def run_id_for(cfg: Config, spec: RunSpec) -> str:
@@ -126,6 +138,7 @@ def run_config(
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     max_memory: int | None = None,
+    dist_env: DistEnv | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Train every SAE the config describes into `out_dir`; returns (result rows, errors of failed runs).
 
@@ -134,104 +147,209 @@ def run_config(
     from their last checkpoint. Everything that can be checked (device, source and its data files,
     memory) is checked before any result is written (a `tms` or `compute` source may first cache its trained
     model in OUT/sources, a complete file written atomically).
+
+    `dist_env` (from `saekit.distributed.distributed_env()` under torchrun) spreads the work over its ranks
+    as `cfg.train.parallel` says (see `saekit.distributed`); every rank calls this with the same arguments.
+    OUT must then be a folder every rank sees. Rank 0 returns every SAE's row (and `on_result` is called
+    there only); the other ranks return no rows. Every rank returns every rank's errors. Without `dist_env`,
+    a process that torchrun started among several is refused (N copies of one sweep would write the same
+    files); `DistEnv()` runs it alone anyway.
     """
+    if dist_env is None and distributed_env().enabled:
+        raise InputError("this command runs in one process; under torchrun only `saekit train` shares its work between processes")
+    env = dist_env or DistEnv()
     device = resolve_device(cfg.train.device, "train.device")
-    out = Path(out_dir)
-    source = make_source(cfg.source, device, cache_dir=out / SOURCE_CACHE)
+    if env.enabled:
+        device = device_for_rank(device, env)
+        if cfg.train.parallel == "data":
+            check_data_parallel(cfg.train.batch_size, env)
+    with process_group(env, device):
+        return _run_config(cfg, Path(out_dir), env, device, progress, on_result, max_memory)
+
+
+def _run_config(
+    cfg: Config,
+    out: Path,
+    env: DistEnv,
+    device: torch.device,
+    progress: bool,
+    on_result: Callable[[dict[str, Any]], None] | None,
+    max_memory: int | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    data_parallel = env.enabled and cfg.train.parallel == "data"
+    source = _make_source_on_ranks(cfg, out, device, env, data_parallel)
     grid = expand_grid(cfg)
     specs, run_ids = _unique(grid, [run_id_for(cfg, s) for s in grid])
-    done: set[str] = set()
-    if (out / RunStore.FILENAME).is_file():
-        with RunStore(out) as existing:
-            done = {r["run_id"] for r in existing.runs("done")}
-    plans = plan_ensembles(specs, run_ids, skip=done)
+    done = _done_runs(out, env, keep_rank_files=env.enabled and not data_parallel)
+    if env.enabled and not data_parallel:  # this rank's share of the full grid
+        rank_of = assign_ranks([p.run_ids for p in plan_ensembles(specs, run_ids)], env.world_size)
+        mine = [i for i, rid in enumerate(run_ids) if rank_of[rid] == env.rank]
+        plans = plan_ensembles([specs[i] for i in mine], [run_ids[i] for i in mine], skip=done)
+    else:
+        plans = plan_ensembles(specs, run_ids, skip=done)
+    writes = env.is_main or not data_parallel  # data-parallel: rank 0 alone evaluates, checkpoints and records
     eval_batch = max(cfg.train.batch_size, 4096)
-    need = sweep_memory_bytes(plans, source.d, cfg.train.batch_size, eval_batch)
+    batch_rows = cfg.train.batch_size // env.world_size if data_parallel else cfg.train.batch_size
+    need = sweep_memory_bytes(plans, source.d, batch_rows, eval_batch if writes else 0)
     need += BYTES_PER_FLOAT * getattr(source, "buffer_rows", 0) * source.d  # a shuffle buffer of activations on disk
-    limit = max_memory if max_memory is not None else int(0.8 * available_memory_bytes(device))
+    limit = max_memory if max_memory is not None else int(0.8 * available_memory_bytes(device) / _processes_sharing_memory(env, device))
+    too_much = None
     if need > limit:
-        raise InputError(
+        too_much = (
             f"the sweep needs about {format_bytes(need)} of memory, more than --max-memory {format_bytes(limit)}; "
             "train fewer sizes or L1 values at once, or a smaller train.batch_size"
         )
-    downstream = downstream_evaluator(cfg, source) if plans else None
+        if env.enabled:
+            too_much += f" (on rank {env.rank} of {env.world_size})"
+    raise_if_any(too_much, env)
+    downstream = downstream_evaluator(cfg, source) if plans and writes else None
+    store_file = rank_filename(env.rank) if env.enabled and not data_parallel else None
     errors: list[str] = []
-    with RunStore(out) as store:
-        if hasattr(source, "describe"):
+    store = RunStore(out, store_file) if writes else None
+    try:
+        if env.is_main and hasattr(source, "describe"):
             atomic_write_bytes(out / SOURCE_INFO, json.dumps(source.describe(), indent=2).encode())
-        states = _start(cfg, plans, store, source.d, device, source)
-        started = time.perf_counter()
-        by_state = {id(state): plan for state, plan in zip(states, plans)}
-        late: dict[int, torch.Tensor] = {}  # decoder directions at LATE_FRACTION of training, per ensemble
-
-        truth = source.ground_truth
-
-        def on_log(state: TrainState, samples: int, row: dict[str, torch.Tensor]) -> None:
-            plan = by_state[id(state)]
-            if id(state) not in late and samples >= LATE_FRACTION * cfg.train.samples:
-                late[id(state)] = state.sae.directions().clone()
-            if truth is not None:  # MMCS over training, for samples_to_mmcs_0_95 and the curves
-                row = {**row, "mmcs": mmcs_members(state.sae.directions(), truth)}
-            store.log_history_many(
-                [(rid, samples, {n: v[k].item() for n, v in row.items()}) for k, rid in enumerate(plan.run_ids) if k not in state.failed]
-            )
-
-        def on_checkpoint(state: TrainState, samples: int) -> None:
-            plan = by_state[id(state)]
-            save_checkpoint(
-                out / "ensembles" / plan.ensemble_id,
-                state.sae,
-                samples=samples,
-                optimizer=state.optimizer,
-                extra={"step": state.step, "run_ids": list(plan.run_ids)},
-            )
-            for rid in plan.run_ids:
-                store.record_progress(rid, samples, time.perf_counter() - started)
-
-        def on_diverged(state: TrainState, members: list[int], message: str) -> None:
-            plan = by_state[id(state)]
-            for k in members:
-                store.fail_run(plan.run_ids[k], message)
-                errors.append(f"{plan.run_ids[k]}: {message}")
-
-        n_saes = sum(len(p.specs) for p in plans)
-        train_lockstep(
-            states,
-            source,
-            cfg.train,
-            on_log=on_log,
-            on_checkpoint=on_checkpoint,
-            on_diverged=on_diverged,
-            progress=progress,
-            description=f"{n_saes} SAEs in {len(plans)} ensembles",
-        )
-        seconds = time.perf_counter() - started
-        for state, plan in zip(states, plans):
-            _finish(cfg, plan, state, store, source, seconds, late.get(id(state)), downstream)
-        results = []
+        batches = RankBatches(source, env) if data_parallel else source
+        states = _start(cfg, plans, store, out, source.d, device, source)
+        if data_parallel:
+            for state in states:
+                state.parallel = DataParallel(state.sae, batches, device)
+        seconds, late = _train(cfg, plans, states, store, batches, errors, progress and env.is_main, env)
+        if store is not None:
+            for state, plan in zip(states, plans):
+                _finish(cfg, plan, state, store, source, seconds, late.get(id(state)), downstream)
+    finally:
+        if store is not None:
+            store.close()
+    barrier(env)  # every rank's store is closed: rank 0 can merge them
+    if env.enabled:
+        errors = [e for errs in all_gather_objects(errors, env) for e in errs]
+    if not env.is_main:
+        return [], errors
+    if store_file is not None:
+        merge_rank_stores(out)
+    results = []
+    with RunStore(out) as main:
         for rid in run_ids:
-            row = result_row(store.get(rid))
+            row = result_row(main.get(rid))
             results.append(row)
             if on_result is not None:
                 on_result(row)
     return results, errors
 
 
-def _start(cfg: Config, plans: list[EnsemblePlan], store: RunStore, d: int, device: torch.device, source: Any) -> list[TrainState]:
+def _processes_sharing_memory(env: DistEnv, device: torch.device) -> int:
+    """How many ranks share the memory `available_memory_bytes` reports: a node's RAM, or one GPU each."""
+    return 1 if device.type == "cuda" or not env.enabled else env.local_world_size
+
+
+def _make_source_on_ranks(cfg: Config, out: Path, device: torch.device, env: DistEnv, data_parallel: bool) -> Any:
+    """The source, built by rank 0 first (a `tms` or `compute` source trains its model and caches it in OUT/sources)
+    and then by the others (which read the cache). Data-parallel activations: each rank reads its own shard
+    files, with rank 0's measured scale. A bad source stops every rank with the first failing rank's one-line reason."""
+    shard = (env.rank, env.world_size) if data_parallel and cfg.source.kind == "activations" else None
+    source, norms = None, None
+    for turn in (True, False):  # rank 0's turn, then the others'
+        failure = None
+        if env.is_main == turn:
+            try:
+                source = make_source(cfg.source, device, cache_dir=out / SOURCE_CACHE, shard=shard, norms=norms)
+            except InputError as err:
+                failure = str(err)
+        raise_if_any(failure, env)
+        norms = broadcast_object(getattr(source, "norms", None), env)
+    return source
+
+
+def _done_runs(out: Path, env: DistEnv, keep_rank_files: bool) -> set[str]:
+    """Runs already done in OUT (read by rank 0, sent to the others). Rank files left by an interrupted
+    distributed sweep are kept for a distributed sweep (each rank continues its own file, with the history of
+    the ensembles it resumes) and merged into OUT/runs.sqlite otherwise."""
+    done: set[str] = set()
+    if env.is_main:
+        if not keep_rank_files:
+            merge_rank_stores(out)
+        done = done_run_ids(out)
+    return broadcast_object(done, env)
+
+
+def _train(
+    cfg: Config,
+    plans: list[EnsemblePlan],
+    states: list[TrainState],
+    store: RunStore | None,
+    source: Any,
+    errors: list[str],
+    progress: bool,
+    env: DistEnv,
+) -> tuple[float, dict[int, torch.Tensor]]:
+    """Train the ensembles in lockstep; with a store, log their history, checkpoints and failures into it.
+    Returns (seconds, decoder directions at LATE_FRACTION of training by id of the ensemble's state)."""
+    started = time.perf_counter()
+    by_state = {id(state): plan for state, plan in zip(states, plans)}
+    late: dict[int, torch.Tensor] = {}  # decoder directions at LATE_FRACTION of training, per ensemble
+    truth = source.ground_truth
+
+    def on_log(state: TrainState, samples: int, row: dict[str, torch.Tensor]) -> None:
+        plan = by_state[id(state)]
+        if id(state) not in late and samples >= LATE_FRACTION * cfg.train.samples:
+            late[id(state)] = state.sae.directions().clone()
+        if truth is not None:  # MMCS over training, for samples_to_mmcs_0_95 and the curves
+            row = {**row, "mmcs": mmcs_members(state.sae.directions(), truth)}
+        store.log_history_many(
+            [(rid, samples, {n: v[k].item() for n, v in row.items()}) for k, rid in enumerate(plan.run_ids) if k not in state.failed]
+        )
+
+    def on_checkpoint(state: TrainState, samples: int) -> None:
+        plan = by_state[id(state)]
+        save_checkpoint(
+            store.out_dir / "ensembles" / plan.ensemble_id,
+            state.sae,
+            samples=samples,
+            optimizer=state.optimizer,
+            extra={"step": state.step, "run_ids": list(plan.run_ids)},
+        )
+        for rid in plan.run_ids:
+            store.record_progress(rid, samples, time.perf_counter() - started)
+
+    def on_diverged(state: TrainState, members: list[int], message: str) -> None:
+        plan = by_state[id(state)]
+        for k in members:
+            store.fail_run(plan.run_ids[k], message)
+            errors.append(f"{plan.run_ids[k]}: {message}")
+
+    n_saes = sum(len(p.specs) for p in plans)
+    where = f" on rank {env.rank} of {env.world_size}" if env.enabled and cfg.train.parallel == "members" else ""
+    train_lockstep(
+        states,
+        source,
+        cfg.train,
+        on_log=on_log if store is not None else None,
+        on_checkpoint=on_checkpoint if store is not None else None,
+        on_diverged=on_diverged if store is not None else None,
+        progress=progress,
+        description=f"{n_saes} SAEs in {len(plans)} ensembles{where}",
+    )
+    return time.perf_counter() - started, late
+
+
+def _start(
+    cfg: Config, plans: list[EnsemblePlan], store: RunStore | None, out: Path, d: int, device: torch.device, source: Any
+) -> list[TrainState]:
     states = []
     for plan in plans:
-        folder = store.out_dir / "ensembles" / plan.ensemble_id
-        state = start_ensemble(cfg, plan, folder, d, device, source)
+        state = start_ensemble(cfg, plan, out / "ensembles" / plan.ensemble_id, d, device, source)
         for spec, rid in zip(plan.specs, plan.run_ids):
-            store.start_run(
-                rid,
-                arch=spec.arch,
-                dict_size=spec.dict_size,
-                l1=spec.sparsity,
-                seed=spec.seed,
-                config=run_config_dict(cfg, spec),
-                checkpoint=str(store.out_dir / "runs" / rid),
-            )
+            if store is not None:
+                store.start_run(
+                    rid,
+                    arch=spec.arch,
+                    dict_size=spec.dict_size,
+                    l1=spec.sparsity,
+                    seed=spec.seed,
+                    config=run_config_dict(cfg, spec),
+                    checkpoint=str(out / "runs" / rid),
+                )
         states.append(state)
     return states
 
