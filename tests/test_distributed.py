@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ import yaml
 from safetensors.torch import load_file
 
 from saekit.config import Config, expand_grid
-from saekit.distributed import DistEnv, assign_ranks, distributed_env
+from saekit.distributed import DistEnv, assign_ranks, backend_for, device_for_rank, distributed_env, timeout
 from saekit.errors import InputError
 from saekit.io import load_sae
 from saekit.sae import ReluSAE
@@ -141,6 +142,21 @@ def test_torchrun_environment_is_read_and_one_process_is_not_distributed():
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.enabled, env.is_main) == (3, 4, 1, 2, True, False)
     with pytest.raises(InputError, match="bad torchrun environment"):
         distributed_env({"WORLD_SIZE": "2", "RANK": "2"})
+
+
+def test_backend_device_and_timeout_follow_the_training_device_and_the_environment(monkeypatch):
+    two = DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2)
+    assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 0)) == "nccl"
+    assert device_for_rank(torch.device("cpu"), two) == torch.device("cpu")
+    assert device_for_rank(torch.device("cuda", 3), two) == torch.device("cuda", 3)  # an explicit GPU is kept
+    assert device_for_rank(torch.device("cuda"), DistEnv()) == torch.device("cuda")  # one process: untouched
+    monkeypatch.delenv("SAEKIT_DIST_TIMEOUT_MINUTES", raising=False)
+    assert timeout() == timedelta(hours=24)
+    monkeypatch.setenv("SAEKIT_DIST_TIMEOUT_MINUTES", "90")
+    assert timeout() == timedelta(minutes=90)
+    monkeypatch.setenv("SAEKIT_DIST_TIMEOUT_MINUTES", "soon")
+    with pytest.raises(InputError, match="SAEKIT_DIST_TIMEOUT_MINUTES"):
+        timeout()
 
 
 def test_run_config_without_dist_env_refuses_to_run_as_one_of_several(tmp_path, monkeypatch):
