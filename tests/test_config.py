@@ -276,3 +276,13 @@ def test_seeds_min_size_limits_extra_seeds_to_large_dictionaries():
     cfg = Config.model_validate({"sae": {"dict_size": [64, 128, 256], "l1": 0.1}, "train": {"seeds": [3, 4], "seeds_min_size": 128}})
     # 64 < 128 trains only the first seed (3); 128 and 256 train both: 1 + 2 + 2 = 5 SAEs.
     assert [(s.dict_size, s.seed) for s in expand_grid(cfg)] == [(64, 3), (128, 3), (128, 4), (256, 3), (256, 4)]
+
+
+@pytest.mark.parametrize("key", ["train.seed", "source.seed", "source.d", "sae.dict_size", "train.seeds"])
+def test_integers_beyond_2_62_are_refused_in_config_not_in_torch(key):
+    """A seed or size past a signed 64-bit integer used to reach torch (ValueError: Overflow, exit 1)."""
+    huge = 2**70
+    value = f"[1,{huge}]" if key == "train.seeds" else str(huge)
+    with pytest.raises(InputError, match="too large"):
+        load_config(None, [f"{key}={value}"])
+    load_config(None, [f"{key}={'[1,2]' if key == 'train.seeds' else 2**20}"])  # big but valid

@@ -33,8 +33,22 @@ KNOB_LABELS = {"l1": "L1", "k": "k", "l0_coef": "L0 coefficient"}  # how each kn
 DEFAULT_L1 = 0.3
 
 
+# The largest integer any key accepts: seeds go to torch.Generator.manual_seed (a signed 64-bit integer)
+# and sizes to tensor shapes, so larger numbers would fail deep inside torch instead of here.
+MAX_INT = 2**62
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _not_huge(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+                raise ValueError(f"{v} is too large (at most 2**62)")
+        return value
 
 
 # Defaults that differ by source kind, applied when the key is not given. `tms` is the setting of the
