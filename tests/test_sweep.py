@@ -214,3 +214,41 @@ def test_reproduce_quick_end_to_end_small(tmp_path):
     (out / "report.html").unlink()
     rep = subprocess.run([sys.executable, "-m", "saekit.cli", "report", str(out)], capture_output=True, text=True)
     assert rep.returncode == 0 and (out / "report.html").is_file()
+
+
+def test_failed_final_save_leaves_the_whole_ensemble_resumable(tmp_path, monkeypatch):
+    """A write failing at the second member's final save (a full disk) marks no member done and keeps the
+    ensemble's checkpoint, so the re-run resumes all members at the end of training instead of retraining
+    the unfinished ones from scratch (found by the fault tests; before, member 0 was done and member 1 restarted)."""
+    import saekit.train.run as run_mod
+
+    cfg = Config.model_validate(
+        {
+            "source": {"d": 8, "n_features": 12, "mean_active": 2},
+            "sae": {"dict_size": 16, "l1": [0.1, 0.3]},
+            "train": {"batch_size": 32, "samples": 32 * 20, "eval_samples": 500},
+        }
+    )
+    real_save = run_mod.save_checkpoint
+    final_saves = []
+
+    def failing_save(folder, *args, **kwargs):
+        if Path(folder).parent.name == "runs":
+            final_saves.append(folder)
+            if len(final_saves) == 2:
+                raise OSError(28, "No space left on device", str(folder))
+        return real_save(folder, *args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "save_checkpoint", failing_save)
+    out = tmp_path / "out"
+    with pytest.raises(OSError):
+        run_config(cfg, out, progress=False)
+    with RunStore(out) as store:
+        assert [r["status"] for r in store.runs()] == ["running", "running"]
+    assert len(list((out / "ensembles").iterdir())) == 1, "the ensemble checkpoint is kept until every member is done"
+    monkeypatch.setattr(run_mod, "save_checkpoint", real_save)
+    results, errors = run_config(cfg, out, progress=False)
+    assert not errors
+    assert [r["status"] for r in results] == ["done", "done"]
+    assert [r["resumed_from_samples"] for r in results] == [32 * 20, 32 * 20]
+    assert not list((out / "ensembles").iterdir())

@@ -101,11 +101,19 @@ class RunStore:
             self.db.execute("UPDATE runs SET samples=?, seconds=?, updated=? WHERE run_id=?", (samples, seconds, time.time(), run_id))
 
     def finish_run(self, run_id: str, *, samples: int, seconds: float, metrics: dict[str, float]) -> None:
+        self.finish_runs([(run_id, samples, seconds, metrics)])
+
+    def finish_runs(self, rows: list[tuple[str, int, float, dict[str, Any]]]) -> None:
+        """Mark several (run_id, samples, seconds, metrics) runs done in one transaction: all or none."""
         cols = ", ".join(f"{name}=?" for name in HEADLINE)
+        now = time.time()
         with self.db:
-            self.db.execute(
+            self.db.executemany(
                 f"UPDATE runs SET status='done', samples=?, seconds=?, {cols}, metrics=?, updated=? WHERE run_id=?",
-                (samples, seconds, *[metrics.get(name) for name in HEADLINE], json.dumps(metrics, sort_keys=True), time.time(), run_id),
+                [
+                    (samples, seconds, *[metrics.get(name) for name in HEADLINE], json.dumps(metrics, sort_keys=True), now, run_id)
+                    for run_id, samples, seconds, metrics in rows
+                ],
             )
 
     def fail_run(self, run_id: str, error: str) -> None:

@@ -385,7 +385,9 @@ def _finish(
     late: torch.Tensor | None,
     downstream: Any = None,
 ) -> None:
-    """Evaluate the ensemble's healthy members, write each one's final checkpoint, mark them done."""
+    """Evaluate the ensemble's healthy members, write each one's final checkpoint, then mark them all done in
+    one transaction and only then drop the ensemble's checkpoint: a failure part-way (a full disk) leaves every
+    member unfinished and the ensemble resumable, never some members done and the rest to restart from scratch."""
     if len(state.failed) == len(plan.specs):
         return
     t0 = time.perf_counter()
@@ -398,6 +400,7 @@ def _finish(
         for row, extra in zip(metrics, downstream.evaluate(state.sae, input_scale)):
             row.update(extra)
     eval_seconds = (time.perf_counter() - t0) / len(plan.specs)
+    finished = []
     for k, (spec, rid) in enumerate(zip(plan.specs, plan.run_ids)):
         if k in state.failed:
             continue
@@ -424,5 +427,6 @@ def _finish(
         if source.ground_truth is not None:
             row["n_true_features"] = int(source.ground_truth.shape[0])
             row["samples_to_mmcs_0_95"] = first_reaching(store.history(rid), "mmcs", MMCS_TARGET)
-        store.finish_run(rid, samples=cfg.train.samples, seconds=seconds, metrics=row)
+        finished.append((rid, cfg.train.samples, seconds, row))
+    store.finish_runs(finished)
     shutil.rmtree(store.out_dir / "ensembles" / plan.ensemble_id, ignore_errors=True)
