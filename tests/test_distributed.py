@@ -75,7 +75,7 @@ def torchrun(config: Path, out: Path, *extra: str, timeout: float = 600) -> list
 
     The generous timeout only bounds a hang (the suite shares 2 cores with other jobs); a port taken between
     `free_port` and torchrun's bind is retried once with another port."""
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = subprocess.run(torchrun_cmd(config, out, *extra), env=torchrun_env(), capture_output=True, text=True, timeout=timeout)
         if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
             break
