@@ -113,6 +113,7 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     dist.init_process_group(backend=backend_for(device), rank=env.rank, world_size=env.world_size, timeout=timeout())
     try:
         yield
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
 

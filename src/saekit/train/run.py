@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -167,6 +168,18 @@ def run_config(
         return _run_config(cfg, Path(out_dir), env, device, progress, on_result, max_memory)
 
 
+def _release_data_parallel(states: list[TrainState]) -> None:
+    """Free every DDP wrapper now, while the process group is alive: BatchTopK's SAE and its wrapper refer to
+    each other, and a wrapper the garbage collector frees after destroy_process_group (or at exit) can abort
+    the process ('terminate called without an active exception')."""
+    for state in states:
+        parallel = getattr(state, "parallel", None)
+        if parallel is not None and getattr(state.sae, "batch_group", None) is parallel:
+            state.sae.batch_group = None
+        state.parallel = None
+    gc.collect()
+
+
 def _run_config(
     cfg: Config,
     out: Path,
@@ -206,6 +219,7 @@ def _run_config(
     store_file = rank_filename(env.rank) if env.enabled and not data_parallel else None
     errors: list[str] = []
     store = RunStore(out, store_file) if writes else None
+    states: list[TrainState] = []
     try:
         if env.is_main and hasattr(source, "describe"):
             atomic_write_bytes(out / SOURCE_INFO, json.dumps(source.describe(), indent=2).encode())
@@ -221,6 +235,8 @@ def _run_config(
     finally:
         if store is not None:
             store.close()
+        if data_parallel:
+            _release_data_parallel(states)
     barrier(env)  # every rank's store is closed: rank 0 can merge them
     if env.enabled:
         errors = [e for errs in all_gather_objects(errors, env) for e in errs]
