@@ -11,7 +11,8 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,21 +59,34 @@ def replace_together(writes: dict[Path, Callable[[Path], Any]]) -> None:
     writes each in full as `.NAME.next` beside it (with atomic_write_bytes or atomic_save_tensors), then all
     are renamed into place. A failure names the file it was writing. (A kill during the renames may still
     leave some renamed; a reader that must never see a mix needs a commit file, as saekit.io's checkpoints.)"""
-    staged = {path: path.with_name(f".{path.name}.next") for path in writes}
+    staged = {path: staged_path(path) for path in writes}
     try:
         for path, write in writes.items():
-            try:
+            with reported_as(path):
                 write(staged[path])
-            except OSError as err:
-                if err.errno is None:
-                    raise
-                raise OSError(err.errno, err.strerror, str(path)) from err
     except BaseException:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
         raise
     for path, tmp in staged.items():
         os.replace(tmp, path)
+
+
+def staged_path(path: Path) -> Path:
+    """Where a write of several files stages the new `path` until all are written: `.NAME.next` beside it."""
+    return path.with_name(f".{path.name}.next")
+
+
+@contextmanager
+def reported_as(path: Path) -> Iterator[None]:
+    """A system error (with an errno) inside the block names `path`, the file the user knows, instead of the
+    staged file actually being written."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def _temporary(path: Path) -> tuple[int, str]:

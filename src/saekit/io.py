@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from saekit.atomic import atomic_save_tensors, atomic_write_bytes, sha256_of_file
+from saekit.atomic import atomic_save_tensors, atomic_write_bytes, reported_as, sha256_of_file, staged_path
 from saekit.config import SPARSITY_KNOBS
 from saekit.errors import InputError
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
@@ -90,17 +90,13 @@ def save_checkpoint(
 
 def _stage(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> str:
     """Write `folder/.name.next`; returns its SHA-256. A failed write names `folder/name` (what the user knows)."""
-    try:
+    with reported_as(folder / name):
         return atomic_save_tensors(tensors, _next(folder, name))
-    except OSError as err:
-        if err.errno is None:
-            raise
-        raise OSError(err.errno, err.strerror, str(folder / name)) from err
 
 
 def _next(folder: Path, name: str) -> Path:
     """Where a rewrite stages the new `name` until cfg.json names it."""
-    return folder / f".{name}.next"
+    return staged_path(folder / name)
 
 
 def _settle(folder: Path) -> None:
