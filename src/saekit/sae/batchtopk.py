@@ -81,11 +81,16 @@ class BatchTopKSAE(TopKSAE):
             return self.batch_group.batch_top_k(self, pre)
         K, B, m = pre.shape
         values, indices = pre.relu().reshape(K, B * m).topk(min(max(self.k_values) * B, B * m), dim=1, sorted=True)
-        kept = torch.arange(values.shape[1], device=pre.device)[None, :] < self.k_per_member[:, None] * B
-        kept = kept & (values > 0)
+        kept = self.kept_entries(values, B)
         values = values * kept
         smallest = values.detach().masked_fill(~kept, float("inf")).amin(dim=1)
         return values, indices, torch.where(kept.any(dim=1), smallest, torch.full_like(smallest, float("nan")))
+
+    def kept_entries(self, values: torch.Tensor, rows: int) -> torch.Tensor:
+        """(K, n) bool for values (K, n) sorted in decreasing order: the entries among member i's k[i]*rows
+        largest that are positive."""
+        kept = torch.arange(values.shape[1], device=values.device)[None, :] < self.k_per_member[:, None] * rows
+        return kept & (values > 0)
 
     @torch.no_grad()
     def update_threshold(self, smallest: torch.Tensor) -> None:

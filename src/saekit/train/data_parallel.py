@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from saekit.distributed import DistEnv
 from saekit.errors import InputError
 from saekit.sae.base import SparseAutoencoder
+from saekit.train.loop import optimisation_step
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
@@ -107,12 +108,7 @@ class DataParallel:
         """loop.optimisation_step on this rank's rows x (B_r, d), gradients averaged over the ranks."""
         local, total = self.batches.local_rows, self.batches.global_rows
         weight = 1.0 if local * self.env.world_size == total else self.env.world_size * local / total
-        loss, terms = self.ddp(x, weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.sae.before_optimizer_step()
-        opt.step()
-        self.sae.after_optimizer_step()
+        terms = optimisation_step(self.sae, opt, x, forward=lambda rows: self.ddp(rows, weight))
         self._combine_firing(terms["codes"], local, total)
         return terms
 
@@ -137,8 +133,7 @@ class DataParallel:
         gathered = [torch.empty_like(candidates) for _ in range(self.env.world_size)]
         dist.all_gather(gathered, candidates)
         top = torch.cat(gathered, dim=1).topk(n_max, dim=1, sorted=True).values  # (K, n_max): the whole batch's largest
-        kept = torch.arange(n_max, device=top.device)[None, :] < sae.k_per_member[:, None] * self.batches.global_rows
-        kept = kept & (top > 0)
+        kept = sae.kept_entries(top, self.batches.global_rows)
         cutoff = top.masked_fill(~kept, float("inf")).amin(dim=1)  # (K,), inf when a member keeps nothing
         mine = values.detach() >= cutoff[:, None]
         n = max(1, int(mine.sum(dim=1).max()))  # sorted: each member's kept entries come first

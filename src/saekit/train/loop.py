@@ -107,12 +107,24 @@ def resample_dead(state: TrainState, source: Source, dead: torch.Tensor, batch_s
     return count
 
 
-def optimisation_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def optimisation_step(
+    sae: SparseAutoencoder,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Loss terms -> backward -> the SAE's decoder constraint (by default: drop the decoder gradient's
-    parallel part) -> Adam -> its projection (by default: renormalise decoder rows)."""
-    terms = sae.training_loss(x)
+    parallel part) -> Adam -> its projection (by default: renormalise decoder rows).
+
+    `forward(x) -> (loss to backpropagate, loss terms)` replaces the members' summed training loss
+    (data-parallel training passes its DDP wrapper, whose backward averages the gradients over ranks)."""
+    if forward is None:
+        terms = sae.training_loss(x)
+        loss = terms["loss"].sum()
+    else:
+        loss, terms = forward(x)
     opt.zero_grad(set_to_none=True)
-    terms["loss"].sum().backward()
+    loss.backward()
     sae.before_optimizer_step()
     opt.step()
     sae.after_optimizer_step()

@@ -173,8 +173,7 @@ def _release_data_parallel(states: list[TrainState]) -> None:
     each other, and a wrapper the garbage collector frees after destroy_process_group (or at exit) can abort
     the process ('terminate called without an active exception')."""
     for state in states:
-        parallel = getattr(state, "parallel", None)
-        if parallel is not None and getattr(state.sae, "batch_group", None) is parallel:
+        if state.parallel is not None and getattr(state.sae, "batch_group", None) is state.parallel:
             state.sae.batch_group = None
         state.parallel = None
     gc.collect()
