@@ -315,6 +315,43 @@ def test_data_parallel_on_two_ranks_equals_one_process(tmp_path, arch):
                 assert all(abs(h1[k] - h2[k]) <= TOL for k in h1)
 
 
+RANK_SCRIPT = """
+import gc, json, sys
+from pathlib import Path
+import torch
+from saekit.config import Config
+from saekit.distributed import distributed_env
+from saekit.train.run import run_config
+
+torch.set_num_threads(1)
+cfg = Config.model_validate(json.loads(sys.argv[1]))
+rows, errors = run_config(cfg, sys.argv[2], progress=False, dist_env=distributed_env())
+gc.collect()
+workers = sum(Path(t, "comm").read_text().strip() == "pt_gloo_runloop" for t in Path("/proc/self/task").iterdir())
+print(json.dumps({"errors": errors, "gloo_workers_left": workers}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts gloo's worker threads through /proc")
+def test_the_process_group_and_its_gloo_workers_are_gone_when_a_rank_returns(tmp_path):
+    """When `run_config` returns on a rank, `destroy_process_group` has freed the group and joined gloo's worker
+    threads. A worker still alive when the interpreter shuts down can release a finished collective then, take
+    the GIL to free its tensors and abort the rank after it wrote its results ('terminate called without an active
+    exception'; a core dump of such a rank shows ~AsyncAllgatherWork under ~AsyncBarrierWork in
+    ProcessGroupGloo::runLoop). Without `import_dynamo_first` both workers of each rank are left here."""
+    data = {"source": SOURCE, "sae": DATA_PARALLEL["batchtopk"], "train": {**TRAIN, "samples": 64 * 10, "parallel": "data"}}
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), json.dumps(data), str(tmp_path / "out"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert reports == [{"errors": [], "gloo_workers_left": 0}] * 2
+
+
 def test_data_parallel_activations_read_each_ranks_own_shards(tmp_path):
     """On activations on disk, rank r trains on the shard files i with i % 2 == r; the result is the SAE one process
     trains on the two ranks' batches concatenated (and the scale is rank 0's measurement on all training rows)."""

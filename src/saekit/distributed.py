@@ -110,12 +110,25 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    import_dynamo_first()
     dist.init_process_group(backend=backend_for(device), rank=env.rank, world_size=env.world_size, timeout=timeout())
     try:
         yield
         dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
+
+
+def import_dynamo_first() -> None:
+    """Import torch._dynamo before the process group exists, so that `destroy_process_group` can free the group.
+
+    torch.optim imports torch._dynamo on first use; imported after `init_process_group`, it keeps references to
+    the default group (torch 2.13: ten, from walking torch's namespaces), and `destroy_process_group` then leaves
+    the group and gloo's worker threads alive until the interpreter shuts down. A worker that releases a finished
+    collective during that shutdown takes the GIL to free the collective's tensors, and the rank aborts with
+    'terminate called without an active exception' after it has written its results. Imported first, the group
+    is freed at `destroy_process_group`, which joins its workers."""
+    import torch._dynamo  # noqa: F401
 
 
 def barrier(env: DistEnv) -> None:

@@ -169,9 +169,9 @@ def run_config(
 
 
 def _release_data_parallel(states: list[TrainState]) -> None:
-    """Free every DDP wrapper now, while the process group is alive: BatchTopK's SAE and its wrapper refer to
-    each other, and a wrapper the garbage collector frees after destroy_process_group (or at exit) can abort
-    the process ('terminate called without an active exception')."""
+    """Free every DDP wrapper now, before `destroy_process_group`: a wrapper holds the process group, and one left
+    to the garbage collector (BatchTopK's SAE and its wrapper refer to each other) would keep the group and gloo's
+    worker threads alive past it (see `saekit.distributed.import_dynamo_first` for why that can abort a rank)."""
     for state in states:
         if state.parallel is not None and getattr(state.sae, "batch_group", None) is state.parallel:
             state.sae.batch_group = None
