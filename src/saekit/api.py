@@ -18,6 +18,7 @@ from saekit.errors import InputError
 if TYPE_CHECKING:
     from saekit.config import Config
 
+
 def train(
     config_or_path: str | os.PathLike | dict | Config | None = None,
     *,
