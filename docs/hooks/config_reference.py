@@ -90,7 +90,7 @@ def default_text(info: Any) -> str:
     if isinstance(value, int):
         return f"{value:_}" if abs(value) >= 10_000 else str(value)
     if isinstance(value, float):
-        return f"{value:g}"
+        return repr(value)
     return str(value)
 
 
@@ -101,17 +101,18 @@ def _docstring(model: type) -> str:
 
 
 def _code(text: str) -> str:
-    return "`" + text.replace("|", "\\|") + "`"
+    """A code span; Python-Markdown's tables do not split cells at a pipe inside one."""
+    return f"`{text}`"
 
 
 def _escape(text: str) -> str:
     """Markdown-escape prose outside `code spans` (descriptions hold |x|, k*B, prob_decay**i)."""
     pieces = text.split("`")
     for i in range(0, len(pieces), 2):
-        escaped = re.sub(r"([\\*_\[\]])", r"\\\1", pieces[i])
+        escaped = re.sub(r"([\\*_\[\]|])", r"\\\1", pieces[i])
         pieces[i] = escaped.replace("<", "&lt;").replace(">", "&gt;")
     return "`".join(pieces)
 
 
 def _cell(text: str) -> str:
-    return _escape(re.sub(r"\s+", " ", text).strip()).replace("|", "\\|")
+    return _escape(re.sub(r"\s+", " ", text).strip())
