@@ -85,8 +85,8 @@ def test_resolve_config_applies_overrides_without_changing_the_input():
     from saekit.api import resolve_config
 
     data = {"sae": {"l1": [0.1]}}
-    cfg = resolve_config(data, {"sae.dict_size": [8, 16]}, {"train__samples": 100, "source__kind": "tms"})
-    assert cfg.sae.dict_size == [8, 16] and cfg.sae.l1 == [0.1] and cfg.train.samples == 100
+    cfg = resolve_config(data, {"sae.dict_size": [8, 16], "train__lr": 0.01}, {"train__samples": 100, "source__kind": "tms"})
+    assert cfg.sae.dict_size == [8, 16] and cfg.sae.l1 == [0.1] and cfg.train.samples == 100 and cfg.train.lr == 0.01
     assert cfg.source.kind == "tms" and cfg.source.d == 20  # tms's own default width
     assert data == {"sae": {"l1": [0.1]}}
     assert resolve_config(None).sae.l1 == Config().sae.l1

@@ -36,8 +36,8 @@ def train(
         out: output folder. It gets `runs.sqlite` and one checkpoint folder per SAE. Running
             again on the same folder skips finished SAEs and resumes unfinished ones.
         progress: show progress bars (on stderr).
-        overrides: dotted keys and Python values, e.g. `{"sae.l1": [0.1, 0.3], "train.samples": 10_000}`.
-            A list in a grid key makes a grid, as in YAML.
+        overrides: dotted keys and Python values, e.g. `{"sae.l1": [0.1, 0.3], "train.samples": 10_000}`
+            (`"sae__l1"` works too). A list in a grid key makes a grid, as in YAML.
         max_memory: refuse sweeps estimated to need more memory than this (bytes, or text such as
             `"12G"`). None: 80% of the available memory.
         **keyword_overrides: the same overrides as keyword arguments, with `__` for the dot:
@@ -105,7 +105,7 @@ def resolve_config(
     """A validated Config from what `train` accepts, with the overrides applied (InputError when anything is wrong)."""
     from saekit.config import Config, load_config, parse_config
 
-    changes = dict(overrides or {})
+    changes = {key.replace("__", ".") if isinstance(key, str) else key: value for key, value in (overrides or {}).items()}
     for name, value in (keyword_overrides or {}).items():
         if "__" not in name:
             raise InputError(f"unknown argument {name!r}: overrides as keyword arguments are section__key, e.g. sae__l1=0.1")
