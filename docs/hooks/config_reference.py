@@ -87,8 +87,6 @@ def default_text(info: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return f"{value:_}" if abs(value) >= 10_000 else str(value)
     if isinstance(value, float):
         return repr(value)
     return str(value)
