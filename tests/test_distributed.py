@@ -207,7 +207,7 @@ def test_a_member_resamples_alike_alone_and_in_an_ensemble():
 def test_a_topk_member_beside_a_larger_k_differs_only_by_rounding():
     """The one way a member depends on its ensemble: TopK decodes sparsely or densely by the ensemble's largest k
     (prefers_sparse). k=2 of 64 latents at d=16 decodes sparsely alone and densely beside k=4, so the sums run in
-    another order: measured 2.4e-7 after 100 steps (in the README as the exception)."""
+    another order: measured 2.4e-7 after 100 steps (in docs/guides/distributed.md as the exception)."""
     from saekit.sae import TopKSAE
     from saekit.sae.sparse_decode import prefers_sparse
 

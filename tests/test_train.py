@@ -14,7 +14,7 @@ from saekit.train.run import run_config, run_id_for
 
 # A small version of the report's setup that trains in seconds: d=32, G=48, ~3 active features,
 # a dictionary of 2G latents. The setting (l1=1.0 with the mean reduction, lr 3e-3, 1M samples)
-# reached MMCS 0.998 on seeds 0, 1, 2 when it was chosen (see README, "Small case").
+# reached MMCS 0.998 on seeds 0, 1, 2 when it was chosen (docs/results.md, "Small case").
 SMALL = {
     "source": {"d": 32, "n_features": 48, "mean_active": 3},
     "sae": {"dict_size": 96, "l1": 1.0},

@@ -14,7 +14,7 @@ from saekit.config import Config, set_override
 
 PRESETS = ("quick", "paper", "lm")
 
-# The quick preset (calibrated on toy data, see README "Estimate"): sizes d/2 .. 8 d, a second init seed
+# The quick preset (calibrated on toy data, see docs/results.md, "Estimating the number of features"): sizes d/2 .. 8 d, a second init seed
 # at the largest size only (the seed-consensus count needs two seeds where the dictionary has room for
 # twice the features, so quick counts up to about 4 d features). 16 d would not fit in 10 minutes on
 # 2 CPU cores at d = 256; `--set sae.dict_size=[...]` or the paper preset go further.
@@ -26,7 +26,7 @@ QUICK_LR = 3e-3
 PAPER_L1 = [10 ** (k / 4) for k in range(-8, 9)]
 
 
-# The lm preset (README, "Language models"): SmolLM2's middle residual stream, 2M tokens of stdlib text
+# The lm preset (docs/guides/language-models.md): SmolLM2's middle residual stream, 2M tokens of stdlib text
 # (docstrings, then source code: the docstrings alone hold about 0.5M tokens), one epoch per SAE.
 LM_DEFAULTS: dict[str, Any] = {
     "model": "smollm2",
@@ -38,7 +38,7 @@ LM_DEFAULTS: dict[str, Any] = {
     "dtype": "float16",
 }
 # Sizes d, 2d, 4d and L1 values around where, on SmolLM2's layer-15 residual stream, a 4d dictionary's L0 falls
-# through 64 (README, "Language models": at batch 256 after 250k samples, L1 6 gave L0 52 and FVU 0.16, L1 8 gave
+# through 64 (docs/guides/language-models.md, "The lm preset": at batch 256 after 250k samples, L1 6 gave L0 52 and FVU 0.16, L1 8 gave
 # L0 32 and FVU 0.19); under the report's L1-on-the-mean convention smaller dictionaries are sparser at the same
 # value. Batch 256 (the report's): at batch 1024 the same samples gave FVU 0.33 at L0 74 (4x fewer Adam steps).
 LM_SIZES_PER_D = [1, 2, 4]

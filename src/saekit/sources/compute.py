@@ -13,7 +13,7 @@ input and h(0) = ReLU(b1) the hidden state with no feature active. |x| needs the
 apart, so each feature has two directions, "+i" and "-i". A response counts as represented when its norm
 is at least REPRESENTED_FRACTION = 0.2 of the largest response's; those directions, normalised, are the
 ground truth (G <= 2n, rows ordered +0, -0, +1, -1, ...). The constant h(0) is not a feature: an SAE
-without a decoder bias spends latents on it (README, "Ground truth from trained models").
+without a decoder bias spends latents on it (docs/results.md, "Ground truth from trained models").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ batch 1024, `model_steps` steps). The source yields the hidden activations h = W
 
 Ground truth: the columns of W the model represents, normalised. A column counts as represented when
 its norm is above REPRESENTED_NORM = 0.5: trained columns sit near 1 (represented) or near 0 (dropped),
-with few in between (README, "Ground truth from trained models").
+with few in between (docs/guides/toy-data.md, "Ground truth from trained models").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ uniformly on the sphere in R^d; feature i fires with probability p_i
 proportional to prob_decay**i, scaled so about `mean_active` features fire
 per sample; an active feature's coefficient is Uniform[0, 1); x = sum_i c_i f_i.
 
-Choices saekit makes where the report is silent (documented in the README):
+Choices saekit makes where the report is silent (documented in docs/guides/toy-data.md):
 - Probabilities are scaled so that sum_i min(1, s * prob_decay**i) equals
   `mean_active` exactly (the cap at 1 is applied before the scale is solved).
 - A sample with no active feature stays the zero vector (the public

@@ -1,0 +1,5 @@
+"""`python -m saekit`: the `saekit` command."""
+
+from saekit.cli import main
+
+main()
