@@ -1,7 +1,7 @@
 """torch.distributed: a sweep dealt to 2 ranks, data-parallel training on 2 ranks, resume after a rank is killed.
 
-The multi-process tests start 2 processes with torchrun (`python -m torch.distributed.run`, gloo on 127.0.0.1, a
-port found free at runtime) around the real CLI (`python -m saekit.cli train`), one thread each, and compare
+The multi-process tests start 2 processes with torchrun (`python -m torch.distributed.run`, gloo on 127.0.0.1, its
+c10d rendezvous on a port the OS picks) around the real CLI (`python -m saekit.cli train`), one thread each, and compare
 what they write with one process training the same config here (`run_config`): every SAE's weights and
 buffers (OUT/runs/ID/sae.safetensors) and metrics within 1e-5. Configs are tiny (d=16, 32 true features,
 dictionaries of 32-64, a few thousand samples); each test takes about 10-30 s on 2 busy cores, most of it
@@ -10,10 +10,11 @@ the two processes importing torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -51,34 +52,64 @@ TRAIN = {"batch_size": 64, "samples": 64 * 60, "lr": 3e-3, "log_every": 20, "eva
 # -- helpers ------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The c10d rendezvous on port 0: torchrun's agent binds its rendezvous store and the store it shares with the workers
+# (MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE=True) to ports the OS picks and keeps them bound, so no other process can
+# take them first. (`--master_port 0` is not an option: the static rendezvous hands port 0 to the workers, which then
+# wait for ever; a port found free and released before torchrun binds it can be taken in between.)
+TORCHRUN = [
+    sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+    "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1",
+]  # fmt: skip
 
 
 def torchrun_cmd(config: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "saekit.cli", "train", str(config), "--out", str(out), "--json", "--no-progress", *extra,
-    ]  # fmt: skip
+    return [*TORCHRUN, "-m", "saekit.cli", "train", str(config), "--out", str(out), "--json", "--no-progress", *extra]
 
 
 def torchrun_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 would make torchrun find MASTER_PORT free and release it (the race above)
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def torchrun(config: Path, out: Path, *extra: str, timeout: float = 600) -> list[dict]:
-    """`saekit train CONFIG --out OUT --json` on 2 ranks; its stdout must be one JSON list (rank 0's).
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
-    The generous timeout only bounds a hang (the suite shares 2 cores with other jobs); a port taken between
-    `free_port` and torchrun's bind is retried once with another port."""
-    for _attempt in range(2):
-        proc = subprocess.run(torchrun_cmd(config, out, *extra), env=torchrun_env(), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
+
+def stop_torchrun(proc: subprocess.Popen) -> tuple[str, str]:
+    """Stop torchrun and its workers; returns what they wrote. torchrun stops its workers on SIGTERM; they run in
+    sessions of their own and hold its stdout, so if it does not, they are killed by pid (a killed torchrun alone
+    would leave them running, and reading its output would wait for them)."""
+    workers = _children(proc.pid)
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in (*workers, proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return proc.communicate(timeout=60)
+
+
+def run_torchrun(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a torchrun command to its end; past `timeout` seconds, stop it and its workers and fail saying so.
+    The generous timeout only bounds a hang (the suite shares 2 cores with other jobs)."""
+    proc = subprocess.Popen(cmd, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _, stderr = stop_torchrun(proc)
+        pytest.fail(f"torchrun did not finish within {timeout:.0f} s (stopped): {shlex.join(cmd[3:])}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def torchrun(config: Path, out: Path, *extra: str, timeout: float = 600) -> list[dict]:
+    """`saekit train CONFIG --out OUT --json` on 2 ranks; its stdout must be one JSON list (rank 0's)."""
+    proc = run_torchrun(torchrun_cmd(config, out, *extra), timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -342,11 +373,7 @@ def test_the_process_group_and_its_gloo_workers_are_gone_when_a_rank_returns(tmp
     data = {"source": SOURCE, "sae": DATA_PARALLEL["batchtopk"], "train": {**TRAIN, "samples": 64 * 10, "parallel": "data"}}
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), json.dumps(data), str(tmp_path / "out"),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=600)
+    proc = run_torchrun([*TORCHRUN, str(script), json.dumps(data), str(tmp_path / "out")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert reports == [{"errors": [], "gloo_workers_left": 0}] * 2
@@ -389,38 +416,40 @@ def test_data_parallel_activations_read_each_ranks_own_shards(tmp_path):
     assert json.loads((tmp_path / "out" / "source.json").read_text())["shard"] == [0, 2]
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's worker processes through /proc")
 def test_a_sweep_resumes_after_a_rank_is_killed(tmp_path):
     """SIGKILL one rank once both ranks have checkpoints; torchrun stops the other. The same command again skips
     the runs that finished, resumes each rank's ensembles from their checkpoints (same world size, same share)
-    and ends where one uninterrupted process ends."""
+    and ends where one uninterrupted process ends.
+
+    The kill must land before either rank finishes its share (a finished ensemble's checkpoint is removed). Both
+    ranks start training together (after the rendezvous and rank 0's broadcasts); the trigger is each ensemble's
+    first checkpoint, after 25 of its 600 steps, so a rank would have to run 24 times as far as the other, or the
+    test stand still for 23/24 of a rank's training, for the kill to come too late: a count of steps, not seconds."""
     data = {
         "source": SOURCE,
         "sae": {"arch": "relu", "dict_size": [32, 64], "l1": [0.3, 1.0]},
-        "train": {**TRAIN, "samples": 64 * 600, "checkpoint_every": 64 * 50, "log_every": 50},
+        "train": {**TRAIN, "samples": 64 * 600, "checkpoint_every": 64 * 25, "log_every": 50},
     }
     config, out = write_config(tmp_path / "cfg.yaml", data), tmp_path / "out"
     proc = subprocess.Popen(torchrun_cmd(config, out), env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and len(list((out / "ensembles").glob("*/cfg.json"))) < 4:
+        wait = 300  # a bound on the wait (2 ranks importing torch on busy cores), not a timing assertion
+        deadline = time.monotonic() + wait
+        while proc.poll() is None and len(list((out / "ensembles").glob("*/cfg.json"))) < 4:
+            assert time.monotonic() < deadline, f"fewer than 4 ensemble checkpoints (2 per rank) after {wait} s"
             time.sleep(0.05)
         assert proc.poll() is None, "the sweep finished before a rank could be killed; make it longer"
         workers = _children(proc.pid)
-        assert len(workers) == 2
+        assert len(workers) == 2, f"torchrun has {len(workers)} workers, not 2, when both ranks have checkpoints"
         os.kill(workers[-1], signal.SIGKILL)
-        proc.communicate(timeout=60)
+        try:
+            proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail("torchrun did not stop within 300 s of one of its ranks being killed")
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+            stop_torchrun(proc)
     assert proc.returncode != 0
     assert list(out.glob("runs.rank*.sqlite")), "each rank's rows stay in its file until the merge"
     ckpts = [json.loads(p.read_text()) for p in (out / "ensembles").glob("*/cfg.json")]
