@@ -92,6 +92,17 @@ def _saekit(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "saekit.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
+def _communicate(proc: subprocess.Popen, timeout: float) -> tuple[bytes, bytes]:
+    """The process's output once it ends; past `timeout` seconds (a bound on a hang, not a timing assertion) it is
+    killed and the test fails saying what it waited for."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"`saekit {proc.args[3]}` did not finish within {timeout:.0f} s (killed)")
+
+
 def _sets(items: list[str]) -> list[str]:
     return [a for s in items for a in ("--set", s)]
 
@@ -101,26 +112,35 @@ def test_sigkill_then_rerun_loses_nothing_and_resumes(tmp_path):
     out = tmp_path / "out"
     # 1. A finished sweep of two sizes.
     first = _saekit(["train", *_sets(SWEEP), "--out", str(out), "--json", "--no-progress"])
-    stdout, stderr = first.communicate(timeout=600)
+    stdout, stderr = _communicate(first, 600)
     assert first.returncode == 0, stderr
     finished = {r["run_id"]: r for r in json.loads(stdout)}
     with RunStore(out) as store:
         before = {r["run_id"]: r for r in store.runs()}
     # 2. The same sweep with a larger size added: killed once its ensemble has a checkpoint.
     bigger = [s if not s.startswith("sae.dict_size") else "sae.dict_size=[24,48,96]" for s in SWEEP]
+    # The trigger is the 96s' first checkpoint, 1/20 of their training (20,000 of 400,000 samples): the kill lands
+    # mid-training unless this process stands still for the other 19/20.
     proc = _saekit(["train", *_sets(bigger), "--out", str(out), "--json", "--no-progress"])
-    deadline = time.time() + 300
-    while not list((out / "ensembles").glob("*/cfg.json")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the sweep finished before it could be killed; make it longer"
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    try:
+        deadline = time.monotonic() + 300  # a bound on the wait, not a timing assertion
+        while not list((out / "ensembles").glob("*/cfg.json")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the sweep wrote no ensemble checkpoint within 300 s"
+            time.sleep(0.05)
+        time.sleep(0.3)  # not needed for the test: lets the kill land a little past the checkpoint
+        assert proc.poll() is None, "the sweep finished before it could be killed; make it longer"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     ckpt = json.loads(next((out / "ensembles").glob("*/cfg.json")).read_text())
     assert 0 < ckpt["samples"] < 400000
     # 3. Re-run: finished runs untouched, the killed ensemble resumes from its checkpoint.
     again = _saekit(["train", *_sets(bigger), "--out", str(out), "--json", "--no-progress"])
-    stdout, stderr = again.communicate(timeout=600)
+    stdout, stderr = _communicate(again, 600)
     assert again.returncode == 0, stderr
     rows = {r["run_id"]: r for r in json.loads(stdout)}
     assert len(rows) == 6 and all(r["status"] == "done" for r in rows.values())
@@ -195,7 +215,7 @@ def test_reproduce_quick_end_to_end_small(tmp_path):
             "--no-progress",
         ]
     )
-    stdout, stderr = proc.communicate(timeout=900)
+    stdout, stderr = _communicate(proc, 900)
     assert proc.returncode == 0, stderr
     result = json.loads(stdout)
     est = result["estimate"]
@@ -209,10 +229,12 @@ def test_reproduce_quick_end_to_end_small(tmp_path):
     page = (out / "report.html").read_text()
     assert "<img" in page and "http://" not in page
     # estimate and report also work on their own on the same folder
-    again = subprocess.run([sys.executable, "-m", "saekit.cli", "estimate", str(out), "--json"], capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "saekit.cli", "estimate", str(out), "--json"], capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0 and json.loads(again.stdout)["n_features"] == est["n_features"]
     (out / "report.html").unlink()
-    rep = subprocess.run([sys.executable, "-m", "saekit.cli", "report", str(out)], capture_output=True, text=True)
+    rep = subprocess.run([sys.executable, "-m", "saekit.cli", "report", str(out)], capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0 and (out / "report.html").is_file()
 
 
