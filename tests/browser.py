@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+# Playwright's default of 30 s for launching, loading, clicking and waiting is short on busy shared cores; these only
+# bound a hang (a wait that runs out fails naming what it waited for).
+TIMEOUT_MS = 180_000
 # No background networking: this machine's closed network refuses Chromium's own connections.
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -42,9 +45,10 @@ def chromium_page(path: Path, viewport: tuple[int, int] = (1360, 900)) -> Iterat
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=TIMEOUT_MS)
         try:
             page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+            page.set_default_timeout(TIMEOUT_MS)
             opened = OpenPage(page)
             page.on("console", lambda m: opened.errors.append(f"console: {m.text}") if m.type == "error" else None)
             page.on("pageerror", lambda e: opened.errors.append(f"pageerror: {e}"))

@@ -2,6 +2,8 @@
 architectures refused, run ids of earlier versions kept, relu's free decoder, lr and L1 warm-up, and
 MMCS tracked over training."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,22 +14,24 @@ from saekit.sae import ReluSAE
 from saekit.train.loop import lr_factor, make_state, training_step, warmup_factor
 from saekit.train.run import run_id_for
 
+TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"  # not relative to the current directory
+
 
 def test_run_ids_of_earlier_versions_are_kept():
     """Ids printed by saekit at commit 4f3b419 (before the architectures' keys existed) for the same configs,
     so that a rerun of an old sweep still finds its finished SAEs."""
-    cfg = load_config("configs/toy.yaml")
+    cfg = load_config(TOY)
     assert [run_id_for(cfg, s) for s in expand_grid(cfg)] == ["relu-m1024-l1_0.3-s0-61217f36"]
     sets = ["sae.decoder_bias=true", "sae.decoder_bias_init=geometric_median", "train.lr_decay=linear", "source.kind=tms"]
-    cfg = load_config("configs/toy.yaml", sets)
+    cfg = load_config(TOY, sets)
     assert [run_id_for(cfg, s) for s in expand_grid(cfg)] == ["relu-m1024-l1_0.3-s0-21a6038e"]
 
 
 def test_new_options_change_the_run_id():
-    base = load_config("configs/toy.yaml")
+    base = load_config(TOY)
     ids = {run_id_for(base, expand_grid(base)[0])}
     for extra in ("sae.decoder_norm=free", "train.lr_warmup=0.05", "train.l1_warmup=0.05"):
-        cfg = load_config("configs/toy.yaml", [extra])
+        cfg = load_config(TOY, [extra])
         ids.add(run_id_for(cfg, expand_grid(cfg)[0]))
     assert len(ids) == 4
 

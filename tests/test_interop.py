@@ -583,7 +583,7 @@ def test_import_writes_a_saekit_checkpoint(tmp_path: Path) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "saekit.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "saekit.cli", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_export_and_import(tmp_path: Path) -> None:

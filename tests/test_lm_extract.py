@@ -39,13 +39,10 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory: pytest.TempPathFactory):
     """A private SAEKIT_CACHE, so tests neither read nor write the user's cache (smollm2's test excepted)."""
-    old = os.environ.get("SAEKIT_CACHE")
-    os.environ["SAEKIT_CACHE"] = str(tmp_path_factory.mktemp("saekit-cache"))
-    yield Path(os.environ["SAEKIT_CACHE"])
-    if old is None:
-        os.environ.pop("SAEKIT_CACHE", None)
-    else:
-        os.environ["SAEKIT_CACHE"] = old
+    folder = tmp_path_factory.mktemp("saekit-cache")
+    with pytest.MonkeyPatch.context() as mp:  # restored after the module's tests, whatever happens in them
+        mp.setenv("SAEKIT_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -445,7 +442,7 @@ def test_missing_model_folder_is_refused(tmp_path: Path) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "saekit.cli", "activations", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "saekit.cli", "activations", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_json(tmp_path: Path, llama_dir: Path, text_file: Path) -> None:
