@@ -65,7 +65,9 @@ def test_rows_are_what_the_cli_prints(sweep, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     cmd = [sys.executable, "-m", "saekit", "train", str(config), "--set", "sae.l1=[0.3,1.0]", "--set", "train.seeds=[0,1]"]
-    done = subprocess.run([*cmd, "--out", str(tmp_path / "cli"), "--json", "--no-progress"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "cli"), "--json", "--no-progress"], capture_output=True, text=True, check=True, timeout=300
+    )
     printed = json.loads(done.stdout)
     assert [r["run_id"] for r in printed] == [r["run_id"] for r in rows]
     assert [set(r) - {"checkpoint"} for r in printed] == [set(r) - {"checkpoint"} for r in rows]
@@ -172,13 +174,16 @@ def test_train_and_report_stay_functions_after_their_subpackages_are_imported():
 
 def test_import_saekit_does_not_import_torch():
     code = "import sys, saekit; saekit.train; saekit.estimate; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert done.stdout.strip() == "False"
 
 
 def test_python_m_saekit_runs_the_cli(tmp_path):
-    assert subprocess.run([sys.executable, "-m", "saekit", "--help"], capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "saekit", "--help"], capture_output=True, timeout=300).returncode == 0
     bad = subprocess.run(
-        [sys.executable, "-m", "saekit", "train", "--set", "sae.nope=1", "--out", str(tmp_path)], capture_output=True, text=True
+        [sys.executable, "-m", "saekit", "train", "--set", "sae.nope=1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode == 2 and "unknown config key" in bad.stderr

@@ -95,6 +95,7 @@ def test_mkdocs_build_is_strict_clean(tmp_path):
         capture_output=True,
         text=True,
         env=env,
+        timeout=600,  # a bound on a hang (busy shared cores), not a timing assertion
     )
     assert done.returncode == 0, done.stderr[-3000:]
     reference = (tmp_path / "site" / "configuration" / "index.html").read_text()

@@ -204,7 +204,7 @@ def _finish(proc: subprocess.Popen) -> list[dict]:
         stdout, stderr = proc.communicate(timeout=300)  # a bound on a hang (busy shared cores), not a timing assertion
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.communicate(timeout=60)
         pytest.fail(f"`saekit train` did not finish within 300 s (killed): {proc.args}")
     assert proc.returncode == 0, stderr
     return json.loads(stdout)

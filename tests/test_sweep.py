@@ -99,7 +99,7 @@ def _communicate(proc: subprocess.Popen, timeout: float) -> tuple[bytes, bytes]:
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.communicate(timeout=60)
         pytest.fail(f"`saekit {proc.args[3]}` did not finish within {timeout:.0f} s (killed)")
 
 
