@@ -22,6 +22,8 @@ from typing import Any
 class ArchSpec:
     """One architecture.
 
+    `knob` is the config key of the sparsity knob, named `knob_label` in text and `knob_symbol` in formulas;
+    `sparsity_term` says what the loss's sparsity term measures and what multiplies it (figure labels).
     `defaults`: every config key (`sae.KEY`) the architecture reads besides arch, dict_size, decoder_bias and
     decoder_bias_init, knob first, with its default. `params` names the constructor argument of a key where the
     two differ. `impl` is where the class lives, "module:Class"."""
@@ -30,6 +32,7 @@ class ArchSpec:
     knob: str
     knob_label: str
     knob_symbol: str
+    sparsity_term: str
     defaults: Mapping[str, Any]
     decoder_bias: bool
     description: str
@@ -82,6 +85,7 @@ AUXK_DEFAULTS = {"aux_k": None, "aux_coef": 0.25, "dead_after": 20_000}
 RELU = ArchSpec(
     name="relu",
     **L1_KNOB,
+    sparsity_term="|latents|, before × α",
     # l1 0.3 (with the mean reduction, 1024 latents, 3M samples) reached MMCS >= 0.996 on fresh seeds with every true
     # feature recovered at cosine 0.9; 0.1 and 1.0 were both worse (MMCS 0.986, 0.982). With the mean reduction the
     # effective penalty per latent shrinks as 1/dict_size.
@@ -93,6 +97,7 @@ RELU = ArchSpec(
 TOPK = ArchSpec(
     name="topk",
     **K_KNOB,
+    sparsity_term="AuxK on dead latents, before × aux_coef",
     defaults={"k": 8, **AUXK_DEFAULTS},  # k a little above the toy data's mean of 5 active features
     decoder_bias=True,
     description="the k largest pre-activations of each sample, AuxK loss on dead latents (Gao et al. 2024)",
@@ -101,6 +106,7 @@ TOPK = ArchSpec(
 BATCHTOPK = ArchSpec(
     name="batchtopk",
     **K_KNOB,
+    sparsity_term="AuxK on dead latents, before × aux_coef",
     # BatchTopK spends its k*B budget across the batch: k above the data's mean L0 goes to split features.
     defaults={"k": 5, **AUXK_DEFAULTS, "threshold_momentum": 0.01},
     decoder_bias=True,
@@ -112,6 +118,7 @@ JUMPRELU = ArchSpec(
     knob="l0_coef",
     knob_label="L0 coefficient",
     knob_symbol="λ",
+    sparsity_term="active latents per sample, before × λ",
     defaults={"l0_coef": 3e-5, "jump_bandwidth": 0.03, "jump_init_threshold": 0.05},
     decoder_bias=True,
     description="c = z·H(z − θ) with a learned threshold per latent, loss MSE + λ·L0 (Rajamanoharan et al. 2024b)",
@@ -121,6 +128,7 @@ JUMPRELU = ArchSpec(
 GATED = ArchSpec(
     name="gated",
     **L1_KNOB,
+    sparsity_term="|ReLU(gate pre-activations)|, before × α",
     # l1 0.0005 reached MMCS 0.986-0.987 on seeds 0, 7, 8 of the report's data; 0.001 gave 0.967-0.983.
     defaults={"l1": 0.0005},
     decoder_bias=True,
@@ -133,4 +141,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {spec.name: spec for spec in (RELU, TOPK, BATC
 
 def spec_for_knob(knob: str) -> ArchSpec:
     """The first architecture whose knob is `knob` (labels and symbols are the same for every user of a knob)."""
-    return next(spec for spec in ARCH_SPECS.values() if spec.knob == knob)
+    for spec in ARCH_SPECS.values():
+        if spec.knob == knob:
+            return spec
+    raise KeyError(f"no architecture has the sparsity knob {knob!r}")

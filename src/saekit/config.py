@@ -279,7 +279,7 @@ class SAEConfig(_Section):
                 users = [a for a, keys in ARCH_KEYS.items() if key in keys]
                 raise ValueError(f"sae.{key} applies to {', '.join(users)} only, not {self.arch!r}")
         for size in _as_list(self.k):
-            if self.arch in ("topk", "batchtopk") and size > _smallest_size(self.dict_size):
+            if "k" in ARCH_KEYS[self.arch] and size > _smallest_size(self.dict_size):
                 raise ValueError(f"k ({size}) is larger than dict_size ({_smallest_size(self.dict_size)})")
         return self
 
@@ -406,7 +406,7 @@ class RunSpec(BaseModel):
     @property
     def knob_value(self) -> int | float:
         """The knob's value as the config holds it (an int for k)."""
-        return int(self.sparsity) if self.knob == "k" else self.sparsity
+        return ARCH_SPECS[self.arch].knob_number(self.sparsity)
 
 
 def _as_list(v: Any) -> list:
