@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from saekit.archspec import ARCH_SPECS
 from saekit.errors import InputError
 
-# Tables derived from the architecture specs (saekit.archspec), kept here under their old names.
+# Tables derived from the architecture specs (saekit.archspec).
 SPARSITY_KNOBS: dict[str, str] = {name: spec.knob for name, spec in ARCH_SPECS.items()}  # the config key each one sweeps
 KNOWN_ARCHS = tuple(ARCH_SPECS)
 KNOB_LABELS = {spec.knob: spec.knob_label for spec in ARCH_SPECS.values()}  # how each knob is named in text

@@ -12,8 +12,8 @@ auxiliary loss (AuxK) gives latents that have stopped firing a gradient:
 A latent is dead when it has not fired for `dead_after` training samples; the
 count lives in the persistent buffer `samples_since_fired` (K, m), so it
 survives checkpoints. The total loss is reconstruction + aux_coef * AuxK (Gao et al.
-use aux_coef = 1/32 and a 10M-token window; the defaults here, 0.25 and 20k
-samples, are what the toy data needed, see saekit.config), with
+use aux_coef = 1/32 and a 10M-token window; the defaults here, in saekit.archspec,
+are what the toy data needed), with
 the reconstruction term the same MSE (mean over batch and d) as the ReLU SAE;
 Gao et al. normalise both terms by the input variance instead, which leaves
 their ratio, and with Adam the training, unchanged.
