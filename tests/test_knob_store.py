@@ -15,7 +15,7 @@ import pytest
 from saekit.analysis import estimate, heuristics, load_sweep
 from saekit.config import load_config
 from saekit.pipeline import analyse_and_report
-from saekit.store import RunStore
+from saekit.store import RunStore, merge_rank_stores
 from saekit.train.run import result_row, run_config
 
 # The previous layout of `runs`, as store.py created it (HEADLINE written out): every architecture's knob value in `l1`.
@@ -82,6 +82,14 @@ def test_a_store_of_the_previous_layout_is_upgraded_on_open(tmp_path: Path) -> N
     assert result_row(relu)["l1"] == 0.3 and "k" not in result_row(relu)
     with RunStore(tmp_path) as store:  # a second open finds it upgraded and leaves it alone
         assert [r["knob_value"] for r in store.runs()] == [0.3, 8]
+
+
+def test_a_rank_file_of_the_previous_layout_merges(tmp_path: Path) -> None:
+    """A rank file left by an interrupted distributed sweep of the previous version merges into the current layout."""
+    _old_store(tmp_path / "runs.rank0.sqlite")
+    assert merge_rank_stores(tmp_path) == 2 and not (tmp_path / "runs.rank0.sqlite").exists()
+    with RunStore(tmp_path) as store:
+        assert [(r["knob"], r["knob_value"], r["l1"]) for r in store.runs()] == [("l1", 0.3, 0.3), ("k", 8, None)]
 
 
 def _to_previous_layout(out: Path) -> None:
