@@ -52,7 +52,10 @@ def test_power_law_fit_exact():
 def _run(run_id, size, l1, seed, fvu=0.1, dead=0.0, **metrics):
     return {
         "run_id": run_id,
+        "arch": "relu",
         "dict_size": size,
+        "knob": "l1",
+        "knob_value": l1,
         "l1": l1,
         "seed": seed,
         "fvu": fvu,
@@ -71,7 +74,7 @@ def test_collapse_point_interpolates_in_log_l1():
     ]
     out = collapse_points(Sweep(None, runs))
     # size 64: FVU 0.2 -> 0.8 crosses 0.5 halfway, i.e. at exp((log 0.1 + log 1) / 2) = sqrt(0.1) = 0.3162.
-    assert out["points"] == [{"dict_size": 64, "l1_collapse": pytest.approx(math.sqrt(0.1))}]
+    assert out["points"] == [{"dict_size": 64, "knob_collapse": pytest.approx(math.sqrt(0.1))}]
     assert out["power_law"] is None  # one point only; size 128 never collapses
 
 
@@ -109,7 +112,7 @@ def test_estimate_counts_what_both_seeds_learned():
 
 def test_cross_size_table_matches_contained_dictionaries():
     sweep = _truth_sweep()
-    rows = [r for r in cross_size_table(sweep) if r["l1"] == 0.3]
+    rows = [r for r in cross_size_table(sweep) if r["knob_value"] == 0.3]
     # At L1 0.3 every dictionary is a prefix of the true directions, so each smaller one is fully found in the larger.
     assert rows and all(r["mmcs"] == pytest.approx(1.0) and r["matched_fraction"] == 1.0 for r in rows)
 

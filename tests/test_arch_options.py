@@ -189,11 +189,11 @@ def test_a_topk_sweep_is_analysed_by_its_k_and_archs_do_not_mix(tmp_path):
     assert not errors and all(r["l1"] is None and r["sparsity_knob"] == "k" and r["k"] in (2, 3) for r in results)
     result, report = analyse_and_report(tmp_path)
     assert result["knob"] == "k" and result["l1"] is None and result["k"] in (2, 3)
-    assert f"at k {result['k']}" in result["summary"] and "L1" not in result["summary"]
+    assert f"at k = {result['k']}" in result["summary"] and "L1" not in result["summary"]
     chosen = recommended_run(results, result)
     assert (chosen["dict_size"], chosen["k"]) == (result["dict_size"], result["k"])
     page = report.read_text()
-    assert "k = " in page and "vs k (latents kept per sample)" in page and "read α below as k" in page
+    assert "k = " in page and "sparsity losses vs k" in page and "For each k," in page and "α" not in page
     relu = load_config(None, [*small, "sae.dict_size=24"])
     run_config(relu, tmp_path, progress=False)
     with pytest.raises(InputError, match="mixes architectures"):

@@ -256,7 +256,7 @@ def test_a_topk_member_beside_a_larger_k_differs_only_by_rounding():
 
 def test_merge_keeps_done_rows_and_removes_rank_files(tmp_path):
     def add(store: RunStore, run_id: str, done: bool, value: float) -> None:
-        store.start_run(run_id, arch="relu", dict_size=8, l1=0.1, seed=0, config={}, checkpoint=f"ckpt/{run_id}")
+        store.start_run(run_id, arch="relu", dict_size=8, knob="l1", knob_value=0.1, seed=0, config={}, checkpoint=f"ckpt/{run_id}")
         store.log_history(run_id, 10, {"loss": value})
         if done:
             store.finish_run(run_id, samples=10, seconds=1.0, metrics={"mse": value})

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from browser import chromium_page
+from saekit.archspec import RELU
 from saekit.report import figures, render_report, write_report
 from saekit.report.html import esc, estimate_sentence, fmt_number, render_figure, visible_columns
 
@@ -51,6 +52,8 @@ def make_runs(*, truth: bool = True) -> list[dict]:
                         "run_id": f"toy-m{m}-a{a}-s{seed}",
                         "arch": "relu",
                         "dict_size": m,
+                        "knob": "l1",
+                        "knob_value": a,
                         "l1": a,
                         "seed": seed,
                         "status": "done",
@@ -84,28 +87,32 @@ def make_analysis(runs: list[dict]) -> dict:
     done = [r for r in runs if r["status"] == "done"]
     exponent, prefactor = 0.5, 0.05 / 64**0.5  # collapse α = 0.05, 0.0707, 0.1 at sizes 64, 128, 256
     return {
+        "knob": "l1",
         "dict_sizes": SIZES,
-        "l1s": L1S,
+        "knob_values": L1S,
         "dead": [
-            {**{k: r[k] for k in ("dict_size", "l1", "seed", "dead_fraction")}, "live_latents": r["dict_size"] * (1 - r["dead_fraction"])}
+            {
+                **{k: r[k] for k in ("dict_size", "knob_value", "seed", "dead_fraction")},
+                "live_latents": r["dict_size"] * (1 - r["dead_fraction"]),
+            }
             for r in done
         ],
         "loss_terms": [
             {
-                **{k: r[k] for k in ("dict_size", "l1", "seed")},
+                **{k: r[k] for k in ("dict_size", "knob_value", "seed")},
                 **{k: r["metrics"][k] for k in ("reconstruction_loss", "sparsity_loss", "l1_loss")},
             }
             for r in done
         ],
         "collapse": {
-            "points": [{"dict_size": m, "l1_collapse": prefactor * m**exponent} for m in SIZES],
+            "points": [{"dict_size": m, "knob_collapse": prefactor * m**exponent} for m in SIZES],
             "power_law": {"exponent": exponent, "prefactor": prefactor, "r2": 0.99},
         },
         "cross_size": [
             {
                 "dict_size": m,
                 "larger_size": big,
-                "l1": a,
+                "knob_value": a,
                 "mmcs": 0.95 if m < TRUE_FEATURES else 0.7,
                 "matched_fraction": 0.9 if m < TRUE_FEATURES else 0.5,
             }
@@ -115,7 +122,7 @@ def make_analysis(runs: list[dict]) -> dict:
             for a in L1S
         ],
         "consensus": [
-            {"dict_size": m, "l1": a, "count": 120 + 10 * i, "agreement": 0.8 - 0.1 * i} for m in SIZES for i, a in enumerate(L1S)
+            {"dict_size": m, "knob_value": a, "count": 120 + 10 * i, "agreement": 0.8 - 0.1 * i} for m in SIZES for i, a in enumerate(L1S)
         ],
     }
 
@@ -232,8 +239,8 @@ def test_write_report_degenerate_inputs(tmp_path: Path, case: str) -> None:
         runs = [r for r in runs if r["dict_size"] == 128]
         analysis = {"dead": [], "cross_size": [], "collapse": {"points": [], "power_law": None}}
     elif case == "single_l1":
-        runs = [r for r in runs if r["l1"] == 0.1]
-        analysis = {"consensus": [{"dict_size": 64, "l1": 0.1, "count": 3, "agreement": 1.0}]}
+        runs = [r for r in runs if r["knob_value"] == 0.1]
+        analysis = {"consensus": [{"dict_size": 64, "knob_value": 0.1, "count": 3, "agreement": 1.0}]}
         estimate = {"n_features": None, "signals": [], "summary": ""}
     elif case == "analysis_without_collapse":
         analysis = make_analysis(runs)
@@ -250,11 +257,11 @@ def test_write_report_degenerate_inputs(tmp_path: Path, case: str) -> None:
     if case in ("single_run", "no_runs"):
         assert "No feature-count estimate was made" in text
         assert "Needs at least two dictionary sizes" in text
-        assert "Needs at least two L1 coefficients" in text
+        assert "Needs at least two values of L1 coefficient α" in text
     if case == "single_size":
         assert "Needs at least two dictionary sizes" in text and 'data-figure="loss"' in text
     if case == "single_l1":
-        assert "Needs at least two L1 coefficients" in text and 'data-figure="dead"' in text
+        assert "Needs at least two values of L1 coefficient α" in text and 'data-figure="dead"' in text
     if case == "analysis_without_collapse":
         assert "No collapse points" in text
 
@@ -262,11 +269,11 @@ def test_write_report_degenerate_inputs(tmp_path: Path, case: str) -> None:
 def test_figures_fall_back_to_run_rows_without_analysis() -> None:
     """Dead latents and loss terms come from the run table when the analysis has no rows for them."""
     runs = make_runs()
-    dead = figures.dead_latents({}, runs)
-    loss = figures.loss_terms({}, runs)
+    dead = figures.dead_latents({}, runs, knob=RELU)
+    loss = figures.loss_terms({}, runs, knob=RELU)
     assert dead.png and dead.png.startswith("data:image/png;base64,") and "Derived from the run table" in dead.caption
     assert loss.png and "Derived from the run table" in loss.caption
-    assert figures.cross_size({}).png is None and figures.consensus({}).png is None
+    assert figures.cross_size({}, knob=RELU).png is None and figures.consensus({}, knob=RELU).png is None
 
 
 @pytest.mark.parametrize("missing", [None, "file"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from browser import chromium_page
+from saekit.archspec import RELU
 from saekit.io import LATENTS_NAME, save_checkpoint
 from saekit.report import figures, read_source_info, render_report, write_report
 from saekit.report.html import esc, source_sentence, visible_columns
@@ -99,6 +100,8 @@ def make_lm_runs(out: Path, *, write_latents: bool = True, with_ce: bool = True)
                         "run_id": run_id,
                         "arch": "relu",
                         "dict_size": m,
+                        "knob": "l1",
+                        "knob_value": a,
                         "l1": a,
                         "seed": seed,
                         "status": "done",
@@ -121,7 +124,7 @@ def make_lm_runs(out: Path, *, write_latents: bool = True, with_ce: bool = True)
 def lm_analysis(runs: list[dict]) -> dict:
     analysis = make_analysis([r for r in runs if r["status"] == "done"])
     analysis.pop("collapse")
-    return {**analysis, "dict_sizes": SIZES, "l1s": L1S}
+    return {**analysis, "dict_sizes": SIZES, "knob_values": L1S}
 
 
 def png_size(uri: str) -> tuple[int, int]:
@@ -230,9 +233,9 @@ def test_failed_runs_are_not_counted_as_skipped(tmp_path: Path) -> None:
 
 
 def test_ce_panel_only_with_ce_metrics(tmp_path: Path) -> None:
-    with_ce = figures.sparsity_frontier(make_lm_runs(tmp_path, write_latents=False))
-    without = figures.sparsity_frontier(make_lm_runs(tmp_path, write_latents=False, with_ce=False))
-    toy = figures.sparsity_frontier(make_runs())
+    with_ce = figures.sparsity_frontier(make_lm_runs(tmp_path, write_latents=False), knob=RELU)
+    without = figures.sparsity_frontier(make_lm_runs(tmp_path, write_latents=False, with_ce=False), knob=RELU)
+    toy = figures.sparsity_frontier(make_runs(), knob=RELU)
     assert with_ce.png and without.png and toy.png
     assert "loss recovered" in with_ce.title and "clean model 3.12 nats" in with_ce.caption
     for block in (without, toy):
@@ -245,16 +248,16 @@ def test_figures_take_odd_arch_names(tmp_path: Path) -> None:
     """Several architectures: one line / panel each, labelled with the arch name even when it looks like mathtext."""
     runs = make_lm_runs(tmp_path)
     odd = [dict(r, arch="$x^$", run_id=r["run_id"] + "-odd") for r in runs]
-    assert figures.sparsity_frontier(runs + odd).png
+    assert figures.sparsity_frontier(runs + odd, knob=RELU).png
     rates, _ = load_latent_rates(runs + odd)
-    assert figures.feature_density(rates).png
+    assert figures.feature_density(rates, knob=RELU).png
 
 
 def test_frontier_skips_without_l0() -> None:
     runs = [dict(r, l0=None, metrics=dict(r["metrics"] or {}, l0=None)) for r in make_runs()]
-    block = figures.sparsity_frontier(runs)
+    block = figures.sparsity_frontier(runs, knob=RELU)
     assert block.png is None and "L0" in block.note
-    assert figures.sparsity_frontier([]).png is None
+    assert figures.sparsity_frontier([], knob=RELU).png is None
 
 
 def test_ce_sentence_gives_a_range_when_runs_disagree(tmp_path: Path) -> None:
@@ -270,7 +273,7 @@ def test_density_counts_dead_latents_in_the_legend(tmp_path: Path) -> None:
     r = rates[0]
     assert r.dead == int((r.counts == 0).sum()) > 0
     assert r.live_log10_freq.size == r.counts.size - r.dead and r.live_log10_freq.max() <= 0
-    block = figures.feature_density(rates, skipped)
+    block = figures.feature_density(rates, skipped, knob=RELU)
     assert block.png and block.note is None and "median live latent" in block.title
     assert "dead" in block.caption and "10% of samples" in block.caption
 

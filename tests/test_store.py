@@ -12,7 +12,9 @@ CONFIG = {"sae": {"dict_size": 16, "l1": [0.1, 0.2]}, "train": {"lr": 0.001, "se
 
 
 def _start(store: RunStore, run_id: str = "r1", dict_size: int = 16, l1: float = 0.1, seed: int = 0) -> None:
-    store.start_run(run_id, arch="relu", dict_size=dict_size, l1=l1, seed=seed, config=CONFIG, checkpoint=f"ckpt/{run_id}")
+    store.start_run(
+        run_id, arch="relu", dict_size=dict_size, knob="l1", knob_value=l1, seed=seed, config=CONFIG, checkpoint=f"ckpt/{run_id}"
+    )
 
 
 def test_file_location_and_wal(tmp_path):
@@ -43,6 +45,7 @@ def test_start_run(tmp_path):
         run = store.get("r1")
     assert run["status"] == "running"
     assert (run["arch"], run["dict_size"], run["l1"], run["seed"]) == ("relu", 32, 0.25, 3)
+    assert (run["knob"], run["knob_value"]) == ("l1", 0.25)
     assert run["samples"] == 0 and run["seconds"] == 0
     assert run["checkpoint"] == "ckpt/r1"
     assert run["metrics"] is None

@@ -15,8 +15,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from saekit.archspec import ARCH_SPECS
 from saekit.atomic import atomic_write_bytes
-from saekit.config import ARCH_DEFAULTS, KNOWN_ARCHS, SPARSITY_KNOBS, Config, SAEConfig, load_config
+from saekit.config import KNOWN_ARCHS, SPARSITY_KNOBS, Config, load_config
 from saekit.errors import InputError
 
 # Coefficients tried for a penalty architecture: its default times these factors.
@@ -26,12 +27,12 @@ COLUMNS = ("arch", "knob", "value", "l0", "mmcs", "recovered_0_9", "fvu", "dead_
 
 def knob_grid(arch: str, target_l0: int, dict_size: int) -> list[int | float]:
     """The values of the architecture's sparsity knob to train: [target_l0] for k, else the default times PENALTY_FACTORS."""
-    knob = SPARSITY_KNOBS[arch]
-    if knob == "k":
+    spec = ARCH_SPECS[arch]
+    if spec.integer_knob:
         if target_l0 > dict_size:
             raise InputError(f"target L0 {target_l0} is larger than dict_size {dict_size}")
         return [target_l0]
-    default = ARCH_DEFAULTS.get(arch, {}).get(knob, SAEConfig.model_fields[knob].default)
+    default = spec.defaults[spec.knob]
     return [float(f"{default * f:.4g}") for f in PENALTY_FACTORS]
 
 

@@ -2,9 +2,8 @@
 
 A config has three sections, each a flat model whose fields are documented
 below; every default is the value we recommend for the report's toy data.
-Lists in `sae.dict_size`, the architecture's sparsity knob (`sae.l1`, `sae.k` or
-`sae.l0_coef`) or `train.seeds` make a grid: one SAE per
-combination.
+Lists in `sae.dict_size`, the architecture's sparsity knob (`sae.l1`, `sae.k`, ...: see
+saekit.archspec) or `train.seeds` make a grid: one SAE per combination.
 """
 
 from __future__ import annotations
@@ -17,20 +16,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from saekit.archspec import ARCH_SPECS
 from saekit.errors import InputError
 
-# The architectures in `saekit.sae.ARCHITECTURES` and the config key each one sweeps as its sparsity knob
-# (kept here so that configs validate without importing torch; a test keeps the two in step).
-SPARSITY_KNOBS: dict[str, str] = {"relu": "l1", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef", "gated": "l1"}
-KNOWN_ARCHS = tuple(SPARSITY_KNOBS)
-KNOB_LABELS = {"l1": "L1", "k": "k", "l0_coef": "L0 coefficient"}  # how each knob is named in text
-
-# The recommended L1 coefficient for the report's toy data (d=256, G=512, 1024
-# latents) with `l1_reduction: mean`, batch 256, Adam lr 1e-3: on fresh seeds it
-# reached MMCS >= 0.996 with every true feature recovered at cosine 0.9 within 3M
-# samples (README, "Results"). 0.1 and 1.0 were both worse (MMCS 0.986, 0.982).
-# With the mean reduction the effective penalty per latent shrinks as 1/dict_size.
-DEFAULT_L1 = 0.3
+# Tables derived from the architecture specs (saekit.archspec).
+SPARSITY_KNOBS: dict[str, str] = {name: spec.knob for name, spec in ARCH_SPECS.items()}  # the config key each one sweeps
+KNOWN_ARCHS = tuple(ARCH_SPECS)
+KNOB_LABELS = {spec.knob: spec.knob_label for spec in ARCH_SPECS.values()}  # how each knob is named in text
+DEFAULT_L1 = ARCH_SPECS["relu"].defaults["l1"]
 
 
 # The largest integer any key accepts: seeds go to torch.Generator.manual_seed (a signed 64-bit integer)
@@ -165,26 +158,35 @@ class SourceConfig(_Section):
         return self
 
 
-# Defaults that differ by architecture, applied when the key is not given (see README, "Architectures",
-# for the toy-data measurements behind them).
-ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "relu": {"l1": DEFAULT_L1},
-    # gated: l1 0.0005 reached MMCS 0.986-0.987 on seeds 0, 7, 8 of the report's data; 0.001 gave 0.967-0.983
-    "gated": {"l1": 0.0005, "decoder_bias": True},
-    "topk": {"decoder_bias": True},
-    # BatchTopK spends its k*B budget across the batch: k above the data's mean L0 goes to split features (README).
-    "batchtopk": {"decoder_bias": True, "k": 5},
-    "jumprelu": {"decoder_bias": True},
-}
-# The keys each architecture reads besides arch, dict_size, decoder_bias and decoder_bias_init.
-ARCH_KEYS: dict[str, tuple[str, ...]] = {
-    "relu": ("l1", "l1_reduction", "decoder_norm"),
-    "gated": ("l1",),
-    "topk": ("k", "aux_k", "aux_coef", "dead_after"),
-    "batchtopk": ("k", "aux_k", "aux_coef", "dead_after", "threshold_momentum"),
-    "jumprelu": ("l0_coef", "jump_bandwidth", "jump_init_threshold"),
-}
+# What `sae.arch` sets when a key is not given, and the keys each architecture reads besides arch, dict_size,
+# decoder_bias and decoder_bias_init (knob first).
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {name: spec.config_defaults for name, spec in ARCH_SPECS.items()}
+ARCH_KEYS: dict[str, tuple[str, ...]] = {name: tuple(spec.defaults) for name, spec in ARCH_SPECS.items()}
 _ALL_ARCH_KEYS = sorted({k for keys in ARCH_KEYS.values() for k in keys})
+
+
+def _arch_field(key: str, text: str, **constraints: Any) -> Any:
+    """The Field of an architecture's key: its default is that of the first architecture (in ARCH_SPECS order)
+    that reads it; its description names the architectures that read it and their defaults."""
+    users = {name: spec.config_defaults[key] for name, spec in ARCH_SPECS.items() if key in spec.config_defaults}
+    by_value: dict[str, list[str]] = {}
+    for name, value in users.items():
+        by_value.setdefault(_default_text(value), []).append(name)
+    if len(by_value) == 1:
+        default = f"default {next(iter(by_value))}"
+    else:
+        default = "default " + ", ".join(f"{value} for {', '.join(names)}" for value, names in by_value.items())
+    who = "" if len(users) == len(ARCH_SPECS) else ", ".join(users) + ": "
+    return Field(next(iter(users.values())), description=f"{who}{text}; {default}", **constraints)
+
+
+def _default_text(value: Any) -> str:
+    """A default as YAML writes it: null, true, 20000, 3e-05."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 # Keys added after run ids were first published: left out of a run's id while at their default, so that
 # the runs of earlier versions keep their ids (and a rerun skips them).
 SAE_KEYS_NEW_IN_V2 = ("decoder_norm",)
@@ -193,56 +195,46 @@ SAE_KEYS_NEW_IN_V2 = ("decoder_norm",)
 class SAEConfig(_Section):
     """The sparse autoencoder. Defaults: the report's SAE (ReLU, L1 on the mean, unit-norm decoder, no decoder bias).
 
-    Each architecture has one sparsity knob, a grid axis when given as a list: `l1` (relu, gated), `k`
-    (topk, batchtopk) or `l0_coef` (jumprelu). Keys of another architecture are refused.
+    Each architecture has one sparsity knob (its spec's `knob` in saekit.archspec), a grid axis when given as a
+    list. Keys of another architecture are refused.
     """
 
-    arch: str = Field("relu", description=f"architecture, one of {', '.join(KNOWN_ARCHS)}")
+    arch: str = Field("relu", description="architecture: " + "; ".join(f"{n}: {s.description}" for n, s in ARCH_SPECS.items()))
     dict_size: int | list[int] = Field(1024, description="number of latents m (a list makes a grid axis)")
-    l1: float | list[float] = Field(
-        DEFAULT_L1, description="relu, gated: L1 coefficient alpha (a list makes a grid axis; gated's default 0.0005)"
+    l1: float | list[float] = _arch_field("l1", f"{ARCH_SPECS['relu'].knob_name} (a list makes a grid axis)")
+    l1_reduction: Literal["mean", "sum"] = _arch_field(
+        "l1_reduction", "mean: alpha * mean over latents and batch of |c| (the report); sum: summed over latents, mean over batch"
     )
-    l1_reduction: Literal["mean", "sum"] = Field(
-        "mean", description="relu: mean: alpha * mean over latents and batch of |c| (the report); sum: summed over latents, mean over batch"
-    )
-    decoder_norm: Literal["unit", "free"] = Field(
-        "unit",
-        description="relu: unit: decoder rows kept at unit norm (the report); free: unconstrained decoder with the L1 term "
+    decoder_norm: Literal["unit", "free"] = _arch_field(
+        "decoder_norm",
+        "unit: decoder rows kept at unit norm (the report); free: unconstrained decoder with the L1 term "
         "weighted by each latent's decoder norm, sum_j |c_j| * ||W_d,j|| (Anthropic's 2024 update)",
     )
-    k: int | list[int] = Field(
-        8,
-        description="topk, batchtopk: latents kept per sample (batchtopk: k*B per batch); a list is a grid axis. "
-        "topk: 8, a little above the toy data's mean of 5 active features; batchtopk: 5, that mean",
+    k: int | list[int] = _arch_field(
+        "k",
+        "latents kept per sample (batchtopk: k*B per batch); a list is a grid axis. topk's default is a little above the "
+        "toy data's mean of 5 active features, batchtopk's that mean",
     )
-    aux_k: int | None = Field(
-        None, gt=0, description="topk, batchtopk: latents of the AuxK loss that reconstructs the residual from dead latents; null = d/2"
-    )
-    # AuxK stronger and sooner than Gao et al.'s (1/32 after 10M tokens of a language model): on the report's toy data
-    # the rarest true features fire once in ~3,000 samples and are learned through AuxK. BatchTopK plateaued at
-    # MMCS 0.97 with 1/32 and 100k samples and reached 0.99 with 0.25 and 20k; TopK reached the same MMCS (0.996)
-    # either way, twice as fast with these (README, "Architectures").
-    aux_coef: float = Field(0.25, ge=0, description="topk, batchtopk: weight of the AuxK loss (Gao et al. 2024: 1/32)")
-    dead_after: int = Field(
-        20_000,
-        gt=0,
-        description="topk, batchtopk: a latent that has not fired for this many samples is dead and joins the AuxK loss "
+    aux_k: int | None = _arch_field("aux_k", "latents of the AuxK loss that reconstructs the residual from dead latents; null = d/2", gt=0)
+    aux_coef: float = _arch_field("aux_coef", "weight of the AuxK loss (Gao et al. 2024: 1/32)", ge=0)
+    dead_after: int = _arch_field(
+        "dead_after",
+        "a latent that has not fired for this many samples is dead and joins the AuxK loss "
         "(Gao et al. 2024: 10M tokens of a language model; raise it for real activations)",
+        gt=0,
     )
-    threshold_momentum: float = Field(
-        0.01,
+    threshold_momentum: float = _arch_field(
+        "threshold_momentum",
+        "weight of each batch in the running mean of the smallest kept activation (the inference threshold)",
         gt=0,
         le=1,
-        description="batchtopk: weight of each batch in the running mean of the smallest kept activation (the inference threshold)",
     )
-    l0_coef: float | list[float] = Field(3e-5, description="jumprelu: coefficient lambda of the L0 penalty (a list is a grid axis)")
-    jump_bandwidth: float = Field(
-        0.03, gt=0, description="jumprelu: width epsilon of the rectangle kernel of the straight-through estimator"
+    l0_coef: float | list[float] = _arch_field(
+        "l0_coef", f"coefficient {ARCH_SPECS['jumprelu'].knob_symbol} of the L0 penalty (a list is a grid axis)"
     )
-    jump_init_threshold: float = Field(0.05, gt=0, description="jumprelu: initial threshold theta of every latent")
-    decoder_bias: bool = Field(
-        False, description="add a decoder bias b_d (subtracted before encoding); off in the report, on for the later architectures"
-    )
+    jump_bandwidth: float = _arch_field("jump_bandwidth", "width epsilon of the rectangle kernel of the straight-through estimator", gt=0)
+    jump_init_threshold: float = _arch_field("jump_init_threshold", "initial threshold theta of every latent", gt=0)
+    decoder_bias: bool = _arch_field("decoder_bias", "add a decoder bias b_d (subtracted before encoding)")
     decoder_bias_init: Literal["zeros", "geometric_median"] = Field(
         "zeros",
         description="with decoder_bias: start b_d at zero, or at the geometric median of 8192 training samples "
@@ -287,7 +279,7 @@ class SAEConfig(_Section):
                 users = [a for a, keys in ARCH_KEYS.items() if key in keys]
                 raise ValueError(f"sae.{key} applies to {', '.join(users)} only, not {self.arch!r}")
         for size in _as_list(self.k):
-            if self.arch in ("topk", "batchtopk") and size > _smallest_size(self.dict_size):
+            if "k" in ARCH_KEYS[self.arch] and size > _smallest_size(self.dict_size):
                 raise ValueError(f"k ({size}) is larger than dict_size ({_smallest_size(self.dict_size)})")
         return self
 
@@ -414,7 +406,7 @@ class RunSpec(BaseModel):
     @property
     def knob_value(self) -> int | float:
         """The knob's value as the config holds it (an int for k)."""
-        return int(self.sparsity) if self.knob == "k" else self.sparsity
+        return ARCH_SPECS[self.arch].knob_number(self.sparsity)
 
 
 def _as_list(v: Any) -> list:

@@ -1,9 +1,14 @@
 """The run registry: `OUT/runs.sqlite` (SQLite in WAL mode), one row per SAE plus metrics over time.
 
-Table `runs`: run_id, arch, dict_size, l1, seed, status (running | done | failed),
-samples, seconds, the headline metrics as columns, all final metrics as JSON,
-the full config as JSON, the checkpoint folder, and an error message.
+Table `runs`: run_id, arch, dict_size, the sparsity knob's name and value (`knob`: l1, k or l0_coef, the
+architecture's config key; `knob_value`: its value, stored as REAL), `l1` (the knob's value when the knob is
+l1, else NULL: kept so that readers of the L1 coefficient find it where they always did), seed, status
+(running | done | failed), samples, seconds, the headline metrics as columns, all final metrics as JSON, the
+full config as JSON, the checkpoint folder, and an error message.
 Table `history`: (run_id, samples, name, value) rows logged during training.
+
+Stores written before the knob columns existed kept every architecture's knob value in `l1`; opening one
+rebuilds its `runs` table in the current layout (`upgrade_runs_table`), in one transaction.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from saekit.archspec import ARCH_SPECS, spec_for_knob
+
 HEADLINE = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "recovered_0_9")
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS runs (
+_RUNS_COLUMNS = f"""
     run_id TEXT PRIMARY KEY,
     arch TEXT NOT NULL,
     dict_size INTEGER NOT NULL,
-    l1 REAL NOT NULL,
+    knob TEXT NOT NULL,
+    knob_value REAL NOT NULL,
+    l1 REAL,
     seed INTEGER NOT NULL,
     status TEXT NOT NULL,
     samples INTEGER NOT NULL DEFAULT 0,
@@ -33,7 +41,9 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT,
     created REAL NOT NULL,
     updated REAL NOT NULL
-);
+"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs ({_RUNS_COLUMNS});
 CREATE TABLE IF NOT EXISTS history (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     samples INTEGER NOT NULL,
@@ -42,6 +52,35 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (run_id, samples, name)
 );
 """
+
+
+def upgrade_runs_table(db: sqlite3.Connection) -> None:
+    """Rebuild a `runs` table without the knob columns in the current layout: `knob` from the architecture,
+    `knob_value` from the old `l1` column (which held every architecture's knob value), `l1` kept only where
+    the knob is l1. One transaction; a store being upgraded by another process is waited for, not upgraded twice."""
+    if not _lacks_knob_columns(db):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if _lacks_knob_columns(db):  # another process may have upgraded it while we waited for the lock
+            cursor = db.execute("SELECT * FROM runs")
+            names = [c[0] for c in cursor.description]
+            rows = [dict(zip(names, r)) for r in cursor]
+            db.execute("DROP TABLE runs")
+            db.execute(f"CREATE TABLE runs ({_RUNS_COLUMNS})")
+            for row in rows:
+                knob = ARCH_SPECS[row["arch"]].knob if row["arch"] in ARCH_SPECS else "l1"
+                row.update(knob=knob, knob_value=row["l1"], l1=row["l1"] if knob == "l1" else None)
+                db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+def _lacks_knob_columns(db: sqlite3.Connection) -> bool:
+    columns = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    return bool(columns) and "knob" not in columns
 
 
 class RunStore:
@@ -60,6 +99,7 @@ class RunStore:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        upgrade_runs_table(self.db)
         with self.db:
             self.db.executescript(_SCHEMA)
 
@@ -74,15 +114,28 @@ class RunStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def start_run(self, run_id: str, *, arch: str, dict_size: int, l1: float, seed: int, config: dict[str, Any], checkpoint: str) -> None:
-        """Register a run as `running` (or mark an existing one running again, keeping its progress)."""
+    def start_run(
+        self,
+        run_id: str,
+        *,
+        arch: str,
+        dict_size: int,
+        knob: str,
+        knob_value: float,
+        seed: int,
+        config: dict[str, Any],
+        checkpoint: str,
+    ) -> None:
+        """Register a run as `running` (or mark an existing one running again, keeping its progress).
+        `knob`: the config key of the architecture's sparsity knob (l1, k, l0_coef); `knob_value`: its value."""
         now = time.time()
+        l1 = knob_value if knob == "l1" else None
         with self.db:
             self.db.execute(
-                """INSERT INTO runs (run_id, arch, dict_size, l1, seed, status, config, checkpoint, created, updated)
-                   VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)
+                """INSERT INTO runs (run_id, arch, dict_size, knob, knob_value, l1, seed, status, config, checkpoint, created, updated)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)
                    ON CONFLICT(run_id) DO UPDATE SET status='running', error=NULL, updated=excluded.updated""",
-                (run_id, arch, dict_size, l1, seed, json.dumps(config, sort_keys=True), checkpoint, now, now),
+                (run_id, arch, dict_size, knob, knob_value, l1, seed, json.dumps(config, sort_keys=True), checkpoint, now, now),
             )
 
     def log_history(self, run_id: str, samples: int, values: dict[str, float]) -> None:
@@ -130,7 +183,7 @@ class RunStore:
         query, args = "SELECT * FROM runs", ()
         if status is not None:
             query, args = query + " WHERE status=?", (status,)
-        return [_row_dict(r) for r in self.db.execute(query + " ORDER BY dict_size, l1, seed, run_id", args)]
+        return [_row_dict(r) for r in self.db.execute(query + " ORDER BY dict_size, knob_value, seed, run_id", args)]
 
     def history(self, run_id: str) -> list[dict[str, Any]]:
         """Rows {samples, name: value, ...} in order of samples."""
@@ -193,6 +246,7 @@ def merge_rank_stores(out_dir: str | Path, paths: list[Path] | None = None) -> i
         db = sqlite3.connect(path, timeout=30.0)
         db.row_factory = sqlite3.Row
         try:
+            upgrade_runs_table(db)  # a rank file left by an earlier version
             runs = list(db.execute("SELECT * FROM runs"))
             loaded.append((runs, list(db.execute("SELECT run_id, samples, name, value FROM history"))))
         finally:
@@ -226,6 +280,7 @@ def merge_rank_stores(out_dir: str | Path, paths: list[Path] | None = None) -> i
 
 def _row_dict(row: sqlite3.Row) -> dict[str, Any]:
     d = dict(row)
+    d["knob_value"] = spec_for_knob(d["knob"]).knob_number(d["knob_value"])  # an int for k
     d["config"] = json.loads(d["config"])
     d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else None
     return d

@@ -1,7 +1,7 @@
 """The feature-count and hyperparameter estimate, from a finished sweep and without ground truth.
 
 The count comes from seed consensus (features two SAEs with different init seeds both learned), read at
-the (size, L1) where the two seeds agree best among the dictionaries with at least twice as many latents
+the (size, knob value) where the two seeds agree best among the dictionaries with at least twice as many latents
 as the features they share. The report's own
 heuristics are computed alongside and reported as signals that agree or not with that count.
 """
@@ -19,6 +19,10 @@ from saekit.metrics import mmcs
 
 DEAD_THRESHOLD = 0.05  # a dictionary "has dead latents" when more than 5% never fired
 MATCH_THRESHOLD = 0.9  # cross-size: a dictionary "is contained" in a larger one when 90% of its live latents match
+L1_CONVENTION = (
+    "; with the L1 averaged over latents (the report's convention) the per-latent penalty is L1/size, so the collapse "
+    "point grows with size whatever the feature count: the report's 'clean power law' is this convention, not a count"
+)
 
 
 def _neighbours(values: list[float], value: float) -> list[float]:
@@ -35,48 +39,48 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
             "estimate needs SAEs trained with two init seeds at the largest sizes (e.g. --set train.seeds=[0,1]); this sweep has none"
         )
     # Trust only dictionaries with room for every feature they count (at least twice as many latents):
-    # smaller ones merge features and under-count. Among those, take the (size, L1) whose seeds agree best.
+    # smaller ones merge features and under-count. Among those, take the (size, knob value) whose seeds agree best.
     roomy = [r for r in consensus if 2 * r["count"] <= r["dict_size"] and r["count"] > 0] or consensus
-    # The count is the median over that L1 and its neighbours in the grid, so one odd L1 cannot move it.
+    # The count is the median over that knob value and its neighbours in the grid, so one odd value cannot move it.
     best = max(roomy, key=lambda r: (r["agreement"], r["dict_size"]))
     top = best["dict_size"]
-    at_top = sorted((r for r in consensus if r["dict_size"] == top), key=lambda r: r["l1"])
-    l1_grid = [r["l1"] for r in at_top]
-    near = [r["count"] for r in at_top if r["l1"] in _neighbours(l1_grid, best["l1"])]
+    at_top = sorted((r for r in consensus if r["dict_size"] == top), key=lambda r: r["knob_value"])
+    grid = [r["knob_value"] for r in at_top]
+    near = [r["count"] for r in at_top if r["knob_value"] in _neighbours(grid, best["knob_value"])]
     n_features = int(round(statistics.median(near)))
     late = best.get("count_late")
     settled = late is None or abs(late - best["count"]) <= tolerance * max(best["count"], 1)
     stable = settled and all(abs(c - n_features) <= tolerance * n_features for c in near)
     low, high = min(near), max(near)
 
-    dict_size, l1 = recommend(sweep, n_features, top)
-    knob = sweep.knob_label  # "L1" for relu and gated sweeps, "k" for topk, ...
+    dict_size, value = recommend(sweep, n_features, top)
+    knob = sweep.spec.knob_name  # "L1 coefficient α" for relu and gated sweeps, "k" for topk, ...
     signals = [
         {
             "name": "seed consensus",
             "value": n_features,
             "agrees": stable,
-            "note": f"at {top} latents and {knob} {best['l1']:g} (seed agreement {best['agreement']:.3f}); "
+            "note": f"at {top} latents and {knob} = {best['knob_value']:g} (seed agreement {best['agreement']:.3f}); "
             f"neighbouring {knob} values give {', '.join(str(c) for c in near)}"
             + ("" if late is None else f"; at 80% of training it was {late}"),
         }
     ]
-    signals += _report_signals(sweep, h, n_features, best["l1"], tolerance)
+    signals += _report_signals(sweep, h, n_features, best["knob_value"], tolerance)
     agreeing = [s["name"] for s in signals[1:] if s["agrees"]]
     disagreeing = [s["name"] for s in signals[1:] if s["agrees"] is False]
     summary = (
         f"About {n_features} features (range {low}-{high}), counted as the features two init seeds both learned "
         f"at {top} latents; {'stable' if stable else 'NOT stable'} across neighbouring {knob} values and since 80% of training. "
         f"Agreeing: {', '.join(agreeing) or 'none'}. Not agreeing: {', '.join(disagreeing) or 'none'}. "
-        f"Recommended SAE: {dict_size} latents at {knob} {l1:g}."
+        f"Recommended SAE: {dict_size} latents at {knob} = {value:g}."
     )
-    knob_values = {"l1": l1} if sweep.knob == "l1" else {"l1": None, sweep.knob: int(l1) if sweep.knob == "k" else l1}
     return {
         "n_features": n_features,
         "low": low,
         "high": high,
         "dict_size": dict_size,
-        **knob_values,
+        "l1": value if sweep.knob == "l1" else None,  # DESIGN.md's contract; other knobs under their own key
+        sweep.knob: sweep.spec.knob_number(value),
         "knob": sweep.knob,
         "stable": stable,
         "signals": signals,
@@ -86,39 +90,40 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
 
 def recommend(sweep: Sweep, n_features: int, top: int) -> tuple[int, float]:
     """The smallest trained size of at least twice the estimated count (overcomplete dictionaries recover
-    features best: the report's MMCS was near 1 from about twice the true count), and at that size the L1
-    whose dictionaries best recover the consensus features found at the counting size `top` (the features
-    both seeds learned there, per L1: our stand-in for the unknown truth): the highest MMCS against them,
-    averaged over seeds and over the L1 values whose features are compared (never a dictionary against
+    features best: the report's MMCS was near 1 from about twice the true count), and at that size the knob
+    value whose dictionaries best recover the consensus features found at the counting size `top` (the features
+    both seeds learned there, per knob value: our stand-in for the unknown truth): the highest MMCS against them,
+    averaged over seeds and over the knob values whose features are compared (never a dictionary against
     features it helped find)."""
     sizes = sweep.dict_sizes
     dict_size = next((s for s in sizes if s >= 2 * n_features), sizes[-1])
     features = {}
-    for l1 in sweep.l1s:
-        seeds = sweep.select(dict_size=top, l1=l1)
+    for value in sweep.knob_values:
+        seeds = sweep.select(dict_size=top, knob_value=value)
         if len(seeds) >= 2:
-            features[l1] = consensus_directions(sweep.live_directions(seeds[0]), sweep.live_directions(seeds[1]))
+            features[value] = consensus_directions(sweep.live_directions(seeds[0]), sweep.live_directions(seeds[1]))
     score = {}
-    for l1 in sweep.l1s:
-        values = [
+    for value in sweep.knob_values:
+        mmcs_values = [
             mmcs(sweep.live_directions(run), found)
-            for run in sweep.select(dict_size=dict_size, l1=l1)
+            for run in sweep.select(dict_size=dict_size, knob_value=value)
             for other, found in features.items()
-            if found.shape[0] > 0 and sweep.live_directions(run).shape[0] > 0 and not (dict_size == top and other == l1)
+            if found.shape[0] > 0 and sweep.live_directions(run).shape[0] > 0 and not (dict_size == top and other == value)
         ]
-        if values:
-            score[l1] = statistics.fmean(values)
+        if mmcs_values:
+            score[value] = statistics.fmean(mmcs_values)
     if not score:
-        return dict_size, sweep.select(dict_size=dict_size)[0]["l1"]
+        return dict_size, sweep.select(dict_size=dict_size)[0]["knob_value"]
     return dict_size, max(score, key=lambda a: (score[a], -a))
 
 
-def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, l1: float, tolerance: float) -> list[dict[str, Any]]:
-    """The report's heuristics, each turned into a statement about the count `n`."""
+def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, value: float, tolerance: float) -> list[dict[str, Any]]:
+    """The report's heuristics, each turned into a statement about the count `n`, read at the knob's `value`."""
+    knob = sweep.spec.knob_name
     signals = []
     dead = {}
     for r in h["dead"]:
-        if r["l1"] == l1:
+        if r["knob_value"] == value:
             dead.setdefault(r["dict_size"], []).append(r["dead_fraction"])
     dead_mean = {s: statistics.fmean(v) for s, v in sorted(dead.items())}
     first_dead = next((s for s, f in dead_mean.items() if f > DEAD_THRESHOLD), None)
@@ -127,12 +132,12 @@ def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, l1: float, toleranc
             "name": "dead latents (report heuristic a)",
             "value": first_dead,
             "agrees": None if first_dead is None else n <= first_dead,
-            "note": "no size had more than 5% dead latents at this L1"
+            "note": f"no size had more than 5% dead latents at this {knob}"
             if first_dead is None
             else f"dead latents (>5%) first appear at {first_dead} latents; the report expects this once the size exceeds the count",
         }
     )
-    live_top = [r["live_latents"] for r in h["dead"] if r["l1"] == l1 and r["dict_size"] == max(dead_mean, default=0)]
+    live_top = [r["live_latents"] for r in h["dead"] if r["knob_value"] == value and r["dict_size"] == max(dead_mean, default=0)]
     if live_top:
         live = int(statistics.fmean(live_top))
         signals.append(
@@ -143,22 +148,22 @@ def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, l1: float, toleranc
                 "note": "counts every latent that fires, copies and splits included: an upper bound without resampling",
             }
         )
-    # (c) at each L1: the largest size whose live latents are >= 90% found in every larger dictionary.
+    # (c) at each knob value: the largest size whose live latents are >= 90% found in every larger dictionary.
     contained: dict[float, dict[int, list[float]]] = {}
     for r in h["cross_size"]:
-        contained.setdefault(r["l1"], {}).setdefault(r["dict_size"], []).append(r["matched_fraction"])
+        contained.setdefault(r["knob_value"], {}).setdefault(r["dict_size"], []).append(r["matched_fraction"])
     if contained:
-        per_l1 = {a: max((s for s, v in sizes.items() if min(v) >= MATCH_THRESHOLD), default=None) for a, sizes in contained.items()}
-        found = {a: s for a, s in per_l1.items() if s is not None}
-        at_l1, largest = max(found.items(), key=lambda kv: (kv[1], -kv[0])) if found else (None, None)
+        per_value = {a: max((s for s, v in sizes.items() if min(v) >= MATCH_THRESHOLD), default=None) for a, sizes in contained.items()}
+        found = {a: s for a, s in per_value.items() if s is not None}
+        at_value, largest = max(found.items(), key=lambda kv: (kv[1], -kv[0])) if found else (None, None)
         signals.append(
             {
                 "name": "MMCS with larger dictionaries (report heuristic c)",
                 "value": largest,
                 "agrees": None if largest is None else largest <= 2 * n,
-                "note": "no size's live latents were >=90% found in every larger dictionary at any L1"
+                "note": f"no size's live latents were >=90% found in every larger dictionary at any {knob}"
                 if largest is None
-                else f"at L1 {at_l1:g}, dictionaries up to {largest} latents are >=90% contained in every larger one "
+                else f"at {knob} = {at_value:g}, dictionaries up to {largest} latents are >=90% contained in every larger one "
                 "(the report expects this up to about the true count, and lower beyond)",
             }
         )
@@ -168,11 +173,10 @@ def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, l1: float, toleranc
             "name": "reconstruction collapse (report heuristic b)",
             "value": None if law is None else round(law["exponent"], 3),
             "agrees": None,
-            "note": "no collapse inside the L1 grid"
+            "note": f"no collapse inside the {knob} grid"
             if law is None
-            else f"the L1 at which reconstruction collapses scales as size^{law['exponent']:.2f} (r2 {law['r2']:.2f}); "
-            "with the L1 averaged over latents (the report's convention) the per-latent penalty is L1/size, so the collapse "
-            "point grows with size whatever the feature count: the report's 'clean power law' is this convention, not a count",
+            else f"the {knob} at which reconstruction collapses scales as size^{law['exponent']:.2f} (r2 {law['r2']:.2f})"
+            + (L1_CONVENTION if sweep.knob == "l1" else ""),
         }
     )
     return signals

@@ -4,6 +4,9 @@ Sharkey, Braun & Millidge (2022) proposed: (a) dead latents appear once the dict
 number of true features; (b) the reconstruction and sparsity losses, looked at separately, change regime
 at the right L1 and size; (c) a dictionary's MMCS with larger dictionaries trained at the same L1 stays
 high up to the true size and falls after it. Nothing here reads ground truth.
+
+Sweeps of other architectures vary their own sparsity knob (k, the L0 coefficient) where the report varied
+the L1 coefficient: rows hold it as `knob_value`, and `heuristics` says which knob it is.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def dead_table(sweep: Sweep) -> list[dict[str, Any]]:
     return [
         {
             "dict_size": r["dict_size"],
-            "l1": r["l1"],
+            "knob_value": r["knob_value"],
             "seed": r["seed"],
             "dead_fraction": r["dead_fraction"],
             "live_latents": int(round((1 - r["dead_fraction"]) * r["dict_size"])),
@@ -34,11 +37,11 @@ def dead_table(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def loss_table(sweep: Sweep) -> list[dict[str, Any]]:
-    """(b) Per run: the reconstruction term, the sparsity term (before its coefficient) and l1 x sparsity."""
+    """(b) Per run: the reconstruction term, the sparsity term (before its coefficient) and coefficient x sparsity."""
     return [
         {
             "dict_size": r["dict_size"],
-            "l1": r["l1"],
+            "knob_value": r["knob_value"],
             "seed": r["seed"],
             "reconstruction_loss": r["metrics"].get("reconstruction_loss"),
             "sparsity_loss": r["metrics"].get("sparsity_loss"),
@@ -58,20 +61,20 @@ def _mean_by(rows: list[dict[str, Any]], key: str, value: str) -> dict[Any, floa
 
 
 def collapse_points(sweep: Sweep, fvu_threshold: float = 0.5) -> dict[str, Any]:
-    """(b) For each size, the L1 at which reconstruction collapses: where the FVU (mean over seeds) first
-    crosses `fvu_threshold`, interpolated linearly in log L1 between grid values; then a least-squares fit
-    l1_collapse = prefactor * dict_size**exponent on log-log axes (the report's "clean power law")."""
+    """(b) For each size, the knob value (L1) at which reconstruction collapses: where the FVU (mean over seeds) first
+    crosses `fvu_threshold` going up the grid, interpolated linearly in log knob value between grid values; then a
+    least-squares fit knob_collapse = prefactor * dict_size**exponent on log-log axes (the report's "clean power law")."""
     points = []
     for size in sweep.dict_sizes:
-        fvu_by_l1 = _mean_by(sweep.select(dict_size=size), "l1", "fvu")
-        l1s = list(fvu_by_l1)
-        for lo, hi in zip(l1s, l1s[1:]):
-            f_lo, f_hi = fvu_by_l1[lo], fvu_by_l1[hi]
+        fvu_by_value = _mean_by(sweep.select(dict_size=size), "knob_value", "fvu")
+        values = list(fvu_by_value)
+        for lo, hi in zip(values, values[1:]):
+            f_lo, f_hi = fvu_by_value[lo], fvu_by_value[hi]
             if f_lo < fvu_threshold <= f_hi and lo > 0:
                 frac = (fvu_threshold - f_lo) / (f_hi - f_lo)
-                points.append({"dict_size": size, "l1_collapse": math.exp(math.log(lo) + frac * (math.log(hi) - math.log(lo)))})
+                points.append({"dict_size": size, "knob_collapse": math.exp(math.log(lo) + frac * (math.log(hi) - math.log(lo)))})
                 break
-    return {"points": points, "power_law": power_law_fit([p["dict_size"] for p in points], [p["l1_collapse"] for p in points])}
+    return {"points": points, "power_law": power_law_fit([p["dict_size"] for p in points], [p["knob_collapse"] for p in points])}
 
 
 def power_law_fit(x: list[float], y: list[float]) -> dict[str, float] | None:
@@ -86,12 +89,12 @@ def power_law_fit(x: list[float], y: list[float]) -> dict[str, float] | None:
 
 
 def cross_size_table(sweep: Sweep, match_threshold: float = 0.9) -> list[dict[str, Any]]:
-    """(c) For each L1 and each pair of sizes m < M: the MMCS of the smaller dictionary's live latents with
-    the larger one (mean over its live latents of the best cosine), and the fraction matched at >= 0.9.
-    Uses the lowest seed of each (size, L1)."""
+    """(c) For each knob value (L1) and each pair of sizes m < M: the MMCS of the smaller dictionary's live latents
+    with the larger one (mean over its live latents of the best cosine), and the fraction matched at >= 0.9.
+    Uses the lowest seed of each (size, knob value)."""
     rows = []
-    for l1 in sweep.l1s:
-        by_size = {r["dict_size"]: r for r in reversed(sweep.select(l1=l1))}  # lowest seed wins
+    for value in sweep.knob_values:
+        by_size = {r["dict_size"]: r for r in reversed(sweep.select(knob_value=value))}  # lowest seed wins
         sizes = sorted(by_size)
         for i, small in enumerate(sizes):
             a = sweep.live_directions(by_size[small])
@@ -104,7 +107,7 @@ def cross_size_table(sweep: Sweep, match_threshold: float = 0.9) -> list[dict[st
                     {
                         "dict_size": small,
                         "larger_size": large,
-                        "l1": l1,
+                        "knob_value": value,
                         "mmcs": best.mean().item(),
                         "matched_fraction": (best >= match_threshold).double().mean().item(),
                     }
@@ -113,11 +116,11 @@ def cross_size_table(sweep: Sweep, match_threshold: float = 0.9) -> list[dict[st
 
 
 def consensus_table(sweep: Sweep, threshold: float = 0.9) -> list[dict[str, Any]]:
-    """Seed consensus for every (size, L1) trained with at least two init seeds (the two lowest are used)."""
+    """Seed consensus for every (size, knob value) trained with at least two init seeds (the two lowest are used)."""
     rows = []
     for size in sweep.dict_sizes:
-        for l1 in sweep.l1s:
-            runs = sweep.select(dict_size=size, l1=l1)
+        for value in sweep.knob_values:
+            runs = sweep.select(dict_size=size, knob_value=value)
             if len(runs) < 2:
                 continue
             a, b = sweep.live_directions(runs[0]), sweep.live_directions(runs[1])
@@ -125,7 +128,7 @@ def consensus_table(sweep: Sweep, threshold: float = 0.9) -> list[dict[str, Any]
             rows.append(
                 {
                     "dict_size": size,
-                    "l1": l1,
+                    "knob_value": value,
                     "seeds": [runs[0]["seed"], runs[1]["seed"]],
                     "count": consensus_count(a, b, threshold),
                     "count_late": None if a_late is None or b_late is None else consensus_count(a_late, b_late, threshold),
@@ -139,8 +142,9 @@ def consensus_table(sweep: Sweep, threshold: float = 0.9) -> list[dict[str, Any]
 def heuristics(sweep: Sweep) -> dict[str, Any]:
     """Everything the report page and `estimate` read, in the schema saekit.report expects."""
     return {
+        "knob": sweep.knob,
         "dict_sizes": sweep.dict_sizes,
-        "l1s": sweep.l1s,
+        "knob_values": sweep.knob_values,
         "dead": dead_table(sweep),
         "loss_terms": loss_table(sweep),
         "collapse": collapse_points(sweep),

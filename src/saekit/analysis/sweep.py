@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from saekit.config import KNOB_LABELS, SPARSITY_KNOBS
+from saekit.archspec import ARCH_SPECS, ArchSpec
 from saekit.errors import InputError
 from saekit.io import load_latent_stats, load_sae
 from saekit.store import RunStore
@@ -27,23 +27,27 @@ class Sweep:
         return sorted({r["dict_size"] for r in self.runs})
 
     @property
+    def spec(self) -> ArchSpec:
+        """The sweep's architecture (one per sweep: `load_sweep` refuses mixes)."""
+        return ARCH_SPECS[self.runs[0].get("arch", "relu") if self.runs else "relu"]
+
+    @property
     def knob(self) -> str:
-        """The config key of the sweep's sparsity knob (l1, k or l0_coef); the runs' `l1` field holds its values."""
-        return SPARSITY_KNOBS.get(self.runs[0].get("arch", "relu"), "l1") if self.runs else "l1"
+        """The config key of the sweep's sparsity knob (l1, k or l0_coef); the runs' `knob_value` holds its values."""
+        return self.spec.knob
 
     @property
-    def knob_label(self) -> str:
-        """How the knob is named in text: L1, k or L0 coefficient."""
-        return KNOB_LABELS[self.knob]
+    def knob_values(self) -> list[float]:
+        return sorted({r["knob_value"] for r in self.runs})
 
-    @property
-    def l1s(self) -> list[float]:
-        return sorted({r["l1"] for r in self.runs})
-
-    def select(self, dict_size: int | None = None, l1: float | None = None) -> list[dict[str, Any]]:
-        """Runs of one size and/or one L1, ordered by seed."""
+    def select(self, dict_size: int | None = None, knob_value: float | None = None) -> list[dict[str, Any]]:
+        """Runs of one size and/or one value of the knob, ordered by seed."""
         return sorted(
-            (r for r in self.runs if (dict_size is None or r["dict_size"] == dict_size) and (l1 is None or r["l1"] == l1)),
+            (
+                r
+                for r in self.runs
+                if (dict_size is None or r["dict_size"] == dict_size) and (knob_value is None or r["knob_value"] == knob_value)
+            ),
             key=lambda r: r["seed"],
         )
 

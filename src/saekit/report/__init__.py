@@ -9,13 +9,12 @@ figures (`figures.py`), lays out the page (`html.py`) and writes it atomically.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from saekit.archspec import ARCH_SPECS, RELU, ArchSpec
 from saekit.atomic import atomic_write_bytes
-from saekit.config import SPARSITY_KNOBS
 from saekit.report import figures
 from saekit.report.html import render_page
 from saekit.report.latents import load_latent_rates
@@ -66,29 +65,23 @@ def render_report(
     truth = _true_feature_count(runs)
     n_est = figures.finite((estimate or {}).get("n_features"))
     rates, skipped = load_latent_rates(runs, Path(out_dir) if out_dir is not None else None)
-    knob = SPARSITY_KNOBS.get(runs[0].get("arch", "relu"), "l1") if runs else "l1"
-    token = figures.KNOB_TEXT.set(figures.KNOB_TEXTS[knob])  # axis labels and titles name the sweep's knob
-    try:
-        blocks = _figure_blocks(runs, analysis, rates, skipped, truth, n_est)
-    finally:
-        figures.KNOB_TEXT.reset(token)
-    if knob != "l1":  # the captions were written for the report's L1 sweeps
-        name, symbol = figures.KNOB_TEXTS[knob]
-        note = f"(This sweep varies {name}, not an L1 coefficient: read α below as {symbol}.) "
-        blocks = {key: [replace(b, caption=note + b.caption) for b in group] for key, group in blocks.items()}
+    knob = ARCH_SPECS.get(runs[0].get("arch"), RELU) if runs else RELU  # the sweep's architecture names its knob
+    blocks = _figure_blocks(runs, analysis, rates, skipped, truth, n_est, knob)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return render_page(runs=runs, estimate=estimate, figures=blocks, generated=generated, source_info=source_info)
 
 
-def _figure_blocks(runs: list, analysis: dict, rates: Any, skipped: Any, truth: int | None, n_est: float | None) -> dict[str, list]:
+def _figure_blocks(
+    runs: list, analysis: dict, rates: Any, skipped: Any, truth: int | None, n_est: float | None, knob: ArchSpec
+) -> dict[str, list]:
     return {
         "recovery": figures.recovery_heatmaps(runs),
-        "sparsity": [figures.sparsity_frontier(runs)],
-        "density": [figures.feature_density(rates, skipped)],
-        "dead": [figures.dead_latents(analysis, runs, true_features=truth, estimate=n_est)],
-        "loss": [figures.loss_terms(analysis, runs)],
-        "cross": [figures.cross_size(analysis, true_features=truth, estimate=n_est)],
-        "consensus": [figures.consensus(analysis, true_features=truth, estimate=n_est)],
+        "sparsity": [figures.sparsity_frontier(runs, knob=knob)],
+        "density": [figures.feature_density(rates, skipped, knob=knob)],
+        "dead": [figures.dead_latents(analysis, runs, knob=knob, true_features=truth, estimate=n_est)],
+        "loss": [figures.loss_terms(analysis, runs, knob=knob)],
+        "cross": [figures.cross_size(analysis, knob=knob, true_features=truth, estimate=n_est)],
+        "consensus": [figures.consensus(analysis, knob=knob, true_features=truth, estimate=n_est)],
     }
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from saekit.archspec import ARCH_SPECS, RELU
 from saekit.atomic import atomic_write_bytes
-from saekit.config import KNOB_LABELS
 from saekit.errors import InputError
 from saekit.report.html import esc, fmt_number
 
@@ -231,7 +231,7 @@ def _header(meta: dict[str, Any], count: np.ndarray) -> str:
         [
             _stat("dict size", fmt_number(meta.get("dict_size"))),
             _stat("d", fmt_number(meta.get("d"))),
-            _stat(KNOB_LABELS.get(meta.get("knob", "l1"), "L1"), fmt_number(meta.get("knob_value"))),
+            _stat(ARCH_SPECS.get(meta.get("arch"), RELU).knob_name, fmt_number(meta.get("knob_value"))),
             _stat("L0", fmt_number(scan.get("l0")), "mean number of latents firing per token, on the scanned tokens"),
             _stat("FVU", fmt_number(scan.get("fvu")), f"fraction of variance unexplained, on the first {scan.get('fvu_rows')} tokens"),
             _stat("dead", _pct(scan.get("dead_fraction")), "latents that never fired on the scanned tokens"),

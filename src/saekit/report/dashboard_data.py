@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from saekit.config import SPARSITY_KNOBS
+from saekit.archspec import ARCH_SPECS
 from saekit.errors import InputError
 from saekit.io import load_sae, read_cfg
 
@@ -477,8 +477,8 @@ def collect_dashboard(
     meta = {
         "run_id": run_folder.name,
         "arch": cfg["arch"],
-        "knob": SPARSITY_KNOBS[cfg["arch"]],
-        "knob_value": cfg[SPARSITY_KNOBS[cfg["arch"]]][0],
+        "knob": ARCH_SPECS[cfg["arch"]].knob,
+        "knob_value": cfg[ARCH_SPECS[cfg["arch"]].knob][0],
         "model": manifest.get("model_name") or manifest.get("model"),
         "layer": manifest.get("layer"),
         "site": manifest.get("site"),

@@ -12,7 +12,6 @@ import io
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLocator
+
+from saekit.archspec import ARCH_SPECS, RELU, ArchSpec
 
 # Okabe & Ito (2008), safe for the common colour-vision deficiencies; yellow last (weak on white).
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
@@ -41,19 +42,6 @@ class FigureBlock:
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-
-# The sweep's sparsity knob as the figures name it: (name, symbol). The figures were written for the report's
-# L1 sweeps; `render_report` sets this for sweeps over TopK's k or JumpReLU's L0 coefficient.
-KNOB_TEXT: ContextVar[tuple[str, str]] = ContextVar("knob_text", default=("L1 coefficient α", "α"))
-KNOB_TEXTS = {"l1": ("L1 coefficient α", "α"), "k": ("k (latents kept per sample)", "k"), "l0_coef": ("L0 coefficient λ", "λ")}
-
-
-def knob_name() -> str:
-    return KNOB_TEXT.get()[0]
-
-
-def knob_symbol() -> str:
-    return KNOB_TEXT.get()[1]
 
 
 def finite(v: Any) -> float | None:
@@ -92,7 +80,7 @@ def series_colors(n: int) -> list[str]:
     return [matplotlib.colors.to_hex(cmap(x)) for x in np.linspace(0.0, 0.85, n)]
 
 
-def fmt_l1(v: float) -> str:
+def fmt_knob(v: float) -> str:
     return f"{v:.3g}"
 
 
@@ -121,12 +109,12 @@ def _rotate_x(ax: Any) -> None:
         label.set(rotation=35, ha="right", rotation_mode="anchor")
 
 
-def _l1_axis(ax: Any, l1s: Sequence[float]) -> None:
-    """A log-10 axis with a labelled tick at each L1 coefficient of the grid (every other one when crowded)."""
+def _knob_axis(ax: Any, knob_values: Sequence[float]) -> None:
+    """A log-10 axis with a labelled tick at each value of the sparsity knob in the grid (every other one when crowded)."""
     ax.set_xscale("log")
-    ticks = sorted(set(l1s))
+    ticks = sorted(set(knob_values))
     step = 1 if len(ticks) <= 7 else 2
-    ax.set_xticks(ticks, labels=[fmt_l1(t) if i % step == 0 else "" for i, t in enumerate(ticks)])
+    ax.set_xticks(ticks, labels=[fmt_knob(t) if i % step == 0 else "" for i, t in enumerate(ticks)])
     ax.xaxis.set_minor_locator(NullLocator())
     if len(ticks) > 5:
         _rotate_x(ax)
@@ -166,44 +154,56 @@ def _skip(key: str, title: str, caption: str, note: str) -> FigureBlock:
     return FigureBlock(key=key, title=title, caption=caption, png=None, note=note)
 
 
+def _caption(template: str, knob: ArchSpec, **fields: Any) -> str:
+    """A caption template with the sweep's knob filled in: {name} ('L1 coefficient α', 'k'), {symbol}, {term}."""
+    return template.format(name=knob.knob_name, symbol=knob.knob_symbol, term=knob.sparsity_term, **fields)
+
+
+def _too_few_values(knob: ArchSpec) -> str:
+    return f"at least two values of {knob.knob_name}"
+
+
 # -- 2. recovery heatmaps --------------------------------------------------------------------------
 
 RECOVERY_CAPTION = (
-    "Each cell is one (L1 coefficient α, dictionary size) pair, averaged over seeds. Left: MMCS, the mean over true "
+    "Each cell is one ({name}, dictionary size) pair, averaged over seeds. Left: MMCS, the mean over true "
     "features of the best cosine similarity with any decoder direction. Right: the fraction of true features recovered "
     "with a cosine of at least 0.9. Colour scales are fixed to [0, 1]; grey cells were not trained or have no value. "
     "Sharkey et al. found that a plain L1-penalised autoencoder recovers nearly all true features (MMCS close to 1) "
-    "once the dictionary is at least as large as the true feature count and α sits in the right band: too small an α "
-    "leaves directions mixed, too large kills or shrinks features."
+    "once the dictionary is at least as large as the true feature count and the sparsity pressure ({symbol}) sits in the "
+    "right band: too weak leaves directions mixed, too strong kills or shrinks features."
 )
 
 
 def recovery_heatmaps(runs: list[dict[str, Any]]) -> list[FigureBlock]:
-    """MMCS and recovered-fraction heatmaps over (L1 on x, dict size on y), one figure per architecture with ground truth."""
+    """MMCS and recovered-fraction heatmaps over (the architecture's knob on x, dict size on y), one figure per
+    architecture with ground truth."""
     title = "Recovery of the true features"
     archs = sorted({str(r.get("arch")) for r in runs if finite(r.get("mmcs")) is not None})
     if not archs:
-        return [_skip("recovery", title, RECOVERY_CAPTION, "No ground truth in this data (MMCS is empty for every run): heatmaps skipped.")]
+        note = "No ground truth in this data (MMCS is empty for every run): heatmaps skipped."
+        return [_skip("recovery", title, _caption(RECOVERY_CAPTION, RELU), note)]
     blocks = []
     for arch in archs:
+        knob = ARCH_SPECS.get(arch, RELU)
         rows = [r for r in runs if str(r.get("arch")) == arch]
-        mmcs = mean_by(rows, ("dict_size", "l1"), "mmcs")
-        rec = mean_by(rows, ("dict_size", "l1"), "recovered_0_9")
+        mmcs = mean_by(rows, ("dict_size", "knob_value"), "mmcs")
+        rec = mean_by(rows, ("dict_size", "knob_value"), "recovered_0_9")
         sizes = sorted({k[0] for k in mmcs})
-        l1s = sorted({k[1] for k in mmcs})
+        knob_values = sorted({k[1] for k in mmcs})
         height = max(3.3, 0.42 * len(sizes) + 1.9)
-        width = min(13.0, max(9.0, 1.3 * len(l1s) + 4.0))
+        width = min(13.0, max(9.0, 1.3 * len(knob_values) + 4.0))
         fig = Figure(figsize=(width, height), layout="constrained")
         axes = fig.subplots(1, 2)
         for ax, values, label in ((axes[0], mmcs, "MMCS"), (axes[1], rec, "fraction recovered (cos ≥ 0.9)")):
-            grid = np.full((len(sizes), len(l1s)), np.nan)
+            grid = np.full((len(sizes), len(knob_values)), np.nan)
             for (s, a), v in values.items():
-                if s in sizes and a in l1s:
-                    grid[sizes.index(s), l1s.index(a)] = v
+                if s in sizes and a in knob_values:
+                    grid[sizes.index(s), knob_values.index(a)] = v
             im = ax.imshow(grid, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0, origin="lower", aspect="auto", interpolation="nearest")
             fontsize = 9 if grid.size <= 30 else 7
             for i in range(len(sizes)):
-                for j in range(len(l1s)):
+                for j in range(len(knob_values)):
                     v = grid[i, j]
                     if np.isnan(v):
                         ax.text(j, i, "–", ha="center", va="center", fontsize=fontsize, color="#555555")
@@ -211,18 +211,21 @@ def recovery_heatmaps(runs: list[dict[str, Any]]) -> list[FigureBlock]:
                     r, g, b, _ = HEATMAP_CMAP(v)
                     dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize, color="white" if dark else "black")
-            ax.set_xticks(range(len(l1s)), labels=[fmt_l1(a) for a in l1s])
+            ax.set_xticks(range(len(knob_values)), labels=[fmt_knob(a) for a in knob_values])
             ax.set_yticks(range(len(sizes)), labels=[str(s) for s in sizes])
-            if len(l1s) > 6:
+            if len(knob_values) > 6:
                 _rotate_x(ax)
-            ax.set_xlabel(f"{knob_name()} (log grid)")
+            ax.set_xlabel(f"{knob.knob_name} (log grid)")
             ax.set_ylabel("dictionary size (latents, log₂ grid)")
             ax.set_title(f"{label} ({arch})")
             fig.colorbar(im, ax=ax, label=f"{label} (0–1)", shrink=0.9)
         best = max(mmcs.items(), key=lambda kv: kv[1])
         (bs, ba), bv = best
-        block_title = f"Recovery of the true features ({arch}): best MMCS {bv:.3f} at dictionary size {bs}, {knob_symbol()} = {fmt_l1(ba)}"
-        blocks.append(FigureBlock(key=f"recovery-{arch}", title=block_title, caption=RECOVERY_CAPTION, png=_to_data_uri(fig)))
+        block_title = (
+            f"Recovery of the true features ({arch}): best MMCS {bv:.3f} at dictionary size {bs}, {knob.knob_symbol} = {fmt_knob(ba)}"
+        )
+        caption = _caption(RECOVERY_CAPTION, knob)
+        blocks.append(FigureBlock(key=f"recovery-{arch}", title=block_title, caption=caption, png=_to_data_uri(fig)))
     return blocks
 
 
@@ -230,7 +233,7 @@ def recovery_heatmaps(runs: list[dict[str, Any]]) -> list[FigureBlock]:
 
 DEAD_CAPTION = (
     "Left: the fraction of latents that never fire on the evaluation data, against dictionary size (log₂ axis), one line "
-    "per L1 coefficient α, averaged over seeds. Right: the number of live latents; the grey diagonal is 'every latent "
+    "per {name}, averaged over seeds. Right: the number of live latents; the grey diagonal is 'every latent "
     "alive'. Heuristic (a) of Sharkey et al.: dead latents appear once the dictionary is larger than the true feature "
     "count, so the dead fraction should stay near zero up to that size and rise beyond it, while the live count levels "
     "off near the number of true features."
@@ -238,27 +241,34 @@ DEAD_CAPTION = (
 
 
 def dead_latents(
-    analysis: dict[str, Any], runs: list[dict[str, Any]], *, true_features: int | None = None, estimate: float | None = None
+    analysis: dict[str, Any],
+    runs: list[dict[str, Any]],
+    *,
+    knob: ArchSpec,
+    true_features: int | None = None,
+    estimate: float | None = None,
 ) -> FigureBlock:
-    """Dead fraction and live latents vs dictionary size, one line per L1 (from `analysis['dead']`, else the run rows)."""
+    """Dead fraction and live latents vs dictionary size, one line per value of the knob (from `analysis['dead']`,
+    else the run rows)."""
     title = "Dead latents vs dictionary size"
+    caption = _caption(DEAD_CAPTION, knob)
     rows = list(analysis.get("dead") or [])
     source_note = ""
     if not rows:
         rows = runs
         source_note = " (Derived from the run table: the analysis had no dead-latent rows.)"
     rows = [_with_live_latents(r) for r in rows]
-    dead = mean_by(rows, ("l1", "dict_size"), "dead_fraction")
-    live = mean_by(rows, ("l1", "dict_size"), "live_latents")
+    dead = mean_by(rows, ("knob_value", "dict_size"), "dead_fraction")
+    live = mean_by(rows, ("knob_value", "dict_size"), "live_latents")
     sizes = sorted({k[1] for k in dead})
     if len(sizes) < 2:
-        return _skip("dead", title, DEAD_CAPTION, "Needs at least two dictionary sizes: skipped.")
-    l1s = sorted({k[0] for k in dead})
+        return _skip("dead", title, caption, "Needs at least two dictionary sizes: skipped.")
+    knob_values = sorted({k[0] for k in dead})
     fig = Figure(figsize=(11.5, 4.2), layout="constrained")
     ax_dead, ax_live = fig.subplots(1, 2)
-    for color, marker, a in zip(series_colors(len(l1s)), MARKERS * 10, l1s, strict=False):
+    for color, marker, a in zip(series_colors(len(knob_values)), MARKERS * 10, knob_values, strict=False):
         xs = [s for s in sizes if (a, s) in dead]
-        ax_dead.plot(xs, [dead[(a, s)] for s in xs], marker=marker, color=color, ms=5, lw=1.6, label=f"{knob_symbol()} = {fmt_l1(a)}")
+        ax_dead.plot(xs, [dead[(a, s)] for s in xs], marker=marker, color=color, ms=5, lw=1.6, label=f"{knob.knob_symbol} = {fmt_knob(a)}")
         xl = [s for s in sizes if (a, s) in live]
         ax_live.plot(xl, [live[(a, s)] for s in xl], marker=marker, color=color, ms=5, lw=1.6)
     ax_live.plot(sizes, sizes, color="#aaaaaa", lw=1, ls="-", zorder=0, label="all latents alive")
@@ -275,14 +285,14 @@ def dead_latents(
         _size_axis(ax_live, sizes, "y")
     ax_live.set_ylabel("live latents (count)")
     ax_live.set_title("Live latents level off near the feature count")
-    _figure_legend(fig, [ax_dead, ax_live], knob_name())
+    _figure_legend(fig, [ax_dead, ax_live], knob.knob_name)
     block_title = "Dead latents vs dictionary size"
     first = _first_size_with_dead(dead, sizes)
     if first is not None:
         block_title += f": dead latents (≥ 5%) first appear at {first} latents"
     else:
         block_title += ": no dictionary has more than 5% dead latents"
-    return FigureBlock(key="dead", title=block_title, caption=DEAD_CAPTION + source_note, png=_to_data_uri(fig))
+    return FigureBlock(key="dead", title=block_title, caption=caption + source_note, png=_to_data_uri(fig))
 
 
 def _with_live_latents(row: dict[str, Any]) -> dict[str, Any]:
@@ -315,35 +325,36 @@ def _figure_legend(fig: Figure, axes: Sequence[Any], title: str) -> None:
 # -- 4. loss terms ---------------------------------------------------------------------------------
 
 LOSS_CAPTION = (
-    "The two terms of the training loss against the L1 coefficient α (log axis), one line per dictionary size, "
-    "averaged over seeds: the reconstruction loss (mean squared error, log axis) and the sparsity loss (the latents' "
-    "absolute values, averaged or summed over latents as the run's L1 reduction says, before multiplying by α). "
+    "The two terms of the training loss against {name} (log axis), one line per dictionary size, "
+    "averaged over seeds: the reconstruction loss (mean squared error, log axis) and the sparsity loss ({term}). "
     "Diamonds mark each size's collapse point found by the analysis; the small panel plots those points against "
     "dictionary size on log–log axes with a power-law fit. Heuristic (b) of Sharkey et al.: looked at separately "
-    "rather than summed, the two terms change regime at the right α and dictionary size, so the collapse points "
+    "rather than summed, the two terms change regime at the right {symbol} and dictionary size, so the collapse points "
     "should line up along a clear trend."
 )
 
 
-def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]]) -> FigureBlock:
-    """Reconstruction and sparsity loss vs L1, one line per dict size, with collapse points; plus l1_collapse vs size (log–log)."""
-    title = f"Loss terms vs {knob_name()}"
+def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]], *, knob: ArchSpec) -> FigureBlock:
+    """Reconstruction and sparsity loss vs the knob, one line per dict size, with collapse points; plus knob_collapse vs
+    size (log–log)."""
+    title = f"Loss terms vs {knob.knob_name}"
+    caption = _caption(LOSS_CAPTION, knob)
     rows = list(analysis.get("loss_terms") or [])
     source_note = ""
     if not rows:
         rows = [{**r, **(r.get("metrics") or {})} for r in runs if r.get("metrics")]
         source_note = " (Derived from the run table: the analysis had no loss-term rows.)"
-    recon = mean_by(rows, ("dict_size", "l1"), "reconstruction_loss")
-    sparse = mean_by(rows, ("dict_size", "l1"), "sparsity_loss")
-    l1s = sorted({k[1] for k in (*recon, *sparse)})
-    if len(l1s) < 2:
-        return _skip("loss", title, LOSS_CAPTION, "Needs at least two L1 coefficients (and recorded loss terms): skipped.")
+    recon = mean_by(rows, ("dict_size", "knob_value"), "reconstruction_loss")
+    sparse = mean_by(rows, ("dict_size", "knob_value"), "sparsity_loss")
+    knob_values = sorted({k[1] for k in (*recon, *sparse)})
+    if len(knob_values) < 2:
+        return _skip("loss", title, caption, f"Needs {_too_few_values(knob)} (and recorded loss terms): skipped.")
     sizes = sorted({k[0] for k in (*recon, *sparse)})
     collapse = analysis.get("collapse") or {}
     points = {
-        int(p["dict_size"]): float(p["l1_collapse"])
+        int(p["dict_size"]): float(p["knob_collapse"])
         for p in collapse.get("points") or []
-        if finite(p.get("l1_collapse")) and finite(p.get("dict_size")) and float(p["l1_collapse"]) > 0
+        if finite(p.get("knob_collapse")) and finite(p.get("dict_size")) and float(p["knob_collapse"]) > 0
     }
     fit = collapse.get("power_law") or None
     scaling = len(points) >= 2
@@ -359,7 +370,7 @@ def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]]) -> FigureBl
             ax.set_yscale("log")
             _plain_log_labels(ax.yaxis, values.values())
         for s in sizes:
-            xs = [a for a in l1s if (s, a) in values]
+            xs = [a for a in knob_values if (s, a) in values]
             if not xs:
                 continue
             ys = [values[(s, a)] for a in xs]
@@ -367,39 +378,39 @@ def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]]) -> FigureBl
             if s in points and len(xs) >= 2 and min(xs) <= points[s] <= max(xs):
                 yc = _interp_log(points[s], xs, ys, log_y=log_y)
                 ax.plot([points[s]], [yc], marker="D", ms=8, color=colors[s], mec="black", mew=1.0, ls="none", zorder=5)
-        _l1_axis(ax, l1s)
-        ax.set_xlabel(knob_name())
+        _knob_axis(ax, knob_values)
+        ax.set_xlabel(knob.knob_name)
         ax.grid(alpha=0.3)
     ax_rec.set_ylabel("reconstruction loss (MSE per element)")
-    ax_rec.set_title(f"Reconstruction loss rises with {knob_symbol()}")
-    ax_sp.set_ylabel("sparsity loss (|latents|, before × α)")
-    ax_sp.set_title(f"Sparsity loss falls with {knob_symbol()}")
+    ax_rec.set_title(f"Reconstruction loss rises with {knob.knob_symbol}")
+    ax_sp.set_ylabel(f"sparsity loss ({knob.sparsity_term})")
+    ax_sp.set_title(f"Sparsity loss falls with {knob.knob_symbol}")
     if points:
         ax_rec.plot([], [], marker="D", ms=7, color="white", mec="black", ls="none", label="collapse point")
     _figure_legend(fig, [ax_rec, ax_sp], "dictionary size")
     if scaling:
         ax_c = axes[2]
         xs = sorted(points)
-        ax_c.plot(xs, [points[s] for s in xs], "o", color="#0072B2", ms=6, label="collapse α")
+        ax_c.plot(xs, [points[s] for s in xs], "o", color="#0072B2", ms=6, label=f"collapse {knob.knob_symbol}")
         if fit and finite(fit.get("exponent")) is not None and finite(fit.get("prefactor")) is not None:
             grid = np.geomspace(min(xs), max(xs), 50)
             exp, pre = float(fit["exponent"]), float(fit["prefactor"])
             r2 = finite(fit.get("r2"))
-            label = f"fit α ∝ $m^{{{exp:.2f}}}$" + (f", R² = {r2:.2f}" if r2 is not None else "")
+            label = f"fit {knob.knob_symbol} ∝ $m^{{{exp:.2f}}}$" + (f", R² = {r2:.2f}" if r2 is not None else "")
             ax_c.plot(grid, pre * grid**exp, "--", color="#D55E00", lw=1.5, label=label)
         _size_axis(ax_c, xs)
         ax_c.set_yscale("log")
         _plain_log_labels(ax_c.yaxis, points.values())
         ax_c.set_xlabel("dictionary size m (latents)")
-        ax_c.set_ylabel("collapse α")
-        ax_c.set_title(f"Collapse {knob_symbol()} vs size", fontsize=10)
+        ax_c.set_ylabel(f"collapse {knob.knob_symbol}")
+        ax_c.set_title(f"Collapse {knob.knob_symbol} vs size", fontsize=10)
         ax_c.grid(alpha=0.3, which="both")
         ax_c.legend(fontsize=7.5, loc="best")
-    block_title = "Reconstruction and sparsity losses vs L1, looked at separately"
+    block_title = f"Reconstruction and sparsity losses vs {knob.knob_name}, looked at separately"
     if fit and finite(fit.get("exponent")) is not None:
-        block_title += f": collapse α scales as size^{float(fit['exponent']):.2f}"
+        block_title += f": collapse {knob.knob_symbol} scales as size^{float(fit['exponent']):.2f}"
     note = None if points else "No collapse points in the analysis: none are marked."
-    return FigureBlock(key="loss", title=block_title, caption=LOSS_CAPTION + source_note, png=_to_data_uri(fig), note=note)
+    return FigureBlock(key="loss", title=block_title, caption=caption + source_note, png=_to_data_uri(fig), note=note)
 
 
 def _interp_log(x: float, xs: Sequence[float], ys: Sequence[float], *, log_y: bool) -> float:
@@ -413,31 +424,35 @@ def _interp_log(x: float, xs: Sequence[float], ys: Sequence[float], *, log_y: bo
 # -- 5. MMCS with larger dictionaries ---------------------------------------------------------------
 
 CROSS_CAPTION = (
-    "For each L1 coefficient α, the MMCS of each dictionary's decoder directions against the larger dictionaries "
-    "trained at the same α (left), and the fraction of its directions matched in them (right), against the smaller "
+    "For each {name}, the MMCS of each dictionary's decoder directions against the larger dictionaries "
+    "trained at the same {symbol} (left), and the fraction of its directions matched in them (right), against the smaller "
     "dictionary's size (log₂ axis); values averaged over the larger sizes and seeds. This needs no ground truth. "
     "Heuristic (c) of Sharkey et al.: the MMCS with larger dictionaries stays high up to the true feature count and "
     "falls beyond it, because only the true features are found again and again."
 )
 
 
-def cross_size(analysis: dict[str, Any], *, true_features: int | None = None, estimate: float | None = None) -> FigureBlock:
-    """MMCS and matched fraction against larger dictionaries vs dict size, one line per L1 (from `analysis['cross_size']`)."""
+def cross_size(analysis: dict[str, Any], *, knob: ArchSpec, true_features: int | None = None, estimate: float | None = None) -> FigureBlock:
+    """MMCS and matched fraction against larger dictionaries vs dict size, one line per value of the knob
+    (from `analysis['cross_size']`)."""
     title = "MMCS with larger dictionaries"
+    caption = _caption(CROSS_CAPTION, knob)
     rows = list(analysis.get("cross_size") or [])
-    mmcs = mean_by(rows, ("l1", "dict_size"), "mmcs")
-    matched = mean_by(rows, ("l1", "dict_size"), "matched_fraction")
+    mmcs = mean_by(rows, ("knob_value", "dict_size"), "mmcs")
+    matched = mean_by(rows, ("knob_value", "dict_size"), "matched_fraction")
     sizes = sorted({k[1] for k in (*mmcs, *matched)})
     if len(sizes) < 2:
-        return _skip("cross", title, CROSS_CAPTION, "Needs cross-size comparisons at two or more dictionary sizes: skipped.")
-    l1s = sorted({k[0] for k in (*mmcs, *matched)})
+        return _skip("cross", title, caption, "Needs cross-size comparisons at two or more dictionary sizes: skipped.")
+    knob_values = sorted({k[0] for k in (*mmcs, *matched)})
     fig = Figure(figsize=(11.5, 4.2), layout="constrained")
     ax_m, ax_f = fig.subplots(1, 2)
-    for color, marker, a in zip(series_colors(len(l1s)), MARKERS * 10, l1s, strict=False):
+    for color, marker, a in zip(series_colors(len(knob_values)), MARKERS * 10, knob_values, strict=False):
         for ax, values in ((ax_m, mmcs), (ax_f, matched)):
             xs = [s for s in sizes if (a, s) in values]
             if xs:
-                ax.plot(xs, [values[(a, s)] for s in xs], marker=marker, ms=5, lw=1.6, color=color, label=f"{knob_symbol()} = {fmt_l1(a)}")
+                ax.plot(
+                    xs, [values[(a, s)] for s in xs], marker=marker, ms=5, lw=1.6, color=color, label=f"{knob.knob_symbol} = {fmt_knob(a)}"
+                )
     for ax in (ax_m, ax_f):
         _size_axis(ax, sizes)
         _reference_lines(ax, true_features, estimate)
@@ -448,42 +463,43 @@ def cross_size(analysis: dict[str, Any], *, true_features: int | None = None, es
     ax_m.set_title("High up to the true size, lower beyond")
     ax_f.set_ylabel("matched fraction (of latents)")
     ax_f.set_title("Fraction of directions found again")
-    _figure_legend(fig, [ax_m, ax_f], knob_name())
-    title = f"MMCS with larger dictionaries at the same {knob_symbol()}"
-    return FigureBlock(key="cross", title=title, caption=CROSS_CAPTION, png=_to_data_uri(fig))
+    _figure_legend(fig, [ax_m, ax_f], knob.knob_name)
+    title = f"MMCS with larger dictionaries at the same {knob.knob_symbol}"
+    return FigureBlock(key="cross", title=title, caption=caption, png=_to_data_uri(fig))
 
 
 # -- 6. consensus ----------------------------------------------------------------------------------
 
 CONSENSUS_CAPTION = (
-    "For each L1 coefficient α, the number of features two dictionaries of the same size trained from different "
+    "For each {name}, the number of features two dictionaries of the same size trained from different "
     "init seeds both learned (left: connected components of decoder directions linked at cosine > 0.9 that hold "
     "directions of both seeds) and how strongly the seeds agree (right: mean max cosine between their live latents). "
-    "The estimate reads the count where the seeds agree best, as the median over that α and its neighbours. "
+    "The estimate reads the count where the seeds agree best, as the median over that {symbol} and its neighbours. "
     "This extends the report's heuristic (c), features recurring across dictionaries, from sizes to seeds."
 )
 
 
-def consensus(analysis: dict[str, Any], *, true_features: int | None = None, estimate: float | None = None) -> FigureBlock:
-    """Consensus count and agreement vs L1, one line per dict size (from `analysis['consensus']`)."""
+def consensus(analysis: dict[str, Any], *, knob: ArchSpec, true_features: int | None = None, estimate: float | None = None) -> FigureBlock:
+    """Consensus count and agreement vs the knob, one line per dict size (from `analysis['consensus']`)."""
     title = "Consensus across dictionaries"
+    caption = _caption(CONSENSUS_CAPTION, knob)
     rows = list(analysis.get("consensus") or [])
-    count = mean_by(rows, ("dict_size", "l1"), "count")
-    agree = mean_by(rows, ("dict_size", "l1"), "agreement")
-    l1s = sorted({k[1] for k in (*count, *agree)})
-    if len(l1s) < 2:
-        return _skip("consensus", title, CONSENSUS_CAPTION, "No consensus counts at two or more L1 coefficients: skipped.")
+    count = mean_by(rows, ("dict_size", "knob_value"), "count")
+    agree = mean_by(rows, ("dict_size", "knob_value"), "agreement")
+    knob_values = sorted({k[1] for k in (*count, *agree)})
+    if len(knob_values) < 2:
+        return _skip("consensus", title, caption, f"No consensus counts at {_too_few_values(knob)}: skipped.")
     sizes = sorted({k[0] for k in (*count, *agree)})
     fig = Figure(figsize=(11.5, 4.0), layout="constrained")
     ax_c, ax_a = fig.subplots(1, 2)
     for color, marker, s in zip(series_colors(len(sizes)), MARKERS * 10, sizes, strict=False):
         for ax, values in ((ax_c, count), (ax_a, agree)):
-            xs = [a for a in l1s if (s, a) in values]
+            xs = [a for a in knob_values if (s, a) in values]
             if xs:
                 ax.plot(xs, [values[(s, a)] for a in xs], marker=marker, ms=5, lw=1.6, color=color, label=f"{s} latents")
     for ax in (ax_c, ax_a):
-        _l1_axis(ax, l1s)
-        ax.set_xlabel(knob_name())
+        _knob_axis(ax, knob_values)
+        ax.set_xlabel(knob.knob_name)
         ax.grid(alpha=0.3)
     _reference_lines(ax_c, true_features, estimate, axis="y")
     if wants_log(count.values()):
@@ -496,17 +512,15 @@ def consensus(analysis: dict[str, Any], *, true_features: int | None = None, est
     ax_a.set_ylabel("agreement (0–1)")
     ax_a.set_title("Strength of agreement")
     _figure_legend(fig, [ax_c, ax_a], "dictionary size")
-    return FigureBlock(
-        key="consensus", title=f"Consensus feature counts vs {knob_name()}", caption=CONSENSUS_CAPTION, png=_to_data_uri(fig)
-    )
+    return FigureBlock(key="consensus", title=f"Consensus feature counts vs {knob.knob_name}", caption=caption, png=_to_data_uri(fig))
 
 
 # -- 7. sparsity and reconstruction ----------------------------------------------------------------
 
 FRONTIER_CAPTION = (
-    "Each point is one (dictionary size, L1 coefficient α) pair, averaged over seeds; each line joins one dictionary "
-    "size's points across α, from the largest α (left: fewest active latents) to the smallest (right); the small "
-    "numbers are the α values of one line's points. x: L0, the mean number of latents active per sample (log axis). "
+    "Each point is one (dictionary size, {name}) pair, averaged over seeds; each line joins one dictionary "
+    "size's points across {symbol}, from the sparsest (left: fewest active latents) to the densest (right); the small "
+    "numbers are the {symbol} values of one line's points. x: L0, the mean number of latents active per sample (log axis). "
     "{left}FVU, the fraction of the input's variance the reconstruction leaves unexplained (0 is perfect). Lower and "
     "further left is better: at the same L0, a dictionary that reconstructs better has found more useful directions."
 )
@@ -518,17 +532,17 @@ CE_CAPTION = (
 
 
 def _frontier_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per finished run: arch, size, α, L0 (> 0, for the log axis), FVU and fraction of loss recovered (or None)."""
+    """Per finished run: arch, size, knob value, L0 (> 0, for the log axis), FVU and fraction of loss recovered (or None)."""
     rows = []
     for r in runs:
         l0 = run_value(r, "l0")
-        if r.get("status", "done") != "done" or l0 is None or l0 <= 0 or r.get("dict_size") is None or finite(r.get("l1")) is None:
+        if r.get("status", "done") != "done" or l0 is None or l0 <= 0 or r.get("dict_size") is None or finite(r.get("knob_value")) is None:
             continue
         rows.append(
             {
                 "arch": str(r.get("arch")),
                 "dict_size": r["dict_size"],
-                "l1": float(r["l1"]),
+                "knob_value": float(r["knob_value"]),
                 "l0": l0,
                 "fvu": run_value(r, "fvu"),
                 "ce": run_value(r, "ce_loss_recovered"),
@@ -559,15 +573,15 @@ def _log_span(values: Sequence[float]) -> float:
     return math.log10(max(values) / min(values)) if values else 0.0
 
 
-def _annotate_l1(ax: Any, points: Sequence[tuple[float, float, float]], *, above: bool, gap: float) -> None:
-    """Write each point's α (x, y, α) to its left, above or below the line, leaving out points closer than
+def _annotate_knob(ax: Any, points: Sequence[tuple[float, float, float]], symbol: str, *, above: bool, gap: float) -> None:
+    """Write each point's knob value a (x, y, a) to its left, above or below the line, leaving out points closer than
     `gap` decades of x to the last one written (so that crowded labels do not overprint)."""
     last = None
     for x, y, a in points:
         if last is not None and math.log10(x / last) < gap:
             continue
         ax.annotate(
-            fmt_l1(a) if last is not None else f"α = {fmt_l1(a)}",
+            fmt_knob(a) if last is not None else f"{symbol} = {fmt_knob(a)}",
             (x, y),
             xytext=(-5, 5 if above else -6),
             textcoords="offset points",
@@ -585,16 +599,20 @@ def _series_label(arch: str, size: int, many_archs: bool) -> str:
     return f"{arch.replace('$', chr(92) + '$')} · {size} latents" if many_archs else f"{size} latents"
 
 
-def sparsity_frontier(runs: list[dict[str, Any]]) -> FigureBlock:
-    """FVU vs L0 (log x), one line per dictionary size across α; with CE metrics also fraction of loss recovered vs L0."""
+def sparsity_frontier(runs: list[dict[str, Any]], *, knob: ArchSpec) -> FigureBlock:
+    """FVU vs L0 (log x), one line per dictionary size across the knob's values; with CE metrics also fraction of loss
+    recovered vs L0."""
     title = "Sparsity and reconstruction"
     rows = _frontier_rows(runs)
-    keys = ("arch", "dict_size", "l1")
+    keys = ("arch", "dict_size", "knob_value")
     l0, fvu, ce = (mean_by(rows, keys, v) for v in ("l0", "fvu", "ce"))
     ce = {k: v for k, v in ce.items() if k in l0}
     if not (set(l0) & set(fvu)):
         return _skip(
-            "sparsity", title, FRONTIER_CAPTION.format(left="y: "), "No finished run has both an L0 above zero and an FVU: skipped."
+            "sparsity",
+            title,
+            _caption(FRONTIER_CAPTION, knob, left="y: "),
+            "No finished run has both an L0 above zero and an FVU: skipped.",
         )
     series = sorted({k[:2] for k in l0 if k in fvu or k in ce}, key=lambda s: (s[1], s[0]))
     many_archs = len({s[0] for s in series}) > 1
@@ -611,7 +629,7 @@ def sparsity_frontier(runs: list[dict[str, Any]]) -> FigureBlock:
                 )
                 if s == labelled:
                     gap = max(0.08, 0.08 * _log_span(list(l0.values())))  # about 8% of the axis
-                    _annotate_l1(ax, pts, above=values is ce, gap=gap)
+                    _annotate_knob(ax, pts, knob.knob_symbol, above=values is ce, gap=gap)
                     ax.margins(x=0.1)  # room for the leftmost label
     for ax, values in panels:
         ax.set_xscale("log")
@@ -622,7 +640,7 @@ def sparsity_frontier(runs: list[dict[str, Any]]) -> FigureBlock:
     if ce:
         _ce_axis(axes[1], list(ce.values()))
     _figure_legend(fig, axes, "dictionary size")
-    caption = FRONTIER_CAPTION.format(left="Left: " if ce else "y: ") + (CE_CAPTION + ce_sentence(runs) if ce else "")
+    caption = _caption(FRONTIER_CAPTION, knob, left="Left: " if ce else "y: ") + (CE_CAPTION + ce_sentence(runs) if ce else "")
     block_title = (
         "FVU and fraction of next-token loss recovered against L0" if ce else "FVU against L0: the sparsity–reconstruction frontier"
     )
@@ -654,7 +672,7 @@ def _ce_axis(ax: Any, values: list[float]) -> None:
 
 DENSITY_CAPTION = (
     "How often each latent fires on the evaluation samples (the fraction of samples it is active on, log axis): one "
-    "panel per dictionary size, one line per L1 coefficient α, seeds pooled; the height is the fraction of the "
+    "panel per dictionary size, one line per {name}, seeds pooled; the height is the fraction of the "
     "dictionary's latents in each bin of {width:g} decade. Dead latents (never fired) have no place on a log axis, so "
     "the legend counts them instead (per SAE, averaged over seeds). The dashed line marks 10% of samples: latents to "
     "its right count as dense (the run table's dense_fraction); the dotted line, where the axis reaches it, is a latent "
@@ -664,27 +682,28 @@ DENSITY_CAPTION = (
 )
 
 
-def feature_density(rates: Sequence[Any], skipped: Sequence[str] = ()) -> FigureBlock:
-    """Histograms of log firing frequency, a panel per dictionary size and a line per α (`rates`: `latents.LatentRates`)."""
+def feature_density(rates: Sequence[Any], skipped: Sequence[str] = (), *, knob: ArchSpec) -> FigureBlock:
+    """Histograms of log firing frequency, a panel per dictionary size and a line per value of the knob
+    (`rates`: `latents.LatentRates`)."""
     title = "Feature density"
     note = _skipped_note(len(rates), skipped)
     if not rates:
         why = "No readable latents.safetensors in any finished run." + (f" {note}" if note else "")
-        return _skip("density", title, DENSITY_CAPTION.format(width=0.1), why)
+        return _skip("density", title, _caption(DENSITY_CAPTION, knob, width=0.1), why)
     groups: dict[tuple[str, int], dict[float, list[Any]]] = defaultdict(lambda: defaultdict(list))
     for r in rates:
-        groups[(r.arch, r.dict_size)][r.l1].append(r)
+        groups[(r.arch, r.dict_size)][r.knob_value].append(r)
     panels = sorted(groups, key=lambda k: (k[1], k[0]))
     many_archs = len({p[0] for p in panels}) > 1
-    l1s = sorted({r.l1 for r in rates})
-    colors = dict(zip(l1s, series_colors(len(l1s)), strict=False))
+    knob_values = sorted({r.knob_value for r in rates})
+    colors = dict(zip(knob_values, series_colors(len(knob_values)), strict=False))
     edges, width = _density_bins(rates)
     ncols = min(len(panels), 3)
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(4.3 * ncols + 0.4, 3.4 * nrows + 0.3), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
     for ax, key in zip(axes, panels, strict=False):
-        _density_panel(ax, groups[key], edges, colors, _series_label(*key, many_archs))
+        _density_panel(ax, groups[key], edges, colors, _series_label(*key, many_archs), knob.knob_symbol)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     for ax in axes[(nrows - 1) * ncols :]:
@@ -695,7 +714,9 @@ def feature_density(rates: Sequence[Any], skipped: Sequence[str] = ()) -> Figure
     block_title = "Feature density: how often each latent fires"
     if live.size:
         block_title += f" (median live latent: {100 * 10 ** float(np.median(live)):.2g}% of samples)"
-    return FigureBlock(key="density", title=block_title, caption=DENSITY_CAPTION.format(width=width), png=_to_data_uri(fig), note=note)
+    return FigureBlock(
+        key="density", title=block_title, caption=_caption(DENSITY_CAPTION, knob, width=width), png=_to_data_uri(fig), note=note
+    )
 
 
 def _skipped_note(found: int, skipped: Sequence[str]) -> str | None:
@@ -714,20 +735,20 @@ def _density_bins(rates: Sequence[Any]) -> tuple[np.ndarray, float]:
     return np.linspace(-n * width, 0.0, n + 1), width
 
 
-def _density_panel(ax: Any, by_l1: dict[float, list[Any]], edges: np.ndarray, colors: dict[float, str], title: str) -> None:
-    """One size's panel: a step histogram per α, dead latents counted in the legend."""
-    for a in sorted(by_l1):
-        group = by_l1[a]
+def _density_panel(ax: Any, by_value: dict[float, list[Any]], edges: np.ndarray, colors: dict[float, str], title: str, symbol: str) -> None:
+    """One size's panel: a step histogram per knob value, dead latents counted in the legend."""
+    for a in sorted(by_value):
+        group = by_value[a]
         m = group[0].counts.size
         logs = np.concatenate([r.live_log10_freq for r in group])
         hist, _ = np.histogram(logs, bins=edges)
         frac = hist / (m * len(group))
         dead = float(np.mean([r.dead for r in group]))
         dead_text = f"{dead:.0f}" if dead.is_integer() else f"{dead:.1f}"
-        label = f"α = {fmt_l1(a)}: {dead_text} dead ({100 * dead / m:.2g}%)"
+        label = f"{symbol} = {fmt_knob(a)}: {dead_text} dead ({100 * dead / m:.2g}%)"
         ax.stairs(frac, 10.0**edges, color=colors[a], lw=1.6, label=label)
     ax.axvline(0.1, color="#777777", ls="--", lw=1.1)
-    once = 1.0 / max(r.eval_samples for group in by_l1.values() for r in group)
+    once = 1.0 / max(r.eval_samples for group in by_value.values() for r in group)
     if once >= 10.0 ** edges[0]:
         ax.axvline(once, color="#777777", ls=":", lw=1.1)
     ax.annotate(

@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from typing import Any
 
+from saekit.archspec import spec_for_knob
 from saekit.report.figures import FigureBlock, finite, run_value
 
 RUN_COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -19,7 +20,7 @@ RUN_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("run_id", "run_id", False),
     ("arch", "arch", False),
     ("dict_size", "dict_size", True),
-    ("l1", "l1", True),
+    ("knob_value", "knob value", True),  # headed by the runs' knob (l1, k, l0_coef) when they share one
     ("seed", "seed", True),
     ("status", "status", False),
     ("samples", "samples", True),
@@ -180,7 +181,7 @@ def estimate_sentence(estimate: dict[str, Any] | None) -> str:
         parts.append(f"Estimated number of true features: {fmt_number(n)}{rng}.")
     knob = estimate.get("knob", "l1")
     if estimate.get("dict_size") is not None or estimate.get(knob) is not None:
-        setting = f"L1 coefficient α = {fmt_number(estimate.get('l1'))}" if knob == "l1" else f"{knob} = {fmt_number(estimate.get(knob))}"
+        setting = f"{spec_for_knob(knob).knob_name} = {fmt_number(estimate.get(knob))}"
         parts.append(f"Recommended dictionary size {fmt_number(estimate.get('dict_size'))} with {setting}.")
     return " ".join(parts) or "The estimate has no values."
 
@@ -306,9 +307,11 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return '<p class="note">No runs in the store.</p>'
     columns = visible_columns(runs)
+    knobs = {r.get("knob") for r in runs}
+    labels = {"knob_value": next(iter(knobs))} if len(knobs) == 1 and None not in knobs else {}
     head = "".join(
         f'<th scope="col" tabindex="0" data-key="{esc(key)}" data-type="{"num" if numeric else "text"}"{" class=num" if numeric else ""}>'
-        f"{esc(label)}</th>"
+        f"{esc(labels.get(key, label))}</th>"
         for key, label, numeric in columns
     )
     body = []

@@ -23,7 +23,7 @@ class LatentRates:
     run_id: str
     arch: str
     dict_size: int
-    l1: float
+    knob_value: float
     counts: np.ndarray
     eval_samples: float
 
@@ -70,7 +70,7 @@ def _rates(run: dict[str, Any], folder: Path) -> LatentRates:
         run_id=str(run.get("run_id")),
         arch=str(run.get("arch")),
         dict_size=int(run.get("dict_size") or counts.size),
-        l1=float(run.get("l1") or 0.0),
+        knob_value=float(run.get("knob_value") or 0.0),
         counts=counts,
         eval_samples=samples,
     )

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from saekit.archspec import ARCH_SPECS
+
 
 def random_unit_rows(rows: int, cols: int, seed: int) -> torch.Tensor:
     """(rows, cols) float32 with rows drawn uniformly on the unit sphere, from a generator seeded by `seed`."""
@@ -62,8 +64,9 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def config_kwargs(cls, sae_cfg: Any) -> dict:
         """The constructor's architecture options read from an `SAEConfig` (besides d, dict_size, seeds
-        and the sparsity knob's per-member list)."""
-        raise NotImplementedError
+        and the sparsity knob's per-member list): the keys of the architecture's spec, under their argument names."""
+        spec = ARCH_SPECS[cls.arch]
+        return {spec.params.get(key, key): getattr(sae_cfg, key) for key in spec.config_defaults if key != spec.knob}
 
     def member(self, k: int) -> SparseAutoencoder:
         """Member k as an ensemble of one (a copy)."""

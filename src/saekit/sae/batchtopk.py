@@ -20,8 +20,11 @@ from typing import Any
 
 import torch
 
+from saekit.archspec import BATCHTOPK
 from saekit.sae.sparse_decode import decode_batch_topk
 from saekit.sae.topk import TopKSAE
+
+DEFAULTS = BATCHTOPK.constructor_defaults()
 
 
 class BatchTopKSAE(TopKSAE):
@@ -42,11 +45,11 @@ class BatchTopKSAE(TopKSAE):
         dict_size: int,
         seeds: list[int],
         k: list[int],
-        aux_k: int | None = None,
-        aux_coef: float = 0.25,
-        dead_after: int = 20_000,
-        threshold_momentum: float = 0.01,
-        decoder_bias: bool = True,
+        aux_k: int | None = DEFAULTS["aux_k"],
+        aux_coef: float = DEFAULTS["aux_coef"],
+        dead_after: int = DEFAULTS["dead_after"],
+        threshold_momentum: float = DEFAULTS["threshold_momentum"],
+        decoder_bias: bool = DEFAULTS["decoder_bias"],
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__(d, dict_size, seeds, k, aux_k, aux_coef, dead_after, decoder_bias, device)
@@ -57,10 +60,6 @@ class BatchTopKSAE(TopKSAE):
 
     def init_kwargs(self) -> dict:
         return {**super().init_kwargs(), "threshold_momentum": self.threshold_momentum}
-
-    @classmethod
-    def config_kwargs(cls, sae_cfg: Any) -> dict:
-        return {**super().config_kwargs(sae_cfg), "threshold_momentum": sae_cfg.threshold_momentum}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The inference path: x (B, d) or (K, B, d) -> a * (a > threshold), a = ReLU(pre-activations): (K, B, m)."""

@@ -15,12 +15,13 @@ the gate path gradients (H has none); the magnitudes are free of the L1 shrinkag
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from saekit.archspec import GATED
 from saekit.sae.base import SparseAutoencoder
+
+DEFAULTS = GATED.constructor_defaults()
 
 
 class GatedSAE(SparseAutoencoder):
@@ -45,7 +46,7 @@ class GatedSAE(SparseAutoencoder):
         dict_size: int,
         seeds: list[int],
         l1: list[float],
-        decoder_bias: bool = True,
+        decoder_bias: bool = DEFAULTS["decoder_bias"],
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
@@ -67,10 +68,6 @@ class GatedSAE(SparseAutoencoder):
             "l1": list(self.l1_values),
             "decoder_bias": self.b_dec is not None,
         }
-
-    @classmethod
-    def config_kwargs(cls, sae_cfg: Any) -> dict:
-        return {"decoder_bias": sae_cfg.decoder_bias}
 
     def gate_and_magnitude(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, d) or (K, B, d) -> (pi_gate, pi_mag), each (K, B, m)."""

@@ -15,12 +15,15 @@ the gradient where it fires (H(z - theta)) and the L0 step passes none.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
+from saekit.archspec import JUMPRELU
 from saekit.sae.base import SparseAutoencoder
+
+DEFAULTS = JUMPRELU.constructor_defaults()
 
 
 def rectangle_window(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -96,9 +99,9 @@ class JumpReLUSAE(SparseAutoencoder):
         dict_size: int,
         seeds: list[int],
         l0_coef: list[float],
-        bandwidth: float = 0.001,
-        init_threshold: float = 0.001,
-        decoder_bias: bool = True,
+        bandwidth: float = DEFAULTS["bandwidth"],
+        init_threshold: float = DEFAULTS["init_threshold"],
+        decoder_bias: bool = DEFAULTS["decoder_bias"],
         decoder_norm: Literal["unit", "free"] = "unit",
         device: str | torch.device = "cpu",
     ) -> None:
@@ -128,10 +131,6 @@ class JumpReLUSAE(SparseAutoencoder):
             "decoder_bias": self.b_dec is not None,
             "decoder_norm": self.decoder_norm,
         }
-
-    @classmethod
-    def config_kwargs(cls, sae_cfg: Any) -> dict:
-        return {"bandwidth": sae_cfg.jump_bandwidth, "init_threshold": sae_cfg.jump_init_threshold, "decoder_bias": sae_cfg.decoder_bias}
 
     def threshold(self) -> torch.Tensor:
         """theta: (K, m), positive."""

@@ -8,11 +8,14 @@ of the members' losses, and Adam is elementwise.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
+from saekit.archspec import RELU
 from saekit.sae.base import SparseAutoencoder
+
+DEFAULTS = RELU.constructor_defaults()
 
 
 class _FusedReluLoss(torch.autograd.Function):
@@ -86,9 +89,9 @@ class ReluSAE(SparseAutoencoder):
         dict_size: int,
         seeds: list[int],
         l1: list[float],
-        l1_reduction: Literal["mean", "sum"] = "mean",
-        decoder_bias: bool = False,
-        decoder_norm: Literal["unit", "free"] = "unit",
+        l1_reduction: Literal["mean", "sum"] = DEFAULTS["l1_reduction"],
+        decoder_bias: bool = DEFAULTS["decoder_bias"],
+        decoder_norm: Literal["unit", "free"] = DEFAULTS["decoder_norm"],
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
@@ -114,10 +117,6 @@ class ReluSAE(SparseAutoencoder):
             "decoder_bias": self.b_dec is not None,
             "decoder_norm": self.decoder_norm,
         }
-
-    @classmethod
-    def config_kwargs(cls, sae_cfg: Any) -> dict:
-        return {"l1_reduction": sae_cfg.l1_reduction, "decoder_bias": sae_cfg.decoder_bias, "decoder_norm": sae_cfg.decoder_norm}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, d) shared by all members, or (K, B, d) -> codes c: (K, B, m)."""

@@ -12,8 +12,8 @@ auxiliary loss (AuxK) gives latents that have stopped firing a gradient:
 A latent is dead when it has not fired for `dead_after` training samples; the
 count lives in the persistent buffer `samples_since_fired` (K, m), so it
 survives checkpoints. The total loss is reconstruction + aux_coef * AuxK (Gao et al.
-use aux_coef = 1/32 and a 10M-token window; the defaults here, 0.25 and 20k
-samples, are what the toy data needed, see saekit.config), with
+use aux_coef = 1/32 and a 10M-token window; the defaults here, in saekit.archspec,
+are what the toy data needed), with
 the reconstruction term the same MSE (mean over batch and d) as the ReLU SAE;
 Gao et al. normalise both terms by the input variance instead, which leaves
 their ratio, and with Adam the training, unchanged.
@@ -24,12 +24,13 @@ max(k) and zeroes its ranks at and beyond its own k.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from saekit.archspec import TOPK
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.sparse_decode import decode_topk
+
+DEFAULTS = TOPK.constructor_defaults()
 
 
 class TopKSAE(SparseAutoencoder):
@@ -49,10 +50,10 @@ class TopKSAE(SparseAutoencoder):
         dict_size: int,
         seeds: list[int],
         k: list[int],
-        aux_k: int | None = None,
-        aux_coef: float = 0.25,
-        dead_after: int = 20_000,
-        decoder_bias: bool = True,
+        aux_k: int | None = DEFAULTS["aux_k"],
+        aux_coef: float = DEFAULTS["aux_coef"],
+        dead_after: int = DEFAULTS["dead_after"],
+        decoder_bias: bool = DEFAULTS["decoder_bias"],
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
@@ -83,11 +84,6 @@ class TopKSAE(SparseAutoencoder):
             "dead_after": self.dead_after,
             "decoder_bias": self.b_dec is not None,
         }
-
-    @classmethod
-    def config_kwargs(cls, sae_cfg: Any) -> dict:
-        keys = ("aux_k", "aux_coef", "dead_after", "decoder_bias")
-        return {key: getattr(sae_cfg, key) for key in keys}
 
     @property
     def n_aux(self) -> int:

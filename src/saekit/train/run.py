@@ -113,11 +113,9 @@ def start_ensemble(cfg: Config, plan: EnsemblePlan, folder: Path, d: int, device
 def result_row(run: dict[str, Any]) -> dict[str, Any]:
     """The JSON object `saekit train --json` prints for one SAE (DESIGN.md's contract, plus extras)."""
     row = {key: run[key] for key in ("run_id", "arch", "dict_size", "l1", "seed", "samples", "seconds", "status")}
-    knob = SPARSITY_KNOBS.get(run["arch"], "l1")  # the store's l1 column holds the value of the arch's knob
-    if knob != "l1":
-        row["l1"] = None
-        row[knob] = int(run["l1"]) if knob == "k" else run["l1"]
-    row["sparsity_knob"] = knob
+    if run["knob"] != "l1":
+        row[run["knob"]] = run["knob_value"]
+    row["sparsity_knob"] = run["knob"]
     row.update(run["metrics"] or {})
     row["checkpoint"] = run["checkpoint"]
     if run.get("error"):
@@ -360,7 +358,8 @@ def _start(
                     rid,
                     arch=spec.arch,
                     dict_size=spec.dict_size,
-                    l1=spec.sparsity,
+                    knob=spec.knob,
+                    knob_value=spec.sparsity,
                     seed=spec.seed,
                     config=run_config_dict(cfg, spec),
                     checkpoint=str(out / "runs" / rid),
