@@ -9,8 +9,8 @@ from saekit.config import TrainConfig, expand_grid, load_config, parse_config
 from saekit.errors import InputError
 from saekit.metrics import first_reaching, mmcs, mmcs_members
 from saekit.sae import ReluSAE
+from saekit.train.identity import run_id_for
 from saekit.train.loop import lr_factor, make_state, training_step, warmup_factor
-from saekit.train.run import run_id_for
 
 
 def test_run_ids_of_earlier_versions_are_kept():

@@ -29,7 +29,7 @@ def _root() -> None:
 
 def _memory_limit(text: str | None) -> int | None:
     """--max-memory as bytes (None = the sweep's default of 80% of available RAM)."""
-    from saekit.train.sweep import parse_bytes
+    from saekit.train.plan import parse_bytes
 
     if text is None:
         return None
