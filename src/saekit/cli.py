@@ -356,7 +356,8 @@ def _print_summary(row: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    """Entry point: exit 2 with one line for bad input, 1 with one line for anything unexpected."""
+    """Entry point, and the one place errors become exit codes: a command's InputError (bad config, data or
+    arguments; on each rank under torchrun) is one line on stderr and exit 2, anything unexpected one line and exit 1."""
     try:
         code = app(standalone_mode=False)  # click returns the code of a typer.Exit here
         sys.exit(code if isinstance(code, int) else 0)
