@@ -11,8 +11,8 @@ from saekit.config import TrainConfig, expand_grid, load_config, parse_config
 from saekit.errors import InputError
 from saekit.metrics import first_reaching, mmcs, mmcs_members
 from saekit.sae import ReluSAE
+from saekit.train.identity import run_id_for
 from saekit.train.loop import lr_factor, make_state, training_step, warmup_factor
-from saekit.train.run import run_id_for
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"  # not relative to the current directory
 

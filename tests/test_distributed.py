@@ -37,9 +37,10 @@ from saekit.sae import ReluSAE
 from saekit.sources import ToySource, make_source
 from saekit.store import RunStore, merge_rank_stores, rank_filename
 from saekit.train.data_parallel import check_data_parallel
+from saekit.train.identity import run_id_for
 from saekit.train.loop import train
-from saekit.train.run import build_ensemble, run_config, run_id_for
-from saekit.train.sweep import plan_ensembles
+from saekit.train.plan import plan_ensembles
+from saekit.train.run import build_ensemble, run_config
 
 pytestmark = pytest.mark.distributed
 

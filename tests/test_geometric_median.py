@@ -46,9 +46,10 @@ def test_decoder_bias_init_needs_the_bias() -> None:
 
 def test_a_fresh_ensemble_starts_its_decoder_bias_at_the_median_of_its_own_stream(tmp_path) -> None:
     from saekit.config import expand_grid
-    from saekit.sources import make_source
-    from saekit.train.run import BIAS_INIT_SAMPLES, BIAS_INIT_STREAM, run_id_for, start_ensemble
-    from saekit.train.sweep import plan_ensembles
+    from saekit.sources import Stream, make_source
+    from saekit.train.identity import run_id_for
+    from saekit.train.plan import plan_ensembles
+    from saekit.train.run import BIAS_INIT_SAMPLES, start_ensemble
 
     cfg = parse_config(
         {
@@ -60,7 +61,7 @@ def test_a_fresh_ensemble_starts_its_decoder_bias_at_the_median_of_its_own_strea
     specs = expand_grid(cfg)
     (plan,) = plan_ensembles(specs, [run_id_for(cfg, s) for s in specs])
     state = start_ensemble(cfg, plan, tmp_path / "none", 16, torch.device("cpu"), source)
-    expected = geometric_median(source.batch(BIAS_INIT_SAMPLES, 0, BIAS_INIT_STREAM))
+    expected = geometric_median(source.batch(BIAS_INIT_SAMPLES, 0, Stream.BIAS_INIT))
     assert expected.norm() > 0.1  # toy data is non-negative, so its median is far from zero
     for k in range(2):
         assert torch.allclose(state.sae.b_dec[k], expected)

@@ -17,9 +17,10 @@ from saekit.io import load_sae
 from saekit.sae import ReluSAE
 from saekit.sources import ToySource
 from saekit.store import RunStore
+from saekit.train.identity import run_id_for
 from saekit.train.loop import make_state, train, train_lockstep
+from saekit.train.plan import ensemble_memory_bytes, parse_bytes, plan_ensembles
 from saekit.train.run import run_config
-from saekit.train.sweep import ensemble_memory_bytes, parse_bytes, plan_ensembles
 
 
 def test_each_member_ends_where_it_ends_alone():
@@ -180,7 +181,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     from saekit.io import save_checkpoint
 
     specs = expand_grid(cfg_full)
-    ids = [run_mod.run_id_for(cfg_full, s) for s in specs]
+    ids = [run_id_for(cfg_full, s) for s in specs]
     plan = plan_ensembles(specs, ids)[0]
     sae = run_mod.build_ensemble(cfg_full, plan, 8, torch.device("cpu"))
     state = make_state(sae, cfg_full.train)

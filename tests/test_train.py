@@ -9,8 +9,9 @@ from saekit.sae import ReluSAE
 from saekit.sources import ToySource, make_source
 from saekit.store import RunStore
 from saekit.train.evaluate import evaluate
+from saekit.train.identity import run_id_for
 from saekit.train.loop import TrainingDiverged, lr_factor, train
-from saekit.train.run import run_config, run_id_for
+from saekit.train.run import run_config
 
 # A small version of the report's setup that trains in seconds: d=32, G=48, ~3 active features,
 # a dictionary of 2G latents. The setting (l1=1.0 with the mean reduction, lr 3e-3, 1M samples)

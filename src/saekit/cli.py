@@ -29,7 +29,7 @@ def _root() -> None:
 
 def _memory_limit(text: str | None) -> int | None:
     """--max-memory as bytes (None = the sweep's default of 80% of available RAM)."""
-    from saekit.train.sweep import parse_bytes
+    from saekit.train.plan import parse_bytes
 
     if text is None:
         return None
@@ -37,12 +37,6 @@ def _memory_limit(text: str | None) -> int | None:
         return parse_bytes(text)
     except ValueError as err:
         raise InputError(f"--max-memory: {err}") from None
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    print(f"saekit: error: {first_line}", file=sys.stderr)
-    raise typer.Exit(code)
 
 
 def _print_json(obj: Any) -> None:
@@ -68,14 +62,11 @@ def train(
     from saekit.distributed import distributed_env
     from saekit.train.run import run_config
 
-    try:
-        env = distributed_env()
-        cfg = load_config(config, set_ or [])
-        limit = _memory_limit(max_memory)
-        on_result = None if as_json else _print_summary
-        results, errors = run_config(cfg, out, progress=progress, on_result=on_result, max_memory=limit, dist_env=env)
-    except InputError as err:
-        _fail(str(err), 2)
+    env = distributed_env()
+    cfg = load_config(config, set_ or [])
+    limit = _memory_limit(max_memory)
+    on_result = None if as_json else _print_summary
+    results, errors = run_config(cfg, out, progress=progress, on_result=on_result, max_memory=limit, dist_env=env)
     if as_json and env.is_main:
         _print_json(results)
     for e in errors if env.is_main else []:
@@ -105,13 +96,10 @@ def activations(
     from saekit.lm.extract import extract_activations
 
     start = time.perf_counter()
-    try:
-        manifest = extract_activations(
-            model, layer, site, text, tokens=tokens, out=out, window=window, batch_windows=batch_windows, dtype=dtype,
-            device=device, progress=progress,
-        )  # fmt: skip
-    except InputError as err:
-        _fail(str(err), 2)
+    manifest = extract_activations(
+        model, layer, site, text, tokens=tokens, out=out, window=window, batch_windows=batch_windows, dtype=dtype,
+        device=device, progress=progress,
+    )  # fmt: skip
     if as_json:
         _print_json(manifest)
         return
@@ -131,10 +119,7 @@ def estimate(
     from saekit.analysis import estimate as estimate_features
     from saekit.analysis import load_sweep
 
-    try:
-        result = estimate_features(load_sweep(out))
-    except InputError as err:
-        _fail(str(err), 2)
+    result = estimate_features(load_sweep(out))
     if as_json:
         _print_json(result)
         return
@@ -152,10 +137,7 @@ def report(
     """Write OUT/report.html: heuristics, estimate and a table of all runs, in one self-contained page."""
     from saekit.pipeline import analyse_and_report
 
-    try:
-        _, path = analyse_and_report(out)
-    except InputError as err:
-        _fail(str(err), 2)
+    _, path = analyse_and_report(out)
     print(path)
 
 
@@ -183,14 +165,11 @@ def reproduce(
     if preset == "lm":
         _reproduce_lm(out, set_ or [], as_json=as_json, progress=progress, max_memory=max_memory)
         return
-    try:
-        cfg = preset_config(preset, set_ or [])
-        limit = _memory_limit(max_memory)
-        print(describe(preset, cfg), file=sys.stderr, flush=True)
-        results, errors = run_config(cfg, out, progress=progress, max_memory=limit)
-        result, path = analyse_and_report(out)
-    except InputError as err:
-        _fail(str(err), 2)
+    cfg = preset_config(preset, set_ or [])
+    limit = _memory_limit(max_memory)
+    print(describe(preset, cfg), file=sys.stderr, flush=True)
+    results, errors = run_config(cfg, out, progress=progress, max_memory=limit)
+    result, path = analyse_and_report(out)
     if as_json:
         _print_json({"estimate": result, "report": str(path), "runs": results, "errors": errors})
     else:
@@ -222,18 +201,15 @@ def compare(
     """Train every architecture on the same ground-truth data at a matched L0 and tabulate MMCS, recovery, FVU, L0, dead latents."""
     from saekit.compare import run_compare
 
-    try:
-        doc = run_compare(
-            set_ or [],
-            out,
-            archs=[a.strip() for a in archs.split(",")] if archs else None,
-            target_l0=l0,
-            progress=progress,
-            max_memory=_memory_limit(max_memory),
-            log=lambda text: print(text, file=sys.stderr, flush=True),
-        )
-    except InputError as err:
-        _fail(str(err), 2)
+    doc = run_compare(
+        set_ or [],
+        out,
+        archs=[a.strip() for a in archs.split(",")] if archs else None,
+        target_l0=l0,
+        progress=progress,
+        max_memory=_memory_limit(max_memory),
+        log=lambda text: print(text, file=sys.stderr, flush=True),
+    )
     if as_json:
         _print_json(doc)
     else:
@@ -251,10 +227,7 @@ def dashboard(
     """Write a self-contained HTML feature dashboard for one SAE: latent index, contexts, histograms, logit weights."""
     from saekit.report.dashboard import write_dashboard
 
-    try:
-        path = write_dashboard(out, run, n_tokens=tokens, contexts=contexts, output=output)
-    except InputError as err:
-        _fail(str(err), 2)
+    path = write_dashboard(out, run, n_tokens=tokens, contexts=contexts, output=output)
     print(path)
 
 
@@ -267,12 +240,9 @@ def export_(
     """Write a trained SAE in another library's layout (input scale folded in: it acts on raw activations)."""
     from saekit.interop import EXPORT_FORMATS, export_saelens
 
-    try:
-        if format_ not in EXPORT_FORMATS:
-            raise InputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format_!r}")
-        path = export_saelens(run, out)
-    except InputError as err:
-        _fail(str(err), 2)
+    if format_ not in EXPORT_FORMATS:
+        raise InputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format_!r}")
+    path = export_saelens(run, out)
     print(path)
 
 
@@ -288,10 +258,7 @@ def import_(
     """Read an SAE saved by SAELens or dictionary_learning and write it as a saekit checkpoint (cfg.json + sae.safetensors)."""
     from saekit.interop import import_sae
 
-    try:
-        summary = import_sae(path, out, activations=activations)
-    except InputError as err:
-        _fail(str(err), 2)
+    summary = import_sae(path, out, activations=activations)
     if as_json:
         _print_json(summary)
         return
@@ -311,10 +278,7 @@ def bench(
     from saekit.bench import run_benchmarks
     from saekit.device import resolve_device
 
-    try:
-        dev = resolve_device(device)
-    except InputError as err:
-        _fail(str(err), 2)
+    dev = resolve_device(device)
     results = run_benchmarks(threads=threads, quick=quick, device=str(dev))
     if as_json:
         _print_json(results)
@@ -366,11 +330,8 @@ def _reproduce_lm(out: Path, overrides: list[str], *, as_json: bool, progress: b
     """The lm preset: extraction, sweep, estimate, report and dashboard (see saekit.pipeline.reproduce_lm)."""
     from saekit.pipeline import reproduce_lm
 
-    try:
-        limit = _memory_limit(max_memory)
-        result = reproduce_lm(out, overrides, progress=progress, max_memory=limit, log=lambda t: print(t, file=sys.stderr, flush=True))
-    except InputError as err:
-        _fail(str(err), 2)
+    limit = _memory_limit(max_memory)
+    result = reproduce_lm(out, overrides, progress=progress, max_memory=limit, log=lambda t: print(t, file=sys.stderr, flush=True))
     if as_json:
         _print_json({k: v for k, v in result.items() if k != "manifest"} | {"activations": result["manifest"].get("tokens")})
     else:
@@ -395,28 +356,29 @@ def _print_summary(row: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    """Entry point: exit 2 with one line for bad input, 1 with one line for anything unexpected."""
+    """Entry point, and the one place errors become exit codes: a command's InputError (bad config, data or
+    arguments; on each rank under torchrun) is one line on stderr and exit 2, anything unexpected one line and exit 1."""
     try:
         code = app(standalone_mode=False)  # click returns the code of a typer.Exit here
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except InputError as err:
-        _fail_plain(str(err), 2)
+        _fail(str(err), 2)
     except (typer.BadParameter, typer.Abort) as err:
-        _fail_plain(str(err), 2)
+        _fail(str(err), 2)
     except KeyboardInterrupt:
-        _fail_plain("interrupted", 130)
+        _fail("interrupted", 130)
     except OSError as err:  # the system refused (disk full, permissions): not bad input, so exit 1
-        _fail_plain(_os_error_line(err), 1)
+        _fail(_os_error_line(err), 1)
     except sqlite3.Error as err:  # only the run store uses SQLite (disk full: "disk I/O error"; "database is locked")
-        _fail_plain(f"{RUN_STORE_NAME}: {err}", 1)
+        _fail(f"{RUN_STORE_NAME}: {err}", 1)
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
         import click
 
         if isinstance(err, click.ClickException):
-            _fail_plain(err.format_message(), 2)
-        _fail_plain(f"{type(err).__name__}: {err}", 1)
+            _fail(err.format_message(), 2)
+        _fail(f"{type(err).__name__}: {err}", 1)
 
 
 def _os_error_line(err: OSError) -> str:
@@ -425,7 +387,7 @@ def _os_error_line(err: OSError) -> str:
     return f"{err.filename}: {reason}" if err.filename else f"{type(err).__name__}: {reason}"
 
 
-def _fail_plain(message: str, code: int) -> NoReturn:
+def _fail(message: str, code: int) -> NoReturn:
     first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
     print(f"saekit: error: {first_line}", file=sys.stderr)
     sys.exit(code)

@@ -15,9 +15,8 @@ from saekit.analysis.consensus import consensus_directions
 from saekit.analysis.heuristics import heuristics
 from saekit.analysis.sweep import Sweep
 from saekit.errors import InputError
-from saekit.metrics import mmcs
+from saekit.metrics import DEAD_THRESHOLD, mmcs
 
-DEAD_THRESHOLD = 0.05  # a dictionary "has dead latents" when more than 5% never fired
 MATCH_THRESHOLD = 0.9  # cross-size: a dictionary "is contained" in a larger one when 90% of its live latents match
 L1_CONVENTION = (
     "; with the L1 averaged over latents (the report's convention) the per-latent penalty is L1/size, so the collapse "

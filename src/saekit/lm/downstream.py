@@ -115,3 +115,24 @@ class DownstreamEvaluator:
                 }
             )
         return rows
+
+
+def downstream_evaluator(source: Any, n_tokens: int) -> DownstreamEvaluator | None:
+    """For a source of a causal language model's activations: its model loaded and the clean and zero-ablated
+    losses measured on held-out windows of at least `n_tokens` tokens (train.ce_eval_tokens; 0 = off).
+    None for other sources. Raises InputError when the model cannot be loaded (before training, when called then)."""
+    manifest = getattr(source, "manifest", None)
+    if manifest is None or not manifest.get("causal") or n_tokens == 0:
+        return None
+    from saekit.lm.models import load_model
+
+    lm = load_model(str(manifest["model"]), device=source.device)
+    windows = source.eval_token_windows(n_tokens)
+    return DownstreamEvaluator(
+        lm,
+        windows,
+        layer=int(manifest["layer"]),
+        site=str(manifest["site"]),
+        skip_positions=source.skip_positions,
+        norm_threshold=source.norm_threshold,
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+DEAD_THRESHOLD = 0.05  # a dictionary "has dead latents" when this fraction of its latents never fired
+
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Mean squared error over samples and dimensions, (B, d) each: the report's reconstruction term."""

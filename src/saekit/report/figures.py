@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 
 from saekit.archspec import ARCH_SPECS, RELU, ArchSpec
+from saekit.metrics import DEAD_THRESHOLD
 
 # Okabe & Ito (2008), safe for the common colour-vision deficiencies; yellow last (weak on white).
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
@@ -303,7 +304,7 @@ def _with_live_latents(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "live_latents": size * (1.0 - dead)} if dead is not None and size is not None else row
 
 
-def _first_size_with_dead(dead: dict[tuple, float], sizes: list[int], threshold: float = 0.05) -> int | None:
+def _first_size_with_dead(dead: dict[tuple, float], sizes: list[int], threshold: float = DEAD_THRESHOLD) -> int | None:
     for s in sizes:
         if any(v >= threshold for (a, size), v in dead.items() if size == s):
             return s

@@ -2,8 +2,8 @@
 
 Every source has `d`, `ground_truth` ((G, d) unit rows, or None), and
 `batch(batch_size, step, stream)` returning float32 (B, d); batch `step` of a
-stream is deterministic, so training can restart at any step. Stream 0 is for
-training, other streams for evaluation.
+stream is deterministic, so training can restart at any step. `Stream` names the
+streams: training, evaluation, resampling and the decoder bias's initialisation.
 """
 
 from __future__ import annotations
@@ -17,21 +17,20 @@ import torch
 from saekit.config import SourceConfig
 from saekit.errors import InputError
 from saekit.sources.compute import ComputeSource
+from saekit.sources.streams import Stream
 from saekit.sources.tensor_file import TensorSource, load_tensor_file
 from saekit.sources.tms import TMSSource
 from saekit.sources.toy import ToySource
-
-EVAL_STREAM = 1
 
 
 class Source(Protocol):
     d: int
     ground_truth: torch.Tensor | None
 
-    def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor: ...
+    def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor: ...
 
 
-def stream_batches(source: Source, batch_size: int, stream: int = 0, start_step: int = 0) -> Iterator[torch.Tensor]:
+def stream_batches(source: Source, batch_size: int, stream: int = Stream.TRAIN, start_step: int = 0) -> Iterator[torch.Tensor]:
     """An endless iterator over the batches of one stream, from `start_step` on."""
     step = start_step
     while True:
@@ -75,9 +74,9 @@ def make_source(
 
 
 __all__ = [
-    "EVAL_STREAM",
     "ComputeSource",
     "Source",
+    "Stream",
     "TMSSource",
     "TensorSource",
     "ToySource",

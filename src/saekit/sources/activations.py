@@ -32,6 +32,7 @@ import torch
 
 from saekit.errors import InputError
 from saekit.sources.seeding import seeded_generator
+from saekit.sources.streams import Stream
 
 _ORDER_SALT, _DRAW_SALT, _RANDOM_SALT = 0x6F72, 0x6472, 0x726E
 CHUNK_TOKENS = 16_384  # training rows are read in chunks of whole windows of about this many tokens
@@ -234,13 +235,13 @@ class ActivationSource:
             raise InputError(f"{self.path}: {what} contains NaN/Inf values")
         return (x[self.ordinary(x)] * self.input_scale).to(self.device)
 
-    def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:
-        """Stream 0: batch `step` of the shuffle buffer; stream 1: held-out rows in order (wrapping);
+    def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
+        """Stream.TRAIN: batch `step` of the shuffle buffer; Stream.EVAL: held-out rows in order (wrapping);
         other streams: `batch_size` random training rows seeded by (stream, step). Rows above the norm threshold
         are dropped, so a batch may be a few rows short."""
-        if stream == 0:
+        if stream == Stream.TRAIN:
             return self._scaled(self._training_batch(batch_size, step), f"training batch {step}")
-        if stream == 1:
+        if stream == Stream.EVAL:
             start = (step * batch_size) % self.eval_rows
             rows = (torch.arange(start, start + batch_size)) % self.eval_rows
             return self._scaled(self._read_global(self.global_rows(rows, first_window=self.eval_start)), "held-out rows")

@@ -26,6 +26,7 @@ from saekit.errors import InputError
 from saekit.sources.model_cache import cached_model
 from saekit.sources.model_training import fit, sparse_features
 from saekit.sources.seeding import seeded_generator
+from saekit.sources.streams import Stream
 
 REPRESENTED_FRACTION = 0.2
 PROBE_AMPLITUDES = (0.25, 0.5, 0.75, 1.0)
@@ -118,7 +119,7 @@ class ComputeSource:
         labels = [f"{s}{i}" for i in range(n) for s in ("+", "-")]
         return responses, labels
 
-    def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:
+    def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
         """Batch `step` of `stream`: the hidden activations for fresh sparse features, (B, d) float32."""
         x = sparse_features(batch_size, self.n_features, self.sparsity, seeded_generator(self.seed, stream, step), signed=True)
         return self.hidden(x.to(self.device))

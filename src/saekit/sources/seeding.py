@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from saekit.sources.streams import Stream
+
 
 def seeded_generator(seed: int, *salt: int) -> torch.Generator:
     """A CPU generator seeded from (seed, *salt) through numpy's SeedSequence (stable across versions)."""
@@ -30,7 +32,7 @@ class EpochSampler:
             self._orders[key] = perm.to(self.data.device)
         return self._orders[key]
 
-    def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:
+    def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
         """Rows [step*B, (step+1)*B) of the concatenated epoch permutations: (B, d)."""
         start = step * batch_size
         first, last = start // self.n_samples, (start + batch_size - 1) // self.n_samples

@@ -9,6 +9,7 @@ import torch
 
 from saekit.errors import InputError
 from saekit.sources.seeding import EpochSampler
+from saekit.sources.streams import Stream
 
 
 def load_tensor_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -79,6 +80,6 @@ class TensorSource:
         self.seed = seed
         self._epochs = EpochSampler(self.data, seed)
 
-    def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:
+    def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
         """Batch number `step` of stream `stream`: the next rows of a per-epoch permutation, (B, d)."""
         return self._epochs.batch(batch_size, step, stream)

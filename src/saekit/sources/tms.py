@@ -20,6 +20,7 @@ from saekit.errors import InputError
 from saekit.sources.model_cache import cached_model
 from saekit.sources.model_training import fit, sparse_features
 from saekit.sources.seeding import seeded_generator
+from saekit.sources.streams import Stream
 
 REPRESENTED_NORM = 0.5
 TMS_LR = 1e-3
@@ -71,7 +72,7 @@ class TMSSource:
             raise InputError("the tms model represents no feature (no column of W has norm > 0.5); try more source.model_steps")
         self.ground_truth: torch.Tensor = (self.W[:, self.represented] / norms[self.represented]).T.contiguous()  # (G, d)
 
-    def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:
+    def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
         """Batch `step` of `stream`: h = W x for fresh sparse features x, (B, d) float32."""
         x = sparse_features(batch_size, self.n_features, self.sparsity, seeded_generator(self.seed, stream, step))
         return x.to(self.device) @ self.W.T

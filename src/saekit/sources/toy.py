@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from saekit.sources.seeding import EpochSampler, seeded_generator
+from saekit.sources.streams import Stream
 
 _TRUTH_STREAM = 0x7275  # generator salts: one for the truth, one per named stream
 _CORR_STREAM = 0x636F
@@ -117,8 +118,8 @@ class ToySource:
             x = x + self.noise_std * torch.randn(batch_size, self.d, generator=generator).to(self.device)
         return x
 
-    def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:
-        """Batch number `step` of stream `stream` (0 = training; others for evaluation): (B, d) float32."""
+    def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
+        """Batch number `step` of stream `stream` (see `Stream`): (B, d) float32."""
         if self.n_samples is None:
             return self.sample(batch_size, seeded_generator(self.seed, stream, step))
         if self._epochs is None:

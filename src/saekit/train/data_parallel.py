@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from saekit.distributed import DistEnv
 from saekit.errors import InputError
 from saekit.sae.base import SparseAutoencoder
+from saekit.sources.streams import Stream
 from saekit.train.loop import optimisation_step
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
@@ -45,7 +46,7 @@ def check_data_parallel(batch_size: int, env: DistEnv) -> None:
 
 
 class RankBatches:
-    """A source as rank r of a data-parallel run sees it: stream 0 gives the rank's rows of each batch; other
+    """A source as rank r of a data-parallel run sees it: Stream.TRAIN gives the rank's rows of each batch; other
     streams (evaluation, resampling, initialisation) are the source's own.
 
     A source that reads only this rank's data (`source.shard`, activations split by shard files) gives
@@ -63,16 +64,16 @@ class RankBatches:
     def __getattr__(self, name: str) -> Any:  # input_scale, norm_threshold, ... of the source
         return getattr(self.source, name)
 
-    def batch(self, batch_size: int, step: int, stream: int = 0) -> torch.Tensor:
-        if stream != 0:
+    def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
+        if stream != Stream.TRAIN:
             return self.source.batch(batch_size, step, stream)
         if self.sharded:
-            x = self.source.batch(batch_size // self.env.world_size, step, 0)
+            x = self.source.batch(batch_size // self.env.world_size, step, Stream.TRAIN)
             rows = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
             dist.all_reduce(rows)
             self.local_rows, self.global_rows = x.shape[0], int(rows.item())
             return x
-        whole = self.source.batch(batch_size, step, 0)
+        whole = self.source.batch(batch_size, step, Stream.TRAIN)
         x = torch.tensor_split(whole, self.env.world_size)[self.env.rank]
         self.local_rows, self.global_rows = x.shape[0], whole.shape[0]
         return x

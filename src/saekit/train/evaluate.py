@@ -7,7 +7,14 @@ import torch
 from saekit.metrics import dead_fraction, dense_fraction, mmcs, recovered_fraction
 from saekit.metrics.window import WindowStats
 from saekit.sae.base import SparseAutoencoder
-from saekit.sources import EVAL_STREAM, Source
+from saekit.sources import Source, Stream
+
+MIN_EVAL_BATCH = 4096  # evaluation batches have at least this many rows (more when training's are larger)
+
+
+def eval_batch_size(train_batch_size: int) -> int:
+    """Rows of an evaluation batch after training with batches of `train_batch_size`."""
+    return max(train_batch_size, MIN_EVAL_BATCH)
 
 
 def evaluate(sae: SparseAutoencoder, source: Source, n_samples: int, batch_size: int) -> list[dict[str, float]]:
@@ -24,7 +31,7 @@ def evaluate_window(sae: SparseAutoencoder, source: Source, n_samples: int, batc
     step, seen = 0, 0
     penalty = torch.zeros(sae.n_members, dtype=torch.float64, device=sae.W_dec.device)  # sum over batches of rows x mean term
     while seen < n_samples:
-        x = source.batch(batch_size, step, EVAL_STREAM)[: n_samples - seen]
+        x = source.batch(batch_size, step, Stream.EVAL)[: n_samples - seen]
         x_hat, c = sae(x)
         stats.update(x, x_hat, c)
         penalty += sae.sparsity_term(c).double() * x.shape[0]

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from saekit.config import TrainConfig
 from saekit.sae.base import SparseAutoencoder
-from saekit.sources import Source
+from saekit.sources import Source, Stream
 from saekit.sources.seeding import seeded_generator
 
-RESAMPLE_STREAM = 2
+RESAMPLE_SAMPLES = 8192  # resampling picks its inputs among at least this many fresh samples
 RESAMPLE_SALT = 0x7273  # salt of the per-member generators that pick resampling inputs
 
 
@@ -95,11 +95,11 @@ def duplicate_latents(directions: torch.Tensor, threshold: float) -> torch.Tenso
 
 
 def resample_dead(state: TrainState, source: Source, dead: torch.Tensor, batch_size: int) -> int:
-    """Resample `dead` (K, m) latents on a fresh batch of at least 8192 inputs from their own stream; member k
-    picks its inputs with a generator seeded by (its init seed, the step), not shared with the other members."""
+    """Resample `dead` (K, m) latents on a fresh batch of at least RESAMPLE_SAMPLES inputs from their own stream;
+    member k picks its inputs with a generator seeded by (its init seed, the step), not shared with the other members."""
     if not dead.any():
         return 0
-    x = source.batch(max(8192, batch_size), state.step, RESAMPLE_STREAM)
+    x = source.batch(max(RESAMPLE_SAMPLES, batch_size), state.step, Stream.RESAMPLE)
     # one generator per member, from its init seed and the step: a member resamples alike in any ensemble
     generators = [seeded_generator(seed, RESAMPLE_SALT, state.step) for seed in state.sae.seeds]
     count = state.sae.resample_latents(dead, x, state.optimizer, generators)
@@ -143,23 +143,37 @@ def training_step(state: TrainState, x: torch.Tensor, source: Source, cfg: Train
     state.step += 1
     if cfg.resample_every > 0:
         state.fired |= (terms["codes"] > 0).any(dim=1)
-        samples = state.step * cfg.batch_size
-        if samples // cfg.resample_every > (samples - cfg.batch_size) // cfg.resample_every:
-            if samples <= cfg.resample_until * cfg.samples:
-                if state.parallel is not None:  # a latent that fired on any rank's rows fired
-                    state.parallel.union(state.fired)
-                stale = ~state.fired
-                if cfg.resample_duplicates:
-                    stale |= duplicate_latents(sae.directions(), cfg.duplicate_cosine)
-                if state.parallel is None:
-                    resample_dead(state, source, stale, cfg.batch_size)
-                else:  # on rank 0's candidate inputs, then its parameters and Adam moments everywhere
-                    count = resample_dead(state, source, stale, cfg.batch_size) if state.parallel.env.is_main else 0
-                    state.parallel.broadcast_state(opt)
-                    state.resampled += state.parallel.broadcast_int(count) - count
-            state.fired.zero_()
+        maybe_resample(state, source, cfg)
     terms["lr"] = torch.tensor([lr])
     return terms
+
+
+def maybe_resample(state: TrainState, source: Source, cfg: TrainConfig) -> None:
+    """After the step that crosses a multiple of `resample_every` samples: resample the latents that did not fire
+    since the last one (and with `resample_duplicates` near-copies of others) while within `resample_until` of
+    training, then start a new window of `state.fired`."""
+    samples = state.step * cfg.batch_size
+    if samples // cfg.resample_every == (samples - cfg.batch_size) // cfg.resample_every:
+        return
+    if samples <= cfg.resample_until * cfg.samples:
+        if state.parallel is not None:  # a latent that fired on any rank's rows fired
+            state.parallel.union(state.fired)
+        stale = ~state.fired
+        if cfg.resample_duplicates:
+            stale |= duplicate_latents(state.sae.directions(), cfg.duplicate_cosine)
+        _resample_on_every_rank(state, source, stale, cfg.batch_size)
+    state.fired.zero_()
+
+
+def _resample_on_every_rank(state: TrainState, source: Source, stale: torch.Tensor, batch_size: int) -> None:
+    """resample_dead; in data-parallel training on rank 0's candidate inputs, then its parameters and Adam
+    moments copied to every rank."""
+    if state.parallel is None:
+        resample_dead(state, source, stale, batch_size)
+        return
+    count = resample_dead(state, source, stale, batch_size) if state.parallel.env.is_main else 0
+    state.parallel.broadcast_state(state.optimizer)
+    state.resampled += state.parallel.broadcast_int(count) - count
 
 
 def _log_row(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -213,33 +227,53 @@ def train_lockstep(
             due = [s for s in active if s.step == t]
             if not due:
                 continue
-            x = source.batch(B, t, 0)
+            x = source.batch(B, t, Stream.TRAIN)
             for state in due:
                 terms = training_step(state, x, source, cfg, n_steps)
                 samples = state.step * B
                 last = state.step == n_steps
                 log_now = state.step % cfg.log_every == 0 or last
                 ckpt_now = last or samples // cfg.checkpoint_every > (samples - B) // cfg.checkpoint_every
-                if log_now or ckpt_now:
-                    if state.parallel is not None:  # every rank takes the same decisions
-                        state.parallel.union(state.diverged)
-                    bad = [k for k in state.diverged.nonzero().flatten().tolist() if k not in state.failed]
-                    if bad:
-                        msg = f"loss became NaN/Inf by step {state.step} (samples {samples}); try a smaller train.lr"
-                        state.failed.update(bad)
-                        if on_diverged is not None:
-                            on_diverged(state, bad, msg)
-                    if len(state.failed) == state.sae.n_members:
-                        active.remove(state)
-                        continue
-                    if log_now and (on_log is not None or state.parallel is not None):
-                        row = _log_row(terms) if state.parallel is None else state.parallel.mean_row(_log_row(terms))
-                        if on_log is not None:
-                            on_log(state, samples, row)
-                    if ckpt_now and on_checkpoint is not None:
-                        on_checkpoint(state, min(samples, cfg.samples))
+                if not (log_now or ckpt_now):
+                    continue
+                report_divergence(state, samples, on_diverged)
+                if len(state.failed) == state.sae.n_members:
+                    active.remove(state)
+                    continue
+                if log_now:
+                    _log(state, terms, samples, on_log)
+                if ckpt_now and on_checkpoint is not None:
+                    on_checkpoint(state, min(samples, cfg.samples))
             bar.update(B)
     return active
+
+
+def report_divergence(state: TrainState, samples: int, on_diverged: Callable[[TrainState, list[int], str], None] | None) -> None:
+    """Members whose loss became NaN/Inf since the last report join `state.failed` and go to
+    `on_diverged(state, members, message)` (in data-parallel training: diverged on any rank)."""
+    if state.parallel is not None:  # every rank takes the same decisions
+        state.parallel.union(state.diverged)
+    bad = [k for k in state.diverged.nonzero().flatten().tolist() if k not in state.failed]
+    if not bad:
+        return
+    state.failed.update(bad)
+    if on_diverged is not None:
+        on_diverged(state, bad, f"loss became NaN/Inf by step {state.step} (samples {samples}); try a smaller train.lr")
+
+
+def _log(
+    state: TrainState,
+    terms: dict[str, torch.Tensor],
+    samples: int,
+    on_log: Callable[[TrainState, int, dict[str, torch.Tensor]], None] | None,
+) -> None:
+    """`on_log(state, samples, row)` with the step's per-member log row (in data-parallel training: the whole
+    batch's means, computed on every rank even without `on_log`, since it takes every rank's part)."""
+    if on_log is None and state.parallel is None:
+        return
+    row = _log_row(terms) if state.parallel is None else state.parallel.mean_row(_log_row(terms))
+    if on_log is not None:
+        on_log(state, samples, row)
 
 
 def train(

@@ -1,16 +1,19 @@
-"""Plan a sweep: group the grid's SAEs into ensembles (one per architecture and size) and size its memory."""
+"""Plan a sweep: group the grid's SAEs into ensembles (one per architecture and size) and check its memory."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from saekit.config import RunSpec
+from saekit.distributed import DistEnv
 
 BYTES_PER_FLOAT = 4
+RAM_SHARE = 0.8  # without --max-memory, a sweep may use this share of the memory available to it
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,33 @@ def sweep_memory_bytes(plans: list[EnsemblePlan], d: int, batch_size: int, eval_
     training = sum(ensemble_memory_bytes(len(p.specs), d, p.dict_size, batch_size) for p in plans)
     evaluation = max((BYTES_PER_FLOAT * len(p.specs) * eval_batch * (p.dict_size + 2 * d) for p in plans), default=0)
     return training + evaluation
+
+
+def memory_refusal(
+    plans: list[EnsemblePlan], source: Any, batch_rows: int, eval_batch: int, limit: int, rank_name: str | None = None
+) -> str | None:
+    """The one-line reason to refuse a sweep estimated to need more than `limit` bytes (None: it fits).
+
+    `batch_rows` are the rows of a training step in this process, `eval_batch` those of an evaluation batch
+    (0 when it does not evaluate); a source reading activations from disk adds its shuffle buffer."""
+    need = sweep_memory_bytes(plans, source.d, batch_rows, eval_batch)
+    need += BYTES_PER_FLOAT * getattr(source, "buffer_rows", 0) * source.d
+    if need <= limit:
+        return None
+    reason = (
+        f"the sweep needs about {format_bytes(need)} of memory, more than --max-memory {format_bytes(limit)}; "
+        "train fewer sizes or L1 values at once, or a smaller train.batch_size"
+    )
+    return reason if rank_name is None else f"{reason} (on {rank_name})"
+
+
+def memory_limit(max_memory: int | None, device: torch.device, env: DistEnv) -> int:
+    """--max-memory when given, else RAM_SHARE of the memory available to this process (a GPU's, or its
+    share of the node's RAM when several ranks train on the CPUs of one node)."""
+    if max_memory is not None:
+        return max_memory
+    sharing = 1 if device.type == "cuda" or not env.enabled else env.local_world_size
+    return int(RAM_SHARE * available_memory_bytes(device) / sharing)
 
 
 def available_memory_bytes(device: torch.device | str = "cpu") -> int:
