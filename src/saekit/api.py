@@ -103,7 +103,7 @@ def resolve_config(
     keyword_overrides: dict[str, Any] | None = None,
 ) -> Config:
     """A validated Config from what `train` accepts, with the overrides applied (InputError when anything is wrong)."""
-    from saekit.config import Config, load_config, parse_config
+    from saekit.config import Config, load_config, parse_config, set_key
 
     changes = {key.replace("__", ".") if isinstance(key, str) else key: value for key, value in (overrides or {}).items()}
     for name, value in (keyword_overrides or {}).items():
@@ -126,24 +126,8 @@ def resolve_config(
     else:
         raise InputError(f"config must be a YAML path, a dict, a saekit.config.Config or None, got {type(config_or_path).__name__}")
     for key, value in changes.items():
-        _set_key(data, key, value)
+        set_key(data, key, copy.deepcopy(value), what="override key")
     return parse_config(data)
-
-
-def _set_key(data: dict, key: str, value: Any) -> None:
-    """Set `section.key` in a nested dict to a Python value (copied, so the caller's lists stay theirs)."""
-    if not isinstance(key, str):
-        raise InputError(f"bad override key {key!r}: expected text such as 'sae.l1'")
-    path = key.split(".")
-    if any(not part for part in path):
-        raise InputError(f"bad override key {key!r}: expected section.key, e.g. 'sae.l1'")
-    node = data
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise InputError(f"bad override key {key!r}: {part!r} is not a section")
-        node = child
-    node[path[-1]] = copy.deepcopy(value)
 
 
 def _memory_limit(max_memory: int | str | None) -> int | None:

@@ -442,22 +442,27 @@ def _printable(part: object) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def set_override(data: dict, key: str, raw_value: str) -> None:
-    """Apply `section.key=value` to a nested dict; the value is parsed as YAML (numbers, lists, booleans)."""
-    path = key.split(".")
+def set_key(data: dict, key: str, value: Any, what: str = "--set key") -> None:
+    """Set `section.key` (any depth of dotted names) in a nested dict to `value`; `what` names the key in errors."""
+    path = key.split(".") if isinstance(key, str) else [""]
     if any(not p for p in path):
-        raise InputError(f"bad --set key {key!r}")
-    try:
-        value = yaml.safe_load(raw_value)
-    except Exception:  # noqa: BLE001 - YAMLError, PyYAML's constructors' ValueError, KeyError (2001-13-45, !!bool maybe), RecursionError
-        value = raw_value  # not YAML: the text itself, which validation then accepts or refuses
+        raise InputError(f"bad {what} {key!r}: expected section.key, e.g. sae.l1")
     node = data
     for p in path[:-1]:
         child = node.setdefault(p, {})
         if not isinstance(child, dict):
-            raise InputError(f"bad --set key {key!r}: {p!r} is not a section")
+            raise InputError(f"bad {what} {key!r}: {p!r} is not a section")
         node = child
     node[path[-1]] = value
+
+
+def set_override(data: dict, key: str, raw_value: str) -> None:
+    """Apply `section.key=value` to a nested dict; the value is parsed as YAML (numbers, lists, booleans)."""
+    try:
+        value = yaml.safe_load(raw_value)
+    except Exception:  # noqa: BLE001 - YAMLError, PyYAML's constructors' ValueError, KeyError (2001-13-45, !!bool maybe), RecursionError
+        value = raw_value  # not YAML: the text itself, which validation then accepts or refuses
+    set_key(data, key, value)
 
 
 def parse_config(data: dict) -> Config:
