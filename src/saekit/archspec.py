@@ -6,7 +6,7 @@ the analysis and the report all read these specs, so an SAE built from Python wi
 `saekit train` builds. Adding an architecture: its module under `saekit/sae/`, a spec here, and a test.
 
 The defaults are the values measured best on the report's toy data (d=256, G=512, batch 256, Adam lr 1e-3;
-README, "Architectures").
+docs/guides/architectures.md).
 """
 
 from __future__ import annotations

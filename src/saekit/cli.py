@@ -57,7 +57,7 @@ def train(
 ) -> None:
     """Train every SAE the config describes (one, or a grid from lists), sizes as ensembles in lockstep.
 
-    Under torchrun the ranks share the work (train.parallel; README, "Running across machines"); rank 0 prints."""
+    Under torchrun the ranks share the work (train.parallel; docs/guides/distributed.md); rank 0 prints."""
     from saekit.config import load_config
     from saekit.distributed import distributed_env
     from saekit.train.run import run_config

@@ -44,9 +44,9 @@ class _Section(BaseModel):
         return value
 
 
-# Defaults that differ by source kind, applied when the key is not given. `tms` is the setting of the
-# acceptance test in issue 4 (80 features in 20 dimensions); `compute` a small MLP computing |x| of 64
-# features through a 32-wide embedding with 48 hidden neurons (README, "Ground truth from trained models").
+# Defaults that differ by source kind, applied when the key is not given. `tms`: 80 features in 20 dimensions;
+# `compute`: a small MLP computing |x| of 64 features through a 32-wide embedding with 48 hidden neurons
+# (docs/guides/toy-data.md).
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "tms": {"d": 20, "n_features": 80, "sparsity": 0.97, "importance_decay": 0.97},
     "compute": {"d": 48, "n_features": 64, "embed_dim": 32, "sparsity": 0.97, "importance_decay": 1.0},

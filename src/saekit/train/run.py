@@ -43,7 +43,7 @@ from saekit.train.loop import TrainState, make_state, train_lockstep
 from saekit.train.plan import EnsemblePlan, memory_limit, memory_refusal
 from saekit.train.role import Role, role_for
 
-# The MMCS at which a run counts as having found the features, for `samples_to_mmcs_0_95` (issue 6's comparison).
+# The MMCS at which a run counts as having found the features, for `samples_to_mmcs_0_95` (`saekit compare`'s table).
 MMCS_TARGET = 0.95
 
 # Decoder directions are also kept from this point of training, so the analysis can check that what it
