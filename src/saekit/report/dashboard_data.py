@@ -83,6 +83,7 @@ class Distribution:
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # x_raw (B, d) -> codes (B, m)
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # codes (B, m) -> x_hat (B, d) in the SAE's input scale
+Logits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # promote ids, values, suppress ids, values
 
 
 def sae_functions(sae: Any, input_scale: float) -> tuple[Encoder, Decoder]:
@@ -334,6 +335,139 @@ def _language_model(spec: str) -> Any:
     return load_model(spec)
 
 
+def _check_collect_args(sae: Any, reader: RowReader, *, n_tokens: int, contexts: int, batch: int, skip_positions: int) -> tuple[int, int]:
+    """Validate collect_from's arguments; (rows to scan, rows kept after skipping positions)."""
+    if n_tokens < 1 or contexts < 1 or batch < 1:
+        raise InputError("--tokens, --contexts and the batch size must be at least 1")
+    if reader.d != sae.d:
+        raise InputError(f"activations have d={reader.d} but the SAE expects d={sae.d}")
+    if not 0 <= skip_positions < reader.window:
+        raise InputError(f"skip_positions is {skip_positions} but the windows hold {reader.window} tokens")
+    n = min(n_tokens, reader.n_rows)
+    kept = kept_rows(n, reader.window, skip_positions)
+    if kept == 0:
+        raise InputError("no activation rows to scan")
+    return n, kept
+
+
+def _dashboard_logits(lm: Any, causal: bool, directions: torch.Tensor) -> tuple[Logits | None, list[str]]:
+    """The logit weights of `directions` (m, d) when `lm` is a causal model with a matching unembedding, and the
+    notes explaining why there are none otherwise."""
+    notes: list[str] = []
+    if lm is None:
+        notes.append("The model was not loaded: tokens are shown as ids and there are no logit weights.")
+        return None, notes
+    if not causal:
+        return None, notes
+    unemb = unembedding(lm.model)
+    if unemb is None:
+        notes.append("The model has no output embedding: no logit weights.")
+    elif unemb[0].shape[1] != directions.shape[1]:
+        notes.append(f"The unembedding has width {unemb[0].shape[1]}, the activations {directions.shape[1]}: no logit weights.")
+    else:
+        return logit_weights(directions, *unemb), notes
+    return None, notes
+
+
+def _shown_token_ids(toks: torch.Tensor, logits: Logits | None) -> torch.Tensor:
+    """Every token id the page shows, sorted: the context tokens and, when present, the logit-weight tokens."""
+    used = [toks[toks >= 0]] + ([logits[0].reshape(-1), logits[2].reshape(-1)] if logits is not None else [])
+    return torch.unique(torch.cat(used))
+
+
+def _to_table(vocab_ids: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
+    """Token ids -> their index in the token table (`vocab_ids` is sorted and holds every id used); -1 stays -1."""
+    pos = torch.searchsorted(vocab_ids, ids.clamp_min(0))
+    return torch.where(ids >= 0, pos, torch.full_like(pos, -1)).numpy()
+
+
+def _collect_meta(
+    sae: Any,
+    reader: RowReader,
+    top: TopScan,
+    dist: Distribution,
+    *,
+    rows_scanned: int,
+    kept: int,
+    input_scale: float,
+    skip_positions: int,
+    causal: bool,
+    notes: list[str],
+    meta: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The dashboard's "meta" entry: the caller's `meta` plus the scan's settings and summary statistics."""
+    count = dist.count.numpy()
+    return {
+        **(meta or {}),
+        "d": int(sae.d),
+        "dict_size": int(sae.dict_size),
+        "input_scale": float(input_scale),
+        "n_tokens": kept,  # the frequencies' denominator: scanned rows less the skipped positions
+        "rows_scanned": rows_scanned,
+        "skip_positions": skip_positions,
+        "window": int(reader.window),
+        "causal": causal,
+        "context_before": CONTEXT_BEFORE,
+        "context_after": CONTEXT_AFTER,
+        "scan": {
+            "l0": float(count.sum() / kept),
+            "fvu": top.fvu,
+            "fvu_rows": top.fvu_rows,
+            "dead_fraction": float((count == 0).mean()),
+        },
+        "notes": notes,
+    }
+
+
+def _scan(
+    sae: Any,
+    reader: RowReader,
+    *,
+    n_rows: int,
+    contexts: int,
+    batch: int,
+    input_scale: float,
+    skip_positions: int,
+    norm_threshold: float,
+) -> tuple[TopScan, Distribution]:
+    """Both passes over the first `n_rows` rows of `reader`: the per-latent top contexts, then the distributions."""
+    encode, decode = sae_functions(sae, input_scale)
+    top = scan_top(
+        reader, encode, decode, n_rows=n_rows, k=contexts, batch=batch, input_scale=input_scale, skip_positions=skip_positions,
+        norm_threshold=norm_threshold,
+    )  # fmt: skip
+    rows = context_rows(top.top_rows, window=reader.window, n_rows=reader.n_rows, before=CONTEXT_BEFORE, after=CONTEXT_AFTER)
+    dist = scan_distribution(reader, encode, top, rows, batch=batch, skip_positions=skip_positions, norm_threshold=norm_threshold)
+    return top, dist
+
+
+def _feature_arrays(top: TopScan, dist: Distribution, vocab_ids: torch.Tensor) -> dict[str, np.ndarray]:
+    """The per-latent arrays of the dashboard data: firing counts, mean and max, histogram and top contexts."""
+    count = dist.count.numpy()
+    return {
+        "count": count,
+        "mean": np.where(count > 0, dist.total.numpy() / np.maximum(count, 1), 0.0),
+        "max": top.max.numpy(),
+        "hist": dist.hist.numpy(),
+        "ctx_rows": top.top_rows.T.numpy(),
+        "ctx_values": top.top_values.T.numpy(),
+        "ctx_tokens": _to_table(vocab_ids, dist.ctx_tokens),
+        "ctx_acts": dist.ctx_acts.numpy(),
+    }
+
+
+def _logit_arrays(logits: Logits | None, vocab_ids: torch.Tensor) -> dict[str, np.ndarray]:
+    """The promoted and suppressed tokens and their logit weights, or nothing when there are no logit weights."""
+    if logits is None:
+        return {}
+    return {
+        "promote_tokens": _to_table(vocab_ids, logits[0]),
+        "promote_values": logits[1].numpy(),
+        "suppress_tokens": _to_table(vocab_ids, logits[2]),
+        "suppress_values": logits[3].numpy(),
+    }
+
+
 @torch.no_grad()
 def collect_from(
     sae: Any,
@@ -351,89 +485,26 @@ def collect_from(
     """The dashboard data of member 0 of `sae` on the first `n_tokens` rows of `reader`, leaving out the first
     `skip_positions` positions of every window as the SAE's training did; `lm` (with .tokenizer, .model, .causal)
     gives token strings and, when causal, logit weights; without it tokens show as ⟨id⟩."""
-    if n_tokens < 1 or contexts < 1 or batch < 1:
-        raise InputError("--tokens, --contexts and the batch size must be at least 1")
-    if reader.d != sae.d:
-        raise InputError(f"activations have d={reader.d} but the SAE expects d={sae.d}")
-    if not 0 <= skip_positions < reader.window:
-        raise InputError(f"skip_positions is {skip_positions} but the windows hold {reader.window} tokens")
-    n = min(n_tokens, reader.n_rows)
-    kept = kept_rows(n, reader.window, skip_positions)
-    if kept == 0:
-        raise InputError("no activation rows to scan")
-    encode, decode = sae_functions(sae, input_scale)
-    top = scan_top(
-        reader, encode, decode, n_rows=n, k=contexts, batch=batch, input_scale=input_scale, skip_positions=skip_positions,
+    n, kept = _check_collect_args(sae, reader, n_tokens=n_tokens, contexts=contexts, batch=batch, skip_positions=skip_positions)
+    top, dist = _scan(
+        sae, reader, n_rows=n, contexts=contexts, batch=batch, input_scale=input_scale, skip_positions=skip_positions,
         norm_threshold=norm_threshold,
     )  # fmt: skip
-    rows = context_rows(top.top_rows, window=reader.window, n_rows=reader.n_rows, before=CONTEXT_BEFORE, after=CONTEXT_AFTER)
-    dist = scan_distribution(reader, encode, top, rows, batch=batch, skip_positions=skip_positions, norm_threshold=norm_threshold)
-    toks = dist.ctx_tokens
 
     directions = sae.W_dec.detach()[0].float().cpu() / input_scale  # (m, d), raw activation scale
-    logits = None
-    notes: list[str] = []
     causal = bool(getattr(lm, "causal", False)) if lm is not None else bool(reader.manifest.get("causal", False))
-    if lm is not None and causal:
-        unemb = unembedding(lm.model)
-        if unemb is None:
-            notes.append("The model has no output embedding: no logit weights.")
-        elif unemb[0].shape[1] != directions.shape[1]:
-            notes.append(f"The unembedding has width {unemb[0].shape[1]}, the activations {directions.shape[1]}: no logit weights.")
-        else:
-            logits = logit_weights(directions, *unemb)
-    elif lm is None:
-        notes.append("The model was not loaded: tokens are shown as ids and there are no logit weights.")
-
-    used = [toks[toks >= 0]] + ([logits[0].reshape(-1), logits[2].reshape(-1)] if logits is not None else [])
-    vocab_ids = torch.unique(torch.cat(used))  # sorted: every token id the page shows
-    table = token_strings(getattr(lm, "tokenizer", None), vocab_ids.tolist())
-
-    def to_table(ids: torch.Tensor) -> np.ndarray:
-        """Token ids -> their index in `table` (vocab_ids is sorted and holds every id used); -1 stays -1."""
-        pos = torch.searchsorted(vocab_ids, ids.clamp_min(0))
-        return torch.where(ids >= 0, pos, torch.full_like(pos, -1)).numpy()
-
-    count = dist.count.numpy()
-    data: dict[str, Any] = {
-        "meta": {
-            **(meta or {}),
-            "d": int(sae.d),
-            "dict_size": int(sae.dict_size),
-            "input_scale": float(input_scale),
-            "n_tokens": kept,  # the frequencies' denominator: scanned rows less the skipped positions
-            "rows_scanned": n,
-            "skip_positions": skip_positions,
-            "window": int(reader.window),
-            "causal": causal,
-            "context_before": CONTEXT_BEFORE,
-            "context_after": CONTEXT_AFTER,
-            "scan": {
-                "l0": float(count.sum() / kept),
-                "fvu": top.fvu,
-                "fvu_rows": top.fvu_rows,
-                "dead_fraction": float((count == 0).mean()),
-            },
-            "notes": notes,
-        },
-        "tokens": table,
-        "count": count,
-        "mean": np.where(count > 0, dist.total.numpy() / np.maximum(count, 1), 0.0),
-        "max": top.max.numpy(),
-        "hist": dist.hist.numpy(),
-        "ctx_rows": top.top_rows.T.numpy(),
-        "ctx_values": top.top_values.T.numpy(),
-        "ctx_tokens": to_table(toks),
-        "ctx_acts": dist.ctx_acts.numpy(),
+    logits, notes = _dashboard_logits(lm, causal, directions)
+    vocab_ids = _shown_token_ids(dist.ctx_tokens, logits)
+    info = _collect_meta(
+        sae, reader, top, dist, rows_scanned=n, kept=kept, input_scale=input_scale, skip_positions=skip_positions,
+        causal=causal, notes=notes, meta=meta,
+    )  # fmt: skip
+    return {
+        "meta": info,
+        "tokens": token_strings(getattr(lm, "tokenizer", None), vocab_ids.tolist()),
+        **_feature_arrays(top, dist, vocab_ids),
+        **_logit_arrays(logits, vocab_ids),
     }
-    if logits is not None:
-        data.update(
-            promote_tokens=to_table(logits[0]),
-            promote_values=logits[1].numpy(),
-            suppress_tokens=to_table(logits[2]),
-            suppress_values=logits[3].numpy(),
-        )
-    return data
 
 
 def collect_dashboard(
