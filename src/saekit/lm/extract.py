@@ -70,6 +70,80 @@ def _batches(windows: Iterator[list[int]], first: int, n_windows: int, batch_win
         index += len(batch)
 
 
+def _reusable(previous: dict[str, Any] | None, n_windows: int, text: str, tokens: int) -> dict[str, Any] | None:
+    """The manifest of a complete earlier run that already holds `n_windows` windows (or all the text had), else None."""
+    if previous is None or not previous["complete"]:
+        return None
+    text_ran_out = previous["tokens"] < previous["tokens_requested"]
+    if previous["windows"] < n_windows and not text_ran_out:
+        return None
+    if text_ran_out and previous["windows"] < n_windows:
+        _warn_short(text, previous["tokens"], tokens)
+    return previous
+
+
+def _extraction_meta(
+    lm: LanguageModel, model: str, layer: int, site: str, text: str, *, tokens: int, window: int, dtype: str
+) -> dict[str, Any]:
+    """The manifest fields describing what is extracted, after checking `window` fits the model's positions."""
+    from saekit.lm.sites import check_site, site_width
+
+    check_site(lm, layer, site)
+    max_positions = getattr(lm.model.config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and window > max_positions:
+        raise InputError(f"window {window} is longer than {lm.name}'s {max_positions} positions")
+    return {
+        "model": model, "model_name": lm.name, "model_class": lm.model_class, "causal": lm.causal, "layer": layer,
+        "site": site, "d": site_width(lm, layer, site), "window": window, "dtype": dtype, "text": text,
+        "tokens_requested": tokens,
+    }  # fmt: skip
+
+
+def _check_continuable(previous: dict[str, Any] | None, meta: dict[str, Any], out: Path, model: str) -> None:
+    """Refuse to continue an earlier run in `out` whose activations differ in width or model class."""
+    if previous is not None and (previous["d"], previous["model_class"]) != (meta["d"], meta["model_class"]):
+        raise InputError(
+            f"{out} holds {previous['model_class']} activations of width {previous['d']}, but {model!r} now gives "
+            f"{meta['model_class']} of width {meta['d']}; choose a new --out"
+        )
+
+
+def _write_windows(
+    lm: LanguageModel,
+    writer: ShardWriter,
+    dev: torch.device,
+    *,
+    layer: int,
+    site: str,
+    text: str,
+    window: int,
+    n_windows: int,
+    batch_windows: int,
+    progress: bool,
+    on_batch: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """Append windows to `writer` until it holds `n_windows` (or the text runs out) and close it; its manifest."""
+    from saekit.lm.text import token_windows
+
+    done = writer.windows
+    bar = _progress_bar(n_windows * window, done * window, progress)
+    complete = False
+    try:
+        windows = token_windows(lm.tokenizer, text, window)
+        for index, ids in _batches(windows, done, n_windows, batch_windows):
+            # skip: windows of this batch already on disk (only in the first batch of a continued run)
+            written = write_batch(lm, ids.to(dev), layer, site, writer, skip=max(0, done - index))
+            done += written
+            bar.update(written * window)
+            if on_batch is not None:
+                on_batch(writer.rows)
+        complete = True
+    finally:
+        bar.close()
+        manifest = writer.close(complete=complete)
+    return manifest
+
+
 def extract_activations(
     model: str,
     layer: int,
@@ -91,8 +165,7 @@ def extract_activations(
     on_batch(rows_written) is called after every batch (a hook for progress reporting and tests).
     """
     from saekit.lm.models import load_model
-    from saekit.lm.sites import check_site, site_width
-    from saekit.lm.text import check_text_spec, token_windows
+    from saekit.lm.text import check_text_spec
 
     check_request(layer, site, tokens, window, batch_windows, dtype, shard_rows)
     check_text_spec(text)
@@ -100,45 +173,18 @@ def extract_activations(
     out = Path(out)
     n_windows = math.ceil(tokens / window)
     previous = _previous(out, {"model": model, "layer": layer, "site": site, "window": window, "dtype": dtype, "text": text})
-    if previous is not None and previous["complete"]:
-        text_ran_out = previous["tokens"] < previous["tokens_requested"]
-        if previous["windows"] >= n_windows or text_ran_out:
-            if text_ran_out and previous["windows"] < n_windows:
-                _warn_short(text, previous["tokens"], tokens)
-            return previous
+    reused = _reusable(previous, n_windows, text, tokens)
+    if reused is not None:
+        return reused
 
     lm = load_model(model, device=dev)
-    check_site(lm, layer, site)
-    max_positions = getattr(lm.model.config, "max_position_embeddings", None)
-    if isinstance(max_positions, int) and window > max_positions:
-        raise InputError(f"window {window} is longer than {lm.name}'s {max_positions} positions")
-    meta = {
-        "model": model, "model_name": lm.name, "model_class": lm.model_class, "causal": lm.causal, "layer": layer,
-        "site": site, "d": site_width(lm, layer, site), "window": window, "dtype": dtype, "text": text,
-        "tokens_requested": tokens,
-    }  # fmt: skip
-    if previous is not None and (previous["d"], previous["model_class"]) != (meta["d"], meta["model_class"]):
-        raise InputError(
-            f"{out} holds {previous['model_class']} activations of width {previous['d']}, but {model!r} now gives "
-            f"{meta['model_class']} of width {meta['d']}; choose a new --out"
-        )
+    meta = _extraction_meta(lm, model, layer, site, text, tokens=tokens, window=window, dtype=dtype)
+    _check_continuable(previous, meta, out, model)
     writer = ShardWriter(out, meta, shard_rows, existing=previous)
-    done = writer.windows
-    bar = _progress_bar(n_windows * window, done * window, progress)
-    complete = False
-    try:
-        windows = token_windows(lm.tokenizer, text, window)
-        for index, ids in _batches(windows, done, n_windows, batch_windows):
-            # skip: windows of this batch already on disk (only in the first batch of a continued run)
-            written = write_batch(lm, ids.to(dev), layer, site, writer, skip=max(0, done - index))
-            done += written
-            bar.update(written * window)
-            if on_batch is not None:
-                on_batch(writer.rows)
-        complete = True
-    finally:
-        bar.close()
-        manifest = writer.close(complete=complete)
+    manifest = _write_windows(
+        lm, writer, dev, layer=layer, site=site, text=text, window=window, n_windows=n_windows, batch_windows=batch_windows,
+        progress=progress, on_batch=on_batch,
+    )  # fmt: skip
     if manifest["windows"] < n_windows:
         _warn_short(text, manifest["tokens"], tokens)
     return manifest
