@@ -335,16 +335,81 @@ LOSS_CAPTION = (
 )
 
 
+def _loss_rows(analysis: dict[str, Any], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The analysis's loss-term rows, or rows derived from the run table when it has none; plus a caption note
+    saying so in that case."""
+    rows = list(analysis.get("loss_terms") or [])
+    if rows:
+        return rows, ""
+    rows = [{**r, **(r.get("metrics") or {})} for r in runs if r.get("metrics")]
+    return rows, " (Derived from the run table: the analysis had no loss-term rows.)"
+
+
+def _collapse_points(collapse: dict[str, Any]) -> dict[int, float]:
+    """dict size -> its positive, finite knob_collapse from the analysis's collapse points."""
+    return {
+        int(p["dict_size"]): float(p["knob_collapse"])
+        for p in collapse.get("points") or []
+        if finite(p.get("knob_collapse")) and finite(p.get("dict_size")) and float(p["knob_collapse"]) > 0
+    }
+
+
+def _plot_loss_panel(
+    ax: Any,
+    values: dict[tuple, float],
+    *,
+    log_y: bool,
+    sizes: list[Any],
+    knob_values: list[Any],
+    points: dict[int, float],
+    knob: ArchSpec,
+) -> None:
+    """One loss term vs the knob on `ax`: a line per dict size, its collapse point marked with a diamond."""
+    colors = dict(zip(sizes, series_colors(len(sizes)), strict=False))
+    markers = dict(zip(sizes, MARKERS * 10, strict=False))
+    if log_y:
+        ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis, values.values())
+    for s in sizes:
+        xs = [a for a in knob_values if (s, a) in values]
+        if not xs:
+            continue
+        ys = [values[(s, a)] for a in xs]
+        ax.plot(xs, ys, marker=markers[s], ms=4, lw=1.5, color=colors[s], label=f"{s} latents")
+        if s in points and len(xs) >= 2 and min(xs) <= points[s] <= max(xs):
+            yc = _interp_log(points[s], xs, ys, log_y=log_y)
+            ax.plot([points[s]], [yc], marker="D", ms=8, color=colors[s], mec="black", mew=1.0, ls="none", zorder=5)
+    _knob_axis(ax, knob_values)
+    ax.set_xlabel(knob.knob_name)
+    ax.grid(alpha=0.3)
+
+
+def _plot_collapse_scaling(ax: Any, points: dict[int, float], fit: dict[str, Any] | None, knob: ArchSpec) -> None:
+    """knob_collapse vs dict size on log–log axes, with the power-law fit when the analysis has one."""
+    xs = sorted(points)
+    ax.plot(xs, [points[s] for s in xs], "o", color="#0072B2", ms=6, label=f"collapse {knob.knob_symbol}")
+    if fit and finite(fit.get("exponent")) is not None and finite(fit.get("prefactor")) is not None:
+        grid = np.geomspace(min(xs), max(xs), 50)
+        exp, pre = float(fit["exponent"]), float(fit["prefactor"])
+        r2 = finite(fit.get("r2"))
+        label = f"fit {knob.knob_symbol} ∝ $m^{{{exp:.2f}}}$" + (f", R² = {r2:.2f}" if r2 is not None else "")
+        ax.plot(grid, pre * grid**exp, "--", color="#D55E00", lw=1.5, label=label)
+    _size_axis(ax, xs)
+    ax.set_yscale("log")
+    _plain_log_labels(ax.yaxis, points.values())
+    ax.set_xlabel("dictionary size m (latents)")
+    ax.set_ylabel(f"collapse {knob.knob_symbol}")
+    ax.set_title(f"Collapse {knob.knob_symbol} vs size", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7.5, loc="best")
+
+
 def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]], *, knob: ArchSpec) -> FigureBlock:
     """Reconstruction and sparsity loss vs the knob, one line per dict size, with collapse points; plus knob_collapse vs
     size (log–log)."""
     title = f"Loss terms vs {knob.knob_name}"
     caption = _caption(LOSS_CAPTION, knob)
-    rows = list(analysis.get("loss_terms") or [])
-    source_note = ""
-    if not rows:
-        rows = [{**r, **(r.get("metrics") or {})} for r in runs if r.get("metrics")]
-        source_note = " (Derived from the run table: the analysis had no loss-term rows.)"
+    rows, source_note = _loss_rows(analysis, runs)
     recon = mean_by(rows, ("dict_size", "knob_value"), "reconstruction_loss")
     sparse = mean_by(rows, ("dict_size", "knob_value"), "sparsity_loss")
     knob_values = sorted({k[1] for k in (*recon, *sparse)})
@@ -352,36 +417,15 @@ def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]], *, knob: Ar
         return _skip("loss", title, caption, f"Needs {_too_few_values(knob)} (and recorded loss terms): skipped.")
     sizes = sorted({k[0] for k in (*recon, *sparse)})
     collapse = analysis.get("collapse") or {}
-    points = {
-        int(p["dict_size"]): float(p["knob_collapse"])
-        for p in collapse.get("points") or []
-        if finite(p.get("knob_collapse")) and finite(p.get("dict_size")) and float(p["knob_collapse"]) > 0
-    }
+    points = _collapse_points(collapse)
     fit = collapse.get("power_law") or None
     scaling = len(points) >= 2
     fig = Figure(figsize=(13.0 if scaling else 11.5, 4.3), layout="constrained")
     axes = fig.subplots(1, 3 if scaling else 2, width_ratios=[1, 1, 0.75] if scaling else None)
     ax_rec, ax_sp = axes[0], axes[1]
-    colors = dict(zip(sizes, series_colors(len(sizes)), strict=False))
-    markers = dict(zip(sizes, MARKERS * 10, strict=False))
     log_rec = bool(recon) and min(recon.values()) > 0
-    log_sp = wants_log(sparse.values())
-    for ax, values, log_y in ((ax_rec, recon, log_rec), (ax_sp, sparse, log_sp)):
-        if log_y:
-            ax.set_yscale("log")
-            _plain_log_labels(ax.yaxis, values.values())
-        for s in sizes:
-            xs = [a for a in knob_values if (s, a) in values]
-            if not xs:
-                continue
-            ys = [values[(s, a)] for a in xs]
-            ax.plot(xs, ys, marker=markers[s], ms=4, lw=1.5, color=colors[s], label=f"{s} latents")
-            if s in points and len(xs) >= 2 and min(xs) <= points[s] <= max(xs):
-                yc = _interp_log(points[s], xs, ys, log_y=log_y)
-                ax.plot([points[s]], [yc], marker="D", ms=8, color=colors[s], mec="black", mew=1.0, ls="none", zorder=5)
-        _knob_axis(ax, knob_values)
-        ax.set_xlabel(knob.knob_name)
-        ax.grid(alpha=0.3)
+    for ax, values, log_y in ((ax_rec, recon, log_rec), (ax_sp, sparse, wants_log(sparse.values()))):
+        _plot_loss_panel(ax, values, log_y=log_y, sizes=sizes, knob_values=knob_values, points=points, knob=knob)
     ax_rec.set_ylabel("reconstruction loss (MSE per element)")
     ax_rec.set_title(f"Reconstruction loss rises with {knob.knob_symbol}")
     ax_sp.set_ylabel(f"sparsity loss ({knob.sparsity_term})")
@@ -390,23 +434,7 @@ def loss_terms(analysis: dict[str, Any], runs: list[dict[str, Any]], *, knob: Ar
         ax_rec.plot([], [], marker="D", ms=7, color="white", mec="black", ls="none", label="collapse point")
     _figure_legend(fig, [ax_rec, ax_sp], "dictionary size")
     if scaling:
-        ax_c = axes[2]
-        xs = sorted(points)
-        ax_c.plot(xs, [points[s] for s in xs], "o", color="#0072B2", ms=6, label=f"collapse {knob.knob_symbol}")
-        if fit and finite(fit.get("exponent")) is not None and finite(fit.get("prefactor")) is not None:
-            grid = np.geomspace(min(xs), max(xs), 50)
-            exp, pre = float(fit["exponent"]), float(fit["prefactor"])
-            r2 = finite(fit.get("r2"))
-            label = f"fit {knob.knob_symbol} ∝ $m^{{{exp:.2f}}}$" + (f", R² = {r2:.2f}" if r2 is not None else "")
-            ax_c.plot(grid, pre * grid**exp, "--", color="#D55E00", lw=1.5, label=label)
-        _size_axis(ax_c, xs)
-        ax_c.set_yscale("log")
-        _plain_log_labels(ax_c.yaxis, points.values())
-        ax_c.set_xlabel("dictionary size m (latents)")
-        ax_c.set_ylabel(f"collapse {knob.knob_symbol}")
-        ax_c.set_title(f"Collapse {knob.knob_symbol} vs size", fontsize=10)
-        ax_c.grid(alpha=0.3, which="both")
-        ax_c.legend(fontsize=7.5, loc="best")
+        _plot_collapse_scaling(axes[2], points, fit, knob)
     block_title = f"Reconstruction and sparsity losses vs {knob.knob_name}, looked at separately"
     if fit and finite(fit.get("exponent")) is not None:
         block_title += f": collapse {knob.knob_symbol} scales as size^{float(fit['exponent']):.2f}"
