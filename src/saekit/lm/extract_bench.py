@@ -28,6 +28,59 @@ def _seconds(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def _benchmark_passes(
+    lm: Any, batches: list[torch.Tensor], layer: int, site: str, meta: dict[str, Any], dev: torch.device
+) -> dict[str, Callable[[], None]]:
+    """The three timed passes over `batches`: "bare" (run to the site), "extraction" (write_batch into a temp
+    folder) and "full" (the whole model)."""
+    from saekit.lm.extract import write_batch
+    from saekit.lm.shards import ShardWriter
+    from saekit.lm.sites import forward, run_to_site
+
+    ones = [torch.ones_like(b) for b in batches]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def bare() -> None:
+        for b, m in zip(batches, ones):
+            run_to_site(lm, b, m, layer, site)
+        sync()
+
+    def extraction() -> None:
+        with tempfile.TemporaryDirectory(prefix="saekit-bench-") as tmp:
+            writer = ShardWriter(Path(tmp), meta, shard_rows=65536)
+            for b in batches:
+                write_batch(lm, b, layer, site, writer)
+            writer.close(complete=True)
+
+    def full() -> None:
+        with torch.inference_mode():
+            for b, m in zip(batches, ones):
+                forward(lm, b, m)
+        sync()
+
+    return {"bare": bare, "extraction": extraction, "full": full}
+
+
+def _time_passes(passes: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each pass in each of `repeats` rounds, after one warm-up round; the passes alternate within a round."""
+    for fn in passes.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(repeats):
+        for name, fn in passes.items():
+            times[name].append(_seconds(fn))
+    return times
+
+
+def _benchmark_batches(lm: Any, windows: int, window: int, batch_windows: int, dev: torch.device) -> list[torch.Tensor]:
+    """The first `windows` stdlib token windows of `window` tokens, on `dev`, in batches of `batch_windows`."""
+    from saekit.lm.text import token_windows
+
+    it = token_windows(lm.tokenizer, "stdlib", window)
+    ids = torch.tensor([next(it) for _ in range(windows)], dtype=torch.long, device=dev)  # (windows, window)
+    return list(ids.split(batch_windows))
+
+
 def extraction_benchmark(
     model: str = "smollm2",
     layer: int | None = None,
@@ -42,11 +95,8 @@ def extraction_benchmark(
 ) -> dict[str, Any]:
     """Median tokens/s of the bare truncated forward, of extraction, and of the full model on `windows` windows."""
     from saekit.device import resolve_device
-    from saekit.lm.extract import write_batch
     from saekit.lm.models import load_model
-    from saekit.lm.shards import ShardWriter
-    from saekit.lm.sites import check_site, forward, run_to_site, site_width
-    from saekit.lm.text import token_windows
+    from saekit.lm.sites import check_site, site_width
 
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -58,41 +108,13 @@ def extraction_benchmark(
         load_seconds = time.perf_counter() - start
         layer = lm.n_layers // 2 if layer is None else layer
         check_site(lm, layer, site)
-        it = token_windows(lm.tokenizer, "stdlib", window)
-        ids = torch.tensor([next(it) for _ in range(windows)], dtype=torch.long, device=dev)  # (windows, window)
-        batches = list(ids.split(batch_windows))
-        ones = [torch.ones_like(b) for b in batches]
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        batches = _benchmark_batches(lm, windows, window, batch_windows, dev)
         meta = {
             "model": model, "model_name": lm.name, "model_class": lm.model_class, "causal": lm.causal, "layer": layer,
             "site": site, "d": site_width(lm, layer, site), "window": window, "dtype": dtype, "text": "stdlib",
             "tokens_requested": windows * window,
         }  # fmt: skip
-
-        def bare() -> None:
-            for b, m in zip(batches, ones):
-                run_to_site(lm, b, m, layer, site)
-            sync()
-
-        def extraction() -> None:
-            with tempfile.TemporaryDirectory(prefix="saekit-bench-") as tmp:
-                writer = ShardWriter(Path(tmp), meta, shard_rows=65536)
-                for b in batches:
-                    write_batch(lm, b, layer, site, writer)
-                writer.close(complete=True)
-
-        def full() -> None:
-            with torch.inference_mode():
-                for b, m in zip(batches, ones):
-                    forward(lm, b, m)
-            sync()
-
-        bare(), extraction(), full()  # warm-up
-        times: dict[str, list[float]] = {"bare": [], "extraction": [], "full": []}
-        for _ in range(repeats):
-            times["bare"].append(_seconds(bare))
-            times["extraction"].append(_seconds(extraction))
-            times["full"].append(_seconds(full))
+        times = _time_passes(_benchmark_passes(lm, batches, layer, site, meta, dev), repeats)
     finally:
         torch.set_num_threads(old_threads)
     tokens = windows * window
