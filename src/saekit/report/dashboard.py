@@ -94,13 +94,7 @@ def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
     q = np.rint(np.clip(va / vmax[owner][:, None], 0.0, 1.0) * 255).astype(np.uint8) if len(owner) else va.astype(np.uint8)
     vt = np.where(vt < 0, pad, vt)
 
-    summary: list[list[int]] = []
     tops = vt[:, before] if len(vt) else np.zeros(0, dtype=np.int64)
-    start = 0
-    for n in nctx.tolist():
-        most = Counter(t for t in tops[start : start + n].tolist() if t != pad).most_common(SUMMARY_TOKENS)
-        summary.append([x for pair in most for x in pair])
-        start += n
 
     payload: dict[str, Any] = {
         "meta": _json_safe(meta),
@@ -121,16 +115,35 @@ def encode_payload(data: dict[str, Any]) -> dict[str, Any]:
         "ctxRow": rows[valid].tolist(),
         "ctxTok": _b64(vt, tok_dtype),
         "ctxAct": _b64(q, "<u1"),
-        "summary": summary,
+        "summary": _top_token_summary(tops, nctx, pad),
     }
     if data.get("promote_tokens") is not None:
-        for key in ("promote", "suppress"):
-            t = np.asarray(data[f"{key}_tokens"], dtype=np.int64).reshape(m, -1)
-            payload[key] = {
-                "T": int(t.shape[1]),
-                "tok": _b64(np.where(t < 0, pad, t), tok_dtype),
-                "val": _b64(np.asarray(data[f"{key}_values"], dtype=np.float64).reshape(m, -1), "<f4"),
-            }
+        payload.update(_logit_payload(data, m, pad, tok_dtype))
+    return payload
+
+
+def _top_token_summary(tops: np.ndarray, nctx: np.ndarray, pad: int) -> list[list[int]]:
+    """Per latent, its most common top tokens flattened as [token, count, token, count, ...]; `tops` holds the top
+    token of every kept context, latent-major, `nctx` how many contexts each latent kept."""
+    summary: list[list[int]] = []
+    start = 0
+    for n in nctx.tolist():
+        most = Counter(t for t in tops[start : start + n].tolist() if t != pad).most_common(SUMMARY_TOKENS)
+        summary.append([x for pair in most for x in pair])
+        start += n
+    return summary
+
+
+def _logit_payload(data: dict[str, Any], m: int, pad: int, tok_dtype: str) -> dict[str, Any]:
+    """The "promote" and "suppress" entries: per latent the token ids and logit weights, base64-packed."""
+    payload: dict[str, Any] = {}
+    for key in ("promote", "suppress"):
+        t = np.asarray(data[f"{key}_tokens"], dtype=np.int64).reshape(m, -1)
+        payload[key] = {
+            "T": int(t.shape[1]),
+            "tok": _b64(np.where(t < 0, pad, t), tok_dtype),
+            "val": _b64(np.asarray(data[f"{key}_values"], dtype=np.float64).reshape(m, -1), "<f4"),
+        }
     return payload
 
 
