@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saekit.analysis import estimate, heuristics, load_sweep
 from saekit.errors import InputError
 from saekit.report import read_source_info, write_report
+
+if TYPE_CHECKING:
+    from saekit.config import Config
 
 
 def analyse_and_report(out_dir: str | Path) -> tuple[dict[str, Any] | None, Path]:
@@ -25,6 +28,52 @@ def analyse_and_report(out_dir: str | Path) -> tuple[dict[str, Any] | None, Path
     return result, write_report(Path(out_dir), sweep.runs, analysis, result, read_source_info(out_dir))
 
 
+def _extract_lm(lm: dict[str, Any], out: Path, *, progress: bool, say: Any) -> dict[str, Any]:
+    """Extract the activations the `lm.*` settings ask for to OUT/activations (resumable); returns the manifest.
+    Without a layer, the model's middle layer."""
+    from saekit.lm.extract import extract_activations
+    from saekit.lm.models import load_model
+
+    layer = lm["layer"]
+    if layer is None:
+        layer = load_model(str(lm["model"])).n_layers // 2
+    what = f"{lm['model']} layer {layer} {lm['site']}, {lm['tokens']:,} tokens of {lm['text']}"
+    say(f"saekit reproduce --preset lm: {what} -> {out / 'activations'}")
+    return extract_activations(
+        model=str(lm["model"]),
+        layer=int(layer),
+        site=str(lm["site"]),
+        text=str(lm["text"]),
+        tokens=int(lm["tokens"]),
+        out=out / "activations",
+        window=int(lm["window"]),
+        dtype=str(lm["dtype"]),
+        progress=progress,
+    )
+
+
+def _lm_sweep_config(out: Path, manifest: dict[str, Any], rest: list[str]) -> Config:
+    """The lm preset's sweep config on OUT/activations, sized to the rows its source trains on."""
+    from saekit.presets import lm_config
+    from saekit.sources import make_source
+
+    probe = lm_config(str(out / "activations"), int(manifest["d"]), 1, rest)
+    train_rows = make_source(probe.source).train_rows
+    return lm_config(str(out / "activations"), int(manifest["d"]), train_rows, rest)
+
+
+def _recommended_dashboard(
+    out: Path, results: list[dict[str, Any]], result: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The recommended run and the path of the dashboard written for it, or (None, None) when there is none."""
+    chosen = recommended_run(results, result)
+    if chosen is None:
+        return None, None
+    from saekit.report.dashboard import write_dashboard
+
+    return chosen, write_dashboard(out, chosen["run_id"])
+
+
 def reproduce_lm(
     out_dir: str | Path, overrides: list[str], *, progress: bool = True, max_memory: int | None = None, log: Any = None
 ) -> dict[str, Any]:
@@ -36,45 +85,20 @@ def reproduce_lm(
     """
     import time
 
-    from saekit.lm.extract import extract_activations
-    from saekit.lm.models import load_model
-    from saekit.presets import describe, lm_config, split_lm_overrides
-    from saekit.sources import make_source
+    from saekit.presets import describe, split_lm_overrides
     from saekit.train.run import run_config
 
     say = log or (lambda text: None)
     out = Path(out_dir)
     lm, rest = split_lm_overrides(overrides)
     started = time.perf_counter()
-    layer = lm["layer"]
-    if layer is None:
-        layer = load_model(str(lm["model"])).n_layers // 2
-    what = f"{lm['model']} layer {layer} {lm['site']}, {lm['tokens']:,} tokens of {lm['text']}"
-    say(f"saekit reproduce --preset lm: {what} -> {out / 'activations'}")
-    manifest = extract_activations(
-        model=str(lm["model"]),
-        layer=int(layer),
-        site=str(lm["site"]),
-        text=str(lm["text"]),
-        tokens=int(lm["tokens"]),
-        out=out / "activations",
-        window=int(lm["window"]),
-        dtype=str(lm["dtype"]),
-        progress=progress,
-    )
+    manifest = _extract_lm(lm, out, progress=progress, say=say)
     extract_seconds = time.perf_counter() - started
-    probe = lm_config(str(out / "activations"), int(manifest["d"]), 1, rest)
-    train_rows = make_source(probe.source).train_rows
-    cfg = lm_config(str(out / "activations"), int(manifest["d"]), train_rows, rest)
+    cfg = _lm_sweep_config(out, manifest, rest)
     say(describe("lm", cfg))
     results, errors = run_config(cfg, out, progress=progress, max_memory=max_memory)
     result, report_path = analyse_and_report(out)
-    dashboard_path = None
-    chosen = recommended_run(results, result)
-    if chosen is not None:
-        from saekit.report.dashboard import write_dashboard
-
-        dashboard_path = write_dashboard(out, chosen["run_id"])
+    chosen, dashboard_path = _recommended_dashboard(out, results, result)
     return {
         "manifest": manifest,
         "estimate": result,
