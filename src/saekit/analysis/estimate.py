@@ -116,17 +116,15 @@ def recommend(sweep: Sweep, n_features: int, top: int) -> tuple[int, float]:
     return dict_size, max(score, key=lambda a: (score[a], -a))
 
 
-def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, value: float, tolerance: float) -> list[dict[str, Any]]:
-    """The report's heuristics, each turned into a statement about the count `n`, read at the knob's `value`."""
-    knob = sweep.spec.knob_name
-    signals = []
+def _dead_signals(h: dict[str, Any], n: int, value: float, tolerance: float, knob: str) -> list[dict[str, Any]]:
+    """Report heuristic (a), the first size with more than 5% dead latents, and the live latents at the largest size."""
     dead = {}
     for r in h["dead"]:
         if r["knob_value"] == value:
             dead.setdefault(r["dict_size"], []).append(r["dead_fraction"])
     dead_mean = {s: statistics.fmean(v) for s, v in sorted(dead.items())}
     first_dead = next((s for s, f in dead_mean.items() if f > DEAD_THRESHOLD), None)
-    signals.append(
+    signals = [
         {
             "name": "dead latents (report heuristic a)",
             "value": first_dead,
@@ -135,7 +133,7 @@ def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, value: float, toler
             if first_dead is None
             else f"dead latents (>5%) first appear at {first_dead} latents; the report expects this once the size exceeds the count",
         }
-    )
+    ]
     live_top = [r["live_latents"] for r in h["dead"] if r["knob_value"] == value and r["dict_size"] == max(dead_mean, default=0)]
     if live_top:
         live = int(statistics.fmean(live_top))
@@ -147,35 +145,51 @@ def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, value: float, toler
                 "note": "counts every latent that fires, copies and splits included: an upper bound without resampling",
             }
         )
-    # (c) at each knob value: the largest size whose live latents are >= 90% found in every larger dictionary.
+    return signals
+
+
+def _containment_signal(h: dict[str, Any], n: int, knob: str) -> dict[str, Any] | None:
+    """Report heuristic (c): at each knob value, the largest size whose live latents are >= 90% found in every
+    larger dictionary; the largest over knob values. None without cross-size rows."""
     contained: dict[float, dict[int, list[float]]] = {}
     for r in h["cross_size"]:
         contained.setdefault(r["knob_value"], {}).setdefault(r["dict_size"], []).append(r["matched_fraction"])
-    if contained:
-        per_value = {a: max((s for s, v in sizes.items() if min(v) >= MATCH_THRESHOLD), default=None) for a, sizes in contained.items()}
-        found = {a: s for a, s in per_value.items() if s is not None}
-        at_value, largest = max(found.items(), key=lambda kv: (kv[1], -kv[0])) if found else (None, None)
-        signals.append(
-            {
-                "name": "MMCS with larger dictionaries (report heuristic c)",
-                "value": largest,
-                "agrees": None if largest is None else largest <= 2 * n,
-                "note": f"no size's live latents were >=90% found in every larger dictionary at any {knob}"
-                if largest is None
-                else f"at {knob} = {at_value:g}, dictionaries up to {largest} latents are >=90% contained in every larger one "
-                "(the report expects this up to about the true count, and lower beyond)",
-            }
-        )
+    if not contained:
+        return None
+    per_value = {a: max((s for s, v in sizes.items() if min(v) >= MATCH_THRESHOLD), default=None) for a, sizes in contained.items()}
+    found = {a: s for a, s in per_value.items() if s is not None}
+    at_value, largest = max(found.items(), key=lambda kv: (kv[1], -kv[0])) if found else (None, None)
+    return {
+        "name": "MMCS with larger dictionaries (report heuristic c)",
+        "value": largest,
+        "agrees": None if largest is None else largest <= 2 * n,
+        "note": f"no size's live latents were >=90% found in every larger dictionary at any {knob}"
+        if largest is None
+        else f"at {knob} = {at_value:g}, dictionaries up to {largest} latents are >=90% contained in every larger one "
+        "(the report expects this up to about the true count, and lower beyond)",
+    }
+
+
+def _collapse_signal(sweep: Sweep, h: dict[str, Any], knob: str) -> dict[str, Any]:
+    """Report heuristic (b): how the knob at which reconstruction collapses scales with size (no verdict on `n`)."""
     law = h["collapse"]["power_law"]
-    signals.append(
-        {
-            "name": "reconstruction collapse (report heuristic b)",
-            "value": None if law is None else round(law["exponent"], 3),
-            "agrees": None,
-            "note": f"no collapse inside the {knob} grid"
-            if law is None
-            else f"the {knob} at which reconstruction collapses scales as size^{law['exponent']:.2f} (r2 {law['r2']:.2f})"
-            + (L1_CONVENTION if sweep.knob == "l1" else ""),
-        }
-    )
+    return {
+        "name": "reconstruction collapse (report heuristic b)",
+        "value": None if law is None else round(law["exponent"], 3),
+        "agrees": None,
+        "note": f"no collapse inside the {knob} grid"
+        if law is None
+        else f"the {knob} at which reconstruction collapses scales as size^{law['exponent']:.2f} (r2 {law['r2']:.2f})"
+        + (L1_CONVENTION if sweep.knob == "l1" else ""),
+    }
+
+
+def _report_signals(sweep: Sweep, h: dict[str, Any], n: int, value: float, tolerance: float) -> list[dict[str, Any]]:
+    """The report's heuristics, each turned into a statement about the count `n`, read at the knob's `value`."""
+    knob = sweep.spec.knob_name
+    signals = _dead_signals(h, n, value, tolerance, knob)
+    containment = _containment_signal(h, n, knob)
+    if containment is not None:
+        signals.append(containment)
+    signals.append(_collapse_signal(sweep, h, knob))
     return signals
