@@ -13,8 +13,9 @@ from saekit import config
 from saekit.archspec import ARCH_SPECS
 from saekit.config import KNOWN_ARCHS, SPARSITY_KNOBS, Config, expand_grid
 from saekit.sae import ARCHITECTURES
-from saekit.train.run import build_ensemble, run_id_for
-from saekit.train.sweep import plan_ensembles
+from saekit.train.identity import run_id_for
+from saekit.train.plan import plan_ensembles
+from saekit.train.run import build_ensemble
 
 # Attributes that hold a hyperparameter in some architecture (absent ones compare as missing on both sides).
 HYPER_ATTRIBUTES = (
