@@ -28,7 +28,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 import saekit
 import saekit.train.run as run_module
+from kill import kill_at_first_checkpoint
 from saekit import atomic
 from saekit.cli import main as cli_main
 from saekit.errors import InputError
@@ -226,19 +226,7 @@ def test_sigkill_mid_sweep_resumes_and_leaves_finished_runs_untouched(sweeps: di
     # The trigger is the 64s' first checkpoint (1,600 of 12,800 samples): after it the victim still trains 7/8 of its
     # steps, evaluates and saves, so the kill lands mid-sweep unless this process stands still for all of that.
     victim = _popen_train(out, large)
-    try:
-        deadline = time.monotonic() + 240  # a bound on the wait, not a timing assertion
-        while victim.poll() is None and not list((out / "ensembles").glob("*/cfg.json")):
-            assert time.monotonic() < deadline, "the sweep wrote no ensemble checkpoint within 240 s"
-            time.sleep(0.005)
-        assert victim.poll() is None, "the sweep ended before its checkpoint was seen; make it longer"
-        victim.send_signal(signal.SIGKILL)
-        victim.communicate(timeout=60)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL
+    kill_at_first_checkpoint(victim, out, within=240)
     # Killed: the checkpoint loads; the finished runs, their files and their rows are as they were.
     folder = _ensemble(out)
     at_kill = read_cfg(folder)["samples"]

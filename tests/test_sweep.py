@@ -2,15 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from kill import kill_at_first_checkpoint
 from saekit.config import Config, RunSpec, TrainConfig
 from saekit.errors import InputError
 from saekit.io import load_sae
@@ -123,20 +122,8 @@ def test_sigkill_then_rerun_loses_nothing_and_resumes(tmp_path):
     # The trigger is the 96s' first checkpoint, 1/20 of their training (20,000 of 400,000 samples): the kill lands
     # mid-training unless this process stands still for the other 19/20.
     proc = _saekit(["train", *_sets(bigger), "--out", str(out), "--json", "--no-progress"])
-    try:
-        deadline = time.monotonic() + 300  # a bound on the wait, not a timing assertion
-        while not list((out / "ensembles").glob("*/cfg.json")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "the sweep wrote no ensemble checkpoint within 300 s"
-            time.sleep(0.05)
-        time.sleep(0.3)  # not needed for the test: lets the kill land a little past the checkpoint
-        assert proc.poll() is None, "the sweep finished before it could be killed; make it longer"
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    # the kill lands a little past the checkpoint (the settle is not needed for the test)
+    kill_at_first_checkpoint(proc, out, within=300, poll=0.05, settle=0.3)
     ckpt = json.loads(next((out / "ensembles").glob("*/cfg.json")).read_text())
     assert 0 < ckpt["samples"] < 400000
     # 3. Re-run: finished runs untouched, the killed ensemble resumes from its checkpoint.
