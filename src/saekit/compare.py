@@ -22,6 +22,9 @@ from saekit.errors import InputError
 
 # Coefficients tried for a penalty architecture: its default times these factors.
 PENALTY_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# The dictionary size when sae.dict_size is not given: this many latents per true feature G (the report's data:
+# 2 x 512 = 1024). Where the data does not know G it is taken as 2 d (saekit.presets.grid_features).
+SIZE_PER_FEATURE = 2
 COLUMNS = ("arch", "knob", "value", "l0", "mmcs", "recovered_0_9", "fvu", "dead_fraction", "samples_to_mmcs_0_95", "seconds")
 
 
@@ -56,6 +59,29 @@ def compare_config(arch: str, base: Config, target_l0: int) -> Config:
     return Config.model_validate(data)
 
 
+def compare_base(overrides: list[str]) -> tuple[Config, str]:
+    """The config `overrides` describe (toy defaults), with sae.dict_size, when not given, sized from the data
+    (SIZE_PER_FEATURE x G); and one sentence saying where the size came from. Other sae keys are refused."""
+    from saekit.presets import TOY_FEATURES_PER_D, grid_features
+    from saekit.sources.shape import data_shape
+
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    sae_keys = [k for k in keys if k.startswith("sae.") and k != "sae.dict_size"]
+    if sae_keys:
+        raise InputError(f"compare sets each architecture's sae keys itself; only sae.dict_size may be given, not {sae_keys[0]!r}")
+    base = load_config(None, overrides)
+    shape = data_shape(base.source)
+    if "sae.dict_size" in keys:
+        return base, f"dict_size {base.sae.dict_size} as given (data width d = {shape.d}, from the {shape.origin})"
+    g, assumed = grid_features(shape)
+    size = SIZE_PER_FEATURE * g
+    base.sae.dict_size = size
+    why = f"G = {g} true features"
+    if assumed:
+        why = f"G unknown for this data, assumed {TOY_FEATURES_PER_D}·d = {g} as in the report's toy data"
+    return base, f"dict_size {size} = {SIZE_PER_FEATURE}·G ({why}; data width d = {shape.d}, from the {shape.origin})"
+
+
 def default_target_l0(cfg: Config) -> int:
     """The data's own mean number of active true features, rounded (toy: mean_active; tms, compute:
     n_features x (1 - sparsity)); 8 for sources that do not say."""
@@ -81,7 +107,8 @@ def run_compare(
     into OUT/ARCH/, pick each one's SAE nearest `target_l0` (default: `default_target_l0`), and write
     OUT/compare.json and OUT/compare.md.
 
-    Returns {"target_l0", "rows" (one per arch, the table), "candidates" (every SAE trained), "table" (markdown)}.
+    sae.dict_size, when not given, is sized from the data (`compare_base`).
+    Returns {"target_l0", "dict_size", "rows" (one per arch, the table), "candidates" (every SAE trained), "table" (markdown)}.
     """
     from saekit.train.run import run_config
 
@@ -90,10 +117,8 @@ def run_compare(
     unknown = [a for a in archs if a not in KNOWN_ARCHS]
     if unknown:
         raise InputError(f"unknown architecture {unknown[0]!r}; known: {', '.join(KNOWN_ARCHS)}")
-    sae_keys = [o for o in overrides if o.split("=", 1)[0].strip().startswith("sae.") and not o.startswith("sae.dict_size")]
-    if sae_keys:
-        raise InputError(f"compare sets each architecture's sae keys itself; only sae.dict_size may be given, not {sae_keys[0]!r}")
-    base = load_config(None, overrides)
+    base, basis = compare_base(overrides)
+    say(f"compare: {basis}")
     target_l0 = default_target_l0(base) if target_l0 is None else target_l0
     if target_l0 <= 0:
         raise InputError(f"target L0 must be positive, got {target_l0}")
@@ -113,7 +138,7 @@ def run_compare(
             {"arch": arch, "knob": knob, "value": chosen[knob], **{c: chosen.get(c) for c in COLUMNS[3:]}, "run_id": chosen["run_id"]}
         )
     table = markdown_table(rows)
-    doc = {"target_l0": target_l0, "rows": rows, "candidates": candidates, "table": table}
+    doc = {"target_l0": target_l0, "dict_size": base.sae.dict_size, "rows": rows, "candidates": candidates, "table": table}
     atomic_write_bytes(out / "compare.json", json.dumps(doc, indent=2).encode())
     atomic_write_bytes(out / "compare.md", (table + "\n").encode())
     return doc

@@ -67,7 +67,12 @@ class SourceConfig(_Section):
         "compute: an MLP computing |x| in superposition, its hidden layer; file: a tensor on disk; "
         "activations: a folder of activation shards written by `saekit activations`",
     )
-    d: int = Field(256, gt=0, description="width of the activations the SAE reads (tms: 20, compute: 48); `file`: read from the data")
+    d: int = Field(
+        256,
+        gt=0,
+        description="width of the activations the SAE reads (tms: 20, compute: 48); `file`, `activations`: read from the data "
+        "(a value given that differs is refused)",
+    )
     n_features: int = Field(512, gt=0, description="G, the number of true (input) features (tms: 80, compute: 64)")
     prob_decay: float = Field(0.99, gt=0, le=1, description="toy: feature i fires with probability proportional to prob_decay**i")
     mean_active: float = Field(5.0, gt=0, description="toy: expected number of active features per sample")

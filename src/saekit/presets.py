@@ -1,16 +1,23 @@
-"""Sweep presets for `saekit reproduce`: the grid is chosen from the data width d alone.
+"""Sweep presets for `saekit reproduce`: the grid is chosen from the width of the data actually given.
 
-The true feature count is unknown to a real user, so dictionary sizes run geometrically from d/2 up
-(to 8·d in `quick`) and the L1 values geometrically from the recommended default up; two init seeds are
-trained at the largest size for the seed-consensus count. `paper` is the report's full grid instead.
+The width d is read from the data (saekit.sources.data_shape: a file's header, an activations folder's
+manifest, a generated source's config), never from the config's defaults. The true feature count is unknown
+to a real user, so `quick`'s dictionary sizes run geometrically from d/2 to 8·d and its L1 values
+geometrically from the recommended default up; two init seeds are trained at the largest size for the
+seed-consensus count. `paper` is the report's full grid instead, sized from the true feature count G; where
+the data does not know G (a file without ground truth, activations) it assumes G = 2·d, the ratio of the
+report's toy data.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from saekit.config import Config, set_override
+from saekit.config import Config, SourceConfig, set_override
+
+if TYPE_CHECKING:
+    from saekit.sources.shape import DataShape
 
 PRESETS = ("quick", "paper", "lm")
 
@@ -24,6 +31,10 @@ QUICK_SAMPLES = 1_000_000
 QUICK_LR = 3e-3
 # The report's grid: alpha = 10^(k/4), k = -8..8; sizes G/4 .. 32 G by factors of 2.
 PAPER_L1 = [10 ** (k / 4) for k in range(-8, 9)]
+PAPER_SAMPLES = 3_000_000
+# G for grids when the data does not know it (a file without ground truth, activations): the toy data's ratio
+# of features to width, the source defaults' n_features / d (the report's 512 features in 256 dimensions: 2).
+TOY_FEATURES_PER_D = SourceConfig.model_fields["n_features"].default // SourceConfig.model_fields["d"].default
 
 
 # The lm preset (docs/guides/language-models.md): SmolLM2's middle residual stream, 2M tokens of stdlib text
@@ -107,28 +118,43 @@ def geometric_sizes(lo: float, hi: float) -> list[int]:
     return [max(1, int(round(lo * 2**i))) for i in range(n)]
 
 
-def preset_config(preset: str, overrides: list[str] = ()) -> Config:
-    """The Config of a preset after `key=value` overrides (source.* keys change the data; any key may be set)."""
-    from saekit.config import parse_config
+def grid_features(shape: DataShape) -> tuple[int, bool]:
+    """(G to size grids by, whether it was assumed): the data's own G, else TOY_FEATURES_PER_D * d."""
+    if shape.n_features is not None:
+        return shape.n_features, False
+    return TOY_FEATURES_PER_D * shape.d, True
 
-    if preset not in PRESETS:
-        from saekit.errors import InputError
 
-        raise InputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    data = overrides_dict(overrides)
-    source = parse_config({"source": data.get("source", {})}).source
-    d = source.d
+def preset_grid(preset: str, shape: DataShape) -> dict[str, dict[str, Any]]:
+    """The sae and train keys a sweep preset sets for data of this shape (before overrides)."""
     if preset == "quick":
-        grid = {
+        d = shape.d
+        return {
             "sae": {"dict_size": geometric_sizes(d / 2, QUICK_MAX_SIZE_PER_D * d), "l1": QUICK_L1},
             "train": {"samples": QUICK_SAMPLES, "lr": QUICK_LR, "seeds": [0, 1], "seeds_min_size": QUICK_MAX_SIZE_PER_D * d},
         }
-    else:
-        g = source.n_features
-        grid = {
-            "sae": {"dict_size": geometric_sizes(g / 4, 32 * g), "l1": PAPER_L1},
-            "train": {"samples": 3_000_000, "seeds": [0, 1], "seeds_min_size": 8 * g},
-        }
+    g, _ = grid_features(shape)
+    return {
+        "sae": {"dict_size": geometric_sizes(g / 4, 32 * g), "l1": PAPER_L1},
+        "train": {"samples": PAPER_SAMPLES, "seeds": [0, 1], "seeds_min_size": 8 * g},
+    }
+
+
+def preset_config(preset: str, overrides: list[str] = ()) -> Config:
+    """The Config of a sweep preset (quick, paper) after `key=value` overrides (source.* keys change the data; any
+    key may be set). The grid follows the data's width (`data_shape`); an explicit source.d that differs from a
+    file's or folder's width is refused (InputError)."""
+    from saekit.config import parse_config
+    from saekit.errors import InputError
+    from saekit.sources.shape import data_shape
+
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    if preset == "lm":
+        raise InputError("the lm preset extracts activations first: saekit.pipeline.reproduce_lm builds its config")
+    data = overrides_dict(overrides)
+    source = parse_config({"source": data.get("source", {})}).source
+    grid = preset_grid(preset, data_shape(source))
     merged = {
         "source": data.get("source", {}),
         "sae": {**grid["sae"], **data.get("sae", {})},
@@ -140,18 +166,36 @@ def preset_config(preset: str, overrides: list[str] = ()) -> Config:
 
 
 def describe(preset: str, cfg: Config) -> str:
-    """One paragraph for stderr before a preset starts: the grid and roughly how long it will take here."""
+    """One paragraph for stderr before a preset starts: the data the grid was sized from, the grid, and roughly
+    how long it will take here."""
     from saekit.config import expand_grid
+    from saekit.sources.shape import data_shape
 
+    shape = data_shape(cfg.source)
     specs = expand_grid(cfg)
     latent_samples = sum(s.dict_size for s in specs) * cfg.train.samples
     # 10 d FLOPs per latent per sample; ~150 GFLOP/s is what sweeps sustained on 2 CPU cores (quick: 24 SAEs in 6.5 min).
-    minutes = 10 * cfg.source.d * latent_samples / 150e9 / 60
+    minutes = 10 * shape.d * latent_samples / 150e9 / 60
     duration = "under a minute" if minutes < 1 else f"about {minutes:.0f} min" if minutes < 120 else f"about {minutes / 60:.1f} h"
     sizes = sorted({s.dict_size for s in specs})
     values = ", ".join(f"{a:.3g}" for a in sorted({s.sparsity for s in specs}))
     return (
         f"saekit reproduce --preset {preset}: {len(specs)} SAEs, sizes {sizes}, {cfg.sae.knob} values [{values}], "
         f"seeds {cfg.train.seeds} (both from size {cfg.train.seeds_min_size}), {cfg.train.samples:,} samples each; "
+        f"{_grid_basis(preset, shape)}; "
         f"training alone takes {duration} at 150 GFLOP/s (2 CPU cores; far less on a GPU)."
+    )
+
+
+def _grid_basis(preset: str, shape: DataShape) -> str:
+    """What the preset sized its grid from: the data's width, and for paper its true feature count G."""
+    basis = f"the grid follows the data's width d = {shape.d} (from the {shape.origin})"
+    if preset != "paper":
+        return basis
+    g, assumed = grid_features(shape)
+    if not assumed:
+        return f"{basis} and its {g} true features"
+    return (
+        f"{basis}; the data does not say how many true features it has, so the grid assumes G = {TOY_FEATURES_PER_D}·d = {g}, "
+        f"the ratio of the report's toy data (512 features in 256 dimensions)"
     )

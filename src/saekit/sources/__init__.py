@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 
 from saekit.config import SourceConfig
-from saekit.errors import InputError
 from saekit.sources.compute import ComputeSource
+from saekit.sources.shape import DataShape, check_given_width, data_shape
 from saekit.sources.streams import Stream
 from saekit.sources.tensor_file import TensorSource, load_tensor_file
 from saekit.sources.tms import TMSSource
@@ -64,22 +64,22 @@ def make_source(
         from saekit.sources.activations import ActivationSource  # reads shards; needs no language-model packages
 
         source = ActivationSource(**kwargs, device=device, shard=shard, norms=norms)
-        if "d" in cfg.model_fields_set and cfg.d != source.d:
-            raise InputError(f"source.d is {cfg.d} but {cfg.path} holds activations of width {source.d}")
+        check_given_width(cfg, source.d)
         return source
     data, truth = load_tensor_file(cfg.path)
-    if "d" in cfg.model_fields_set and cfg.d != data.shape[1]:
-        raise InputError(f"source.d is {cfg.d} but {cfg.path} has width {data.shape[1]}")
+    check_given_width(cfg, data.shape[1])
     return TensorSource(data, truth, seed=cfg.seed, device=device)
 
 
 __all__ = [
     "ComputeSource",
+    "DataShape",
     "Source",
     "Stream",
     "TMSSource",
     "TensorSource",
     "ToySource",
+    "data_shape",
     "load_tensor_file",
     "make_source",
     "stream_batches",
