@@ -161,7 +161,9 @@ def prefix_sizes(dict_size: int, fractions: Sequence[float]) -> list[int]:
         raise ValueError(f"prefix_fractions must increase strictly, got {fractions}")
     sizes = [math.floor(f * dict_size + 0.5) for f in fractions]
     if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
-        raise ValueError(f"prefix_fractions {fractions} of dict_size {dict_size} give prefix widths {sizes}, which must increase strictly from 1")
+        raise ValueError(
+            f"prefix_fractions {fractions} of dict_size {dict_size} give prefix widths {sizes}, which must increase strictly from 1"
+        )
     return sizes
 
 

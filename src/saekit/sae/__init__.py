@@ -13,4 +13,14 @@ from saekit.sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {name: spec.load() for name, spec in ARCH_SPECS.items()}
 
-__all__ = ["ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "ReluSAE", "SparseAutoencoder", "TopKSAE", "random_unit_rows"]
+__all__ = [
+    "ARCHITECTURES",
+    "BatchTopKSAE",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "MatryoshkaBatchTopKSAE",
+    "ReluSAE",
+    "SparseAutoencoder",
+    "TopKSAE",
+    "random_unit_rows",
+]

@@ -84,16 +84,20 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
 
     def prefix_reconstructions_flat(self, values: torch.Tensor, flat_indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
         """BatchTopK's kept entries, values and flat_indices (K, n) into the flattened (B, m) codes -> [x_hat_g
-        (K, B, d)] for every prefix g. Decoded sparsely (each group's entries; the others masked to 0) when
-        `batch_topk_path` says so for the whole dictionary, else densely one group's columns at a time."""
+        (K, B, d)] for every prefix g, at the cost of one decoding of the whole code.
+
+        Sparse path (as `batch_topk_path` says for the whole dictionary): one `sparse_decode_flat` over B*G rows,
+        row (b, g) holding sample b's entries of group g, then running sums over g. Dense path: the scattered
+        codes' columns of each group through its rows of W_dec."""
         K, _ = values.shape
-        m = self.dict_size
+        m, G = self.dict_size, len(self.prefix_sizes)
         if batch_topk_path(values.shape[1], batch_size, self.W_dec) == "dense":
             codes = values.new_zeros(K, batch_size * m).scatter_add(1, flat_indices, values)
             return self.prefix_reconstructions(codes.view(K, batch_size, m))
-        latent = flat_indices % m
-        parts = [sparse_decode_flat(values * ((latent >= a) & (latent < b)), flat_indices, self.W_dec, batch_size) for a, b in self._group_bounds()]
-        return self._with_bias(parts)
+        sample, latent = torch.div(flat_indices, m, rounding_mode="floor"), flat_indices % m
+        group = torch.bucketize(latent, torch.tensor(self.prefix_sizes, device=latent.device), right=True)  # (K, n) in 0..G-1
+        parts = sparse_decode_flat(values, (sample * G + group) * m + latent, self.W_dec, batch_size * G)  # (K, B*G, d)
+        return self._with_bias(list(parts.view(K, batch_size, G, -1).unbind(dim=2)))
 
     @staticmethod
     def prefix_losses(x: torch.Tensor, reconstructions: list[torch.Tensor]) -> torch.Tensor:
