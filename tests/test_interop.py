@@ -22,20 +22,27 @@ from safetensors.torch import load_file, save_file
 import saekit
 from saekit.errors import InputError
 from saekit.interop import detect_format, export_saelens, import_sae
-from saekit.interop.saelens import saelens_tensors
+from saekit.interop.saelens import saelens_metadata, saelens_tensors
 from saekit.io import load_sae, save_checkpoint
 from saekit.sae import ARCHITECTURES, ReluSAE
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
-KNOBS = {"relu": {"l1": [0.1]}, "topk": {"k": [3]}, "batchtopk": {"k": [3]}, "jumprelu": {"l0_coef": [0.01]}, "gated": {"l1": [0.2]}}
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
+KNOBS = {
+    "relu": {"l1": [0.1]},
+    "topk": {"k": [3]},
+    "batchtopk": {"k": [3]},
+    "jumprelu": {"l0_coef": [0.01]},
+    "gated": {"l1": [0.2]},
+    "matryoshka": {"k": [3], "prefix_fractions": [0.3, 0.6, 1.0]},  # prefixes of 3, 6 and 10 latents
+}
 D, M = 6, 10
 TOL = 1e-5
 
 
 def _random_sae(arch: str, seed: int = 0, decoder_bias: bool = True):
     """A saekit SAE (K=1, d=6, m=10) with every parameter random (N(0, 0.25)), unit decoder rows, JumpReLU thresholds
-    in [0.05, 0.3] and a BatchTopK threshold of 0.2, so codes are neither all zero nor all active."""
+    in [0.05, 0.3] and a BatchTopK (and Matryoshka) threshold of 0.2, so codes are neither all zero nor all active."""
     g = torch.Generator().manual_seed(seed)
     sae = ARCHITECTURES[arch](d=D, dict_size=M, seeds=[seed], decoder_bias=decoder_bias, **KNOBS[arch])
     with torch.no_grad():
@@ -43,7 +50,7 @@ def _random_sae(arch: str, seed: int = 0, decoder_bias: bool = True):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         if arch == "jumprelu":
             sae.log_threshold.copy_(torch.empty(1, M).uniform_(0.05, 0.3, generator=g).log())
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.2)
         sae.normalize_decoder()
     return sae
@@ -81,8 +88,10 @@ def test_export_then_load_matches_the_trained_sae_on_raw_activations(tmp_path: P
     assert (c_want != 0).any() and (c_want == 0).any()  # the case exercises both sides of every nonlinearity
     torch.testing.assert_close(c_got, c_want, atol=TOL, rtol=0)
     torch.testing.assert_close(r_got, sae.decode(c_want[None])[0] / scale, atol=TOL, rtol=0)
-    assert back.arch == arch  # batchtopk comes back as batchtopk through metadata['saekit'], not as jumprelu
+    assert back.arch == arch  # batchtopk and matryoshka come back as themselves through metadata['saekit'], not as jumprelu
     assert back.init_kwargs()["seeds"] == sae.init_kwargs()["seeds"]
+    if arch == "matryoshka":
+        assert back.prefix_sizes == [3, 6, 10] and back.init_kwargs()["prefix_fractions"] == [0.3, 0.6, 1.0]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -146,6 +155,14 @@ def test_exported_architectures_and_their_keys(tmp_path: Path) -> None:
     unset = _random_sae("batchtopk")
     unset.threshold.fill_(-1.0)  # not yet set: every positive activation fires, as with threshold 0
     assert torch.equal(saelens_tensors(unset)[1]["threshold"], torch.zeros(M))
+    # matryoshka likewise, with SAELens's metadata of a Matryoshka BatchTopK SAE saved for inference
+    assert names["matryoshka"][:2] == ("jumprelu", ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"])
+    assert torch.equal(saelens_tensors(_random_sae("matryoshka"))[1]["threshold"], torch.full((M,), 0.2))
+    assert saelens_metadata(_random_sae("matryoshka")) == {
+        "training_architecture": "matryoshka_batchtopk",
+        "training_architecture_details": {"k": 3, "rescale_acts_by_decoder_norm": False, "matryoshka_widths": [3, 6, 10]},
+    }
+    assert saelens_metadata(_random_sae("relu")) == {}
 
 
 def test_a_saekit_architecture_saelens_lacks_is_refused(tmp_path: Path) -> None:
@@ -302,6 +319,26 @@ def test_saelens_batchtopk_training_checkpoint_by_hand(tmp_path: Path) -> None:
     torch.testing.assert_close(c, torch.tensor([[0.0, 0.8]]))
 
 
+def test_saelens_matryoshka_training_checkpoint_by_hand(tmp_path: Path) -> None:
+    # A Matryoshka BatchTopK training checkpoint: widths [1, 2] (SAELens appends d_sae = 4), k 1, topk_threshold 0.5,
+    # rescale_acts_by_decoder_norm with decoder rows of norm 2: W_enc = W_dec / 2 = I (rows (2, 0), (0, 2), ... of W_dec),
+    # so SAELens's codes are ReLU(pre) * 2 = ReLU(x W_enc) * 2 kept above 0.5. x = (0.2, 0.6): pre (0.2, 0.6, 0, 0) ->
+    # rescaled (0.4, 1.2, 0, 0) -> codes (0, 1.2, 0, 0); decoded as codes / 2 through W_dec: 0.6 * (0, 2) = (0, 1.2).
+    w_dec = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    folder = _saelens_folder(
+        tmp_path / "sl",
+        {"architecture": "matryoshka_batchtopk", "d_in": 2, "d_sae": 4, "k": 1.0, "matryoshka_widths": [1, 2],
+         "rescale_acts_by_decoder_norm": True},
+        {"W_enc": torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]), "b_enc": torch.zeros(4), "W_dec": w_dec,
+         "b_dec": torch.zeros(2), "topk_threshold": torch.tensor(0.5, dtype=torch.float64)},
+    )  # fmt: skip
+    sae = saekit.load(folder)
+    assert sae.arch == "matryoshka" and sae.k_values == [1] and sae.prefix_sizes == [1, 2, 4]
+    c, r = _codes_and_recon(sae, torch.tensor([[0.2, 0.6]]))
+    torch.testing.assert_close(c, torch.tensor([[0.0, 1.2, 0.0, 0.0]]))
+    torch.testing.assert_close(r, torch.tensor([[0.0, 1.2]]))
+
+
 def test_saelens_scaling_factor_from_a_training_checkpoint_by_hand(tmp_path: Path) -> None:
     # normalize_activations expected_average_only_in with scaling factor 2: the weights act on 2x. W_enc = W_dec = I,
     # b_enc = (0, -1); raw x = (1, 1) -> 2x = (2, 2) -> pre (2, 1) -> codes (2, 1); recon in scaled units (2, 1),
@@ -324,7 +361,11 @@ GOOD_STANDARD = {"architecture": "standard", "d_in": 2, "d_sae": 2}
     ("cfg", "tensors", "message"),
     [
         ({**GOOD_STANDARD, "architecture": "transcoder"}, {}, "SAELens architecture 'transcoder' has no saekit counterpart"),
-        ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk"}, {}, "'matryoshka_batchtopk' has no saekit counterpart"),
+        ({**GOOD_STANDARD, "architecture": "abstopk"}, {}, "'abstopk' has no saekit counterpart"),
+        ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1, "matryoshka_widths": [2, 1]}, {},
+         r"matryoshka_widths must be increasing integers in 1..d_sae \(2\), got \[2, 1\]"),
+        ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1, "matryoshka_widths": [0.5]}, {}, "matryoshka_widths must be"),
+        ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1}, {}, "matryoshka_widths must be"),
         ({**GOOD_STANDARD, "normalize_activations": "layer_norm"}, {}, "normalize_activations 'layer_norm' has no saekit counterpart"),
         ({**GOOD_STANDARD, "d_in": "2"}, {}, "d_in must be a positive integer"),
         ({**GOOD_STANDARD, "d_in": 3}, {}, r"W_enc has shape \(2, 2\), cfg.json says \(3, 2\)"),
@@ -405,6 +446,15 @@ def _dl_state(dict_class: str, d: int, m: int, seed: int = 0) -> dict[str, torch
         },  # fmt: skip
         "AutoEncoderTopK": lambda: {**linear, "b_dec": r(d), "k": torch.tensor(2, dtype=torch.int), "threshold": torch.tensor(0.1)},
         "BatchTopKSAE": lambda: {**linear, "b_dec": r(d), "k": torch.tensor(2, dtype=torch.int), "threshold": torch.tensor(0.2)},
+        "MatryoshkaBatchTopKSAE": lambda: {
+            "W_enc": r(d, m),
+            "b_enc": r(m),
+            "W_dec": r(m, d),
+            "b_dec": r(d),
+            "k": torch.tensor(2, dtype=torch.int),
+            "threshold": torch.tensor(0.2),
+            "group_sizes": torch.tensor([m // 3, m // 3, m - 2 * (m // 3)]),  # m = 7: groups 2, 2, 3
+        },  # fmt: skip
     }[dict_class]()
 
 
@@ -421,6 +471,10 @@ def _dl_reference(dict_class: str, s: dict[str, torch.Tensor], x: torch.Tensor) 
         enc = (x - s["decoder_bias"]) @ s["encoder.weight"].T
         c = (enc + s["gate_bias"] > 0).float() * relu(s["r_mag"].exp() * enc + s["mag_bias"])
         return c, c @ s["decoder.weight"].T + s["decoder_bias"]
+    if dict_class == "MatryoshkaBatchTopKSAE":  # encode's default: use_threshold=True, every group active
+        acts = relu((x - s["b_dec"]) @ s["W_enc"] + s["b_enc"])
+        c = acts * (acts > s["threshold"])
+        return c, c @ s["W_dec"] + s["b_dec"]
     if dict_class == "JumpReluAutoEncoder":  # apply_b_dec_to_input is False in the class
         pre = x @ s["W_enc"] + s["b_enc"]
         c = relu(pre * (pre > s["threshold"]))
@@ -441,6 +495,7 @@ DL_CLASSES = {
     "JumpReluAutoEncoder": "jumprelu",
     "AutoEncoderTopK": "topk",
     "BatchTopKSAE": "batchtopk",
+    "MatryoshkaBatchTopKSAE": "matryoshka",
 }
 
 
@@ -513,8 +568,8 @@ def test_a_pickle_payload_in_ae_pt_is_refused_and_never_runs(tmp_path: Path) -> 
         (lambda f: (f / "config.json").unlink(), "config.json is missing"),
         (lambda f: (f / "config.json").write_text("[1, 2"), "malformed JSON"),
         (lambda f: (f / "config.json").write_text('{"buffer": {}}'), "with a 'trainer' object"),
-        (lambda f: (f / "config.json").write_text('{"trainer": {"dict_class": "MatryoshkaBatchTopKSAE"}}'),
-         "class 'MatryoshkaBatchTopKSAE' has no saekit counterpart"),
+        (lambda f: (f / "config.json").write_text('{"trainer": {"dict_class": "CrossCoder"}}'),
+         "class 'CrossCoder' has no saekit counterpart"),
         (lambda f: (f / "config.json").write_text('{"trainer": {"dict_class": "AutoEncoder", "dict_size": 4}}'),
          "config.json says 4"),
         (lambda f: torch.save({k: v for k, v in _dl_state("AutoEncoder", 2, 3).items() if k != "bias"}, f / "ae.pt"), "missing 'bias'"),
@@ -528,6 +583,23 @@ def test_bad_dictionary_learning_folders_are_refused_in_one_line(tmp_path: Path,
     with pytest.raises(InputError, match=message) as err:
         saekit.load(folder)
     assert "\n" not in str(err.value)
+
+
+def test_dictionary_learning_matryoshka_groups(tmp_path: Path) -> None:
+    # group sizes 2, 2, 3 of 7 latents: prefixes of 2, 4 and 7 (fractions 2/7, 4/7, 1)
+    state = _dl_state("MatryoshkaBatchTopKSAE", 5, 7)
+    sae = saekit.load(_dl_folder(tmp_path / "ok", "MatryoshkaBatchTopKSAE", state, {"group_sizes": [2, 2, 3], "k": 2}))
+    assert sae.prefix_sizes == [2, 4, 7] and sae.k_values == [2]
+    for name, groups, trainer, message in (
+        ("sum", torch.tensor([2, 2, 2]), {}, r"group_sizes \[2, 2, 2\] sum to 6, not dict_size 7"),
+        ("zero", torch.tensor([0, 7]), {}, "group_sizes must be positive integers"),
+        ("float", torch.tensor([2.0, 5.0]), {}, "group_sizes must be positive integers"),
+        ("config", torch.tensor([2, 2, 3]), {"group_sizes": [3, 4]}, r"but config.json says \[3, 4\]"),
+    ):
+        folder = _dl_folder(tmp_path / name, "MatryoshkaBatchTopKSAE", {**state, "group_sizes": groups}, trainer)
+        with pytest.raises(InputError, match=message) as err:
+            saekit.load(folder)
+        assert "\n" not in str(err.value)
 
 
 def test_dictionary_learning_k_must_agree(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ MATRYOSHKA = ArchSpec(
     **K_KNOB,
     sparsity_term="AuxK on dead latents, before × aux_coef",
     # k as batchtopk's. prefix_fractions: PLACEHOLDER
-    defaults={"k": 5, "prefix_fractions": (0.0625, 0.125, 0.25, 0.5, 1.0), **AUXK_DEFAULTS, "threshold_momentum": 0.01},
+    defaults={"k": 5, "prefix_fractions": (0.25, 0.5, 1.0), **AUXK_DEFAULTS, "threshold_momentum": 0.01},
     decoder_bias=True,
     description="BatchTopK whose loss sums the reconstruction errors of nested prefixes of the dictionary (Bussmann et al. 2025)",
     impl="saekit.sae.matryoshka:MatryoshkaBatchTopKSAE",
