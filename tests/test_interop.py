@@ -703,7 +703,14 @@ def test_saelens_loads_what_saekit_exports(tmp_path: Path, sae_lens, arch: str) 
     sae = _random_sae(arch, seed=5)
     out = export_saelens(_run(tmp_path / "run", sae, 2.5), tmp_path / "sl")
     theirs = sae_lens.SAE.load_from_disk(str(out))
-    expected_class = {"relu": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "jumprelu": "JumpReLUSAE", "gated": "GatedSAE"}
+    expected_class = {
+        "relu": "StandardSAE",
+        "topk": "TopKSAE",
+        "batchtopk": "JumpReLUSAE",
+        "jumprelu": "JumpReLUSAE",
+        "gated": "GatedSAE",
+        "matryoshka": "JumpReLUSAE",
+    }
     assert type(theirs).__name__ == expected_class[arch]
     x = _x(128)
     c_want = sae.encode(x * 2.5)[0]
@@ -778,6 +785,99 @@ def test_saekit_loads_saelens_training_topk_and_batchtopk(tmp_path: Path, sae_le
         c_got, r_got = _codes_and_recon(ours, x)
         torch.testing.assert_close(c_got, c_want, atol=TOL, rtol=0)
         torch.testing.assert_close(r_got, r_want, atol=TOL, rtol=0)
+
+
+def _saelens_matryoshka(sae_lens, seed: int, **cfg):
+    """SAELens's Matryoshka BatchTopK training SAE (d=6, m=10, widths 3, 6, 10, k=3), every parameter random."""
+    theirs = sae_lens.MatryoshkaBatchTopKTrainingSAE(
+        sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(d_in=D, d_sae=M, k=3, matryoshka_widths=[3, 6, 10], **cfg)
+    )
+    _randomise(theirs, seed=seed)
+    return theirs
+
+
+@pytest.mark.interop
+def test_saekit_loads_saelens_matryoshka(tmp_path: Path, sae_lens) -> None:
+    # Trained with rescale_acts_by_decoder_norm (SAELens's default), decoder rows of random norm; saved as a training
+    # checkpoint (architecture matryoshka_batchtopk, read as saekit matryoshka) and for inference (a JumpReLU).
+    theirs = _saelens_matryoshka(sae_lens, seed=10)
+    theirs.topk_threshold = torch.tensor(0.4, dtype=torch.float64)
+    theirs.save_model(str(tmp_path / "train"))
+    theirs.save_inference_model(str(tmp_path / "inference"))
+    inference = sae_lens.SAE.load_from_disk(str(tmp_path / "inference"))
+    assert inference.cfg.metadata.training_architecture == "matryoshka_batchtopk"
+    x = _x(128)
+    with torch.no_grad():
+        c_want = inference.encode(x)
+        r_want = inference.decode(c_want)
+    assert (c_want != 0).any() and (c_want == 0).any()
+    for name, arch in (("train", "matryoshka"), ("inference", "jumprelu")):
+        ours = saekit.load(tmp_path / name)
+        assert ours.arch == arch
+        c_got, r_got = _codes_and_recon(ours, x)
+        torch.testing.assert_close(c_got, c_want, atol=TOL, rtol=0)
+        torch.testing.assert_close(r_got, r_want, atol=TOL, rtol=0)
+    ours = saekit.load(tmp_path / "train")
+    assert ours.prefix_sizes == [3, 6, 10] and ours.k_values == [3]
+
+
+@pytest.mark.interop
+def test_prefix_losses_are_saelens_training_losses(tmp_path: Path, sae_lens) -> None:
+    """On one batch, SAELens's training forward pass and saekit's training loss agree: SAELens's inner_mse_loss_w
+    (summed over d, mean over the batch) is d times saekit's prefix loss (mean over both), its mse_loss d times the
+    last prefix's, and its loss (mse_loss plus every inner loss, no dead latent) d times saekit's summed reconstruction."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    theirs = _saelens_matryoshka(sae_lens, seed=11, rescale_acts_by_decoder_norm=False)
+    theirs.save_model(str(tmp_path / "sl"))
+    ours = saekit.load(tmp_path / "sl")
+    x = _x(64)
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+    with torch.no_grad():
+        out = theirs.training_forward_pass(step)
+        terms = ours.training_loss(x)
+    prefix = terms["prefix_losses"][0] * D
+    torch.testing.assert_close(out.losses["inner_mse_loss_3"], prefix[0], atol=TOL, rtol=1e-5)
+    torch.testing.assert_close(out.losses["inner_mse_loss_6"], prefix[1], atol=TOL, rtol=1e-5)
+    torch.testing.assert_close(out.losses["mse_loss"], prefix[2], atol=TOL, rtol=1e-5)
+    torch.testing.assert_close(out.loss, terms["reconstruction"][0] * D, atol=TOL, rtol=1e-5)
+    torch.testing.assert_close(out.feature_acts, terms["codes"][0], atol=TOL, rtol=0)  # the same k*B latents
+
+
+@pytest.mark.interop
+def test_saekit_loads_dictionary_learning_matryoshka(tmp_path: Path) -> None:
+    """Against dictionary_learning's own MatryoshkaBatchTopKSAE and trainer, where the package imports (it is not
+    a saekit dependency): saekit reads its ae.pt + config.json with the same codes and reconstructions, and its
+    l2_loss (each group's error summed over d, mean over the batch, weighted 1/G, then averaged over the G groups)
+    is saekit's summed prefix losses (means over batch and d) times d / G^2."""
+    module = pytest.importorskip("dictionary_learning.trainers.matryoshka_batch_top_k")
+    trainer = module.MatryoshkaBatchTopKTrainer(
+        steps=10, activation_dim=D, dict_size=M, k=2, layer=0, lm_name="none", group_fractions=[0.3, 0.3, 0.4], warmup_steps=1,
+        device="cpu",
+    )
+    ae = trainer.ae
+    _randomise(ae, seed=12)
+    with torch.no_grad():
+        ae.W_dec.div_(ae.W_dec.norm(dim=1, keepdim=True))
+        ae.threshold.fill_(0.2)
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    torch.save(ae.state_dict(), folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps({"trainer": trainer.config}))
+    ours = saekit.load(folder)
+    assert ours.arch == "matryoshka" and ours.prefix_sizes == [3, 6, 10] and ours.k_values == [2]
+    x = _x(64)
+    with torch.no_grad():
+        c_want = ae.encode(x)
+        r_want = ae.decode(c_want)
+    assert (c_want != 0).any() and (c_want == 0).any()
+    c_got, r_got = _codes_and_recon(ours, x)
+    torch.testing.assert_close(c_got, c_want, atol=TOL, rtol=0)
+    torch.testing.assert_close(r_got, r_want, atol=TOL, rtol=0)
+    with torch.no_grad():  # training moves saekit's threshold (dictionary_learning's only after threshold_start_step)
+        log = trainer.loss(x, step=0, logging=True)
+        terms = ours.training_loss(x)
+    assert log.losses["l2_loss"] == pytest.approx(terms["reconstruction"].item() * D / 3**2, rel=1e-5)
 
 
 # ---------------------------------------------------------------- an imported SAE in the dashboard
