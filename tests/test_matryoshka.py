@@ -213,8 +213,14 @@ def _first_prefix_fvu(sae, x: torch.Tensor, width: int) -> float:
 
 @pytest.fixture(scope="module")
 def trained_pair():
-    """A Matryoshka and a plain BatchTopK SAE trained alike on the same data (seed 0, 400k samples)."""
-    return {arch: _trained(arch, seed=0, samples=400_000) for arch in ("matryoshka", "batchtopk")}
+    """A Matryoshka and a plain BatchTopK SAE trained alike on the same data (seed 0, 400k samples), on one thread
+    (two threads on a busy 2-core machine made this ten times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {arch: _trained(arch, seed=0, samples=400_000) for arch in ("matryoshka", "batchtopk")}
+    finally:
+        torch.set_num_threads(before)
 
 
 # Measured when written (scratch runs of this setup, 400k samples): MMCS 0.927 / 0.921, recovered 0.72 / 0.72 (seeds 0, 1);
