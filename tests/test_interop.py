@@ -362,8 +362,11 @@ GOOD_STANDARD = {"architecture": "standard", "d_in": 2, "d_sae": 2}
     [
         ({**GOOD_STANDARD, "architecture": "transcoder"}, {}, "SAELens architecture 'transcoder' has no saekit counterpart"),
         ({**GOOD_STANDARD, "architecture": "abstopk"}, {}, "'abstopk' has no saekit counterpart"),
-        ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1, "matryoshka_widths": [2, 1]}, {},
-         r"matryoshka_widths must be increasing integers in 1..d_sae \(2\), got \[2, 1\]"),
+        (
+            {**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1, "matryoshka_widths": [2, 1]},
+            {},
+            r"matryoshka_widths must be increasing integers in 1..d_sae \(2\), got \[2, 1\]",
+        ),
         ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1, "matryoshka_widths": [0.5]}, {}, "matryoshka_widths must be"),
         ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1}, {}, "matryoshka_widths must be"),
         ({**GOOD_STANDARD, "normalize_activations": "layer_norm"}, {}, "normalize_activations 'layer_norm' has no saekit counterpart"),
@@ -852,7 +855,14 @@ def test_saekit_loads_dictionary_learning_matryoshka(tmp_path: Path) -> None:
     is saekit's summed prefix losses (means over batch and d) times d / G^2."""
     module = pytest.importorskip("dictionary_learning.trainers.matryoshka_batch_top_k")
     trainer = module.MatryoshkaBatchTopKTrainer(
-        steps=10, activation_dim=D, dict_size=M, k=2, layer=0, lm_name="none", group_fractions=[0.3, 0.3, 0.4], warmup_steps=1,
+        steps=10,
+        activation_dim=D,
+        dict_size=M,
+        k=2,
+        layer=0,
+        lm_name="none",
+        group_fractions=[0.3, 0.3, 0.4],
+        warmup_steps=1,
         device="cpu",
     )
     ae = trainer.ae
