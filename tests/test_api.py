@@ -155,7 +155,8 @@ def test_sources_and_architectures_are_importable_from_saekit():
 
     assert saekit.ToySource is sources.ToySource and saekit.TMSSource is sources.TMSSource
     assert saekit.ReluSAE is sae.ReluSAE and saekit.TopKSAE is sae.TopKSAE and saekit.GatedSAE is sae.GatedSAE
-    assert set(saekit.ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu", "gated"}
+    assert set(saekit.ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"}
+    assert saekit.MatryoshkaBatchTopKSAE is sae.MatryoshkaBatchTopKSAE
     for name in saekit.__all__:
         assert getattr(saekit, name) is not None, name
     with pytest.raises(AttributeError):

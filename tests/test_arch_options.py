@@ -2,12 +2,13 @@
 architectures refused, run ids of earlier versions kept, relu's free decoder, lr and L1 warm-up, and
 MMCS tracked over training."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from saekit.config import TrainConfig, expand_grid, load_config, parse_config
+from saekit.config import KNOWN_ARCHS, TrainConfig, expand_grid, load_config, parse_config
 from saekit.errors import InputError
 from saekit.metrics import first_reaching, mmcs, mmcs_members
 from saekit.sae import ReluSAE
@@ -39,7 +40,12 @@ def test_new_options_change_the_run_id():
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        ({"arch": "relu", "k": 4}, "sae.k applies to topk, batchtopk only"),
+        ({"arch": "relu", "k": 4}, "sae.k applies to topk, batchtopk, matryoshka only"),
+        ({"arch": "batchtopk", "prefix_fractions": [0.5, 1.0]}, "sae.prefix_fractions applies to matryoshka only"),
+        ({"arch": "matryoshka", "prefix_fractions": [0.5, 0.25, 1.0]}, "prefix_fractions must increase strictly"),
+        ({"arch": "matryoshka", "prefix_fractions": [0.25, 0.5]}, "prefix_fractions must be fractions in (0, 1] ending at 1"),
+        # 0.05 x 8 = 0.4 rounds to 0 latents; the check runs for every dict_size of the grid
+        ({"arch": "matryoshka", "dict_size": [64, 8], "prefix_fractions": [0.05, 1.0]}, "of dict_size 8 give prefix widths [0, 8]"),
         ({"arch": "relu", "l0_coef": 0.1}, "sae.l0_coef applies to jumprelu only"),
         ({"arch": "topk", "l1": 0.5}, "sae.l1 applies to relu, gated only"),
         ({"arch": "gated", "decoder_norm": "free"}, "sae.decoder_norm applies to relu only"),
@@ -49,7 +55,7 @@ def test_new_options_change_the_run_id():
     ],
 )
 def test_keys_that_do_not_apply_are_refused(sets, message):
-    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(InputError, match=re.escape(message)):
         parse_config({"sae": sets})
 
 
@@ -65,7 +71,7 @@ def test_each_architecture_sweeps_its_own_knob():
 
 def test_full_dump_of_a_config_reloads():
     """A run's stored config (model_dump, every key) validates again for every architecture."""
-    for arch in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
+    for arch in KNOWN_ARCHS:
         cfg = parse_config({"sae": {"arch": arch}})
         assert parse_config(cfg.model_dump()) == cfg
 

@@ -29,6 +29,8 @@ HYPER_ATTRIBUTES = (
     "l1_reduction",
     "decoder_norm",
     "unit_decoder",
+    "prefix_fractions",
+    "prefix_sizes",
 )
 
 

@@ -23,6 +23,7 @@ SMALL = [
 
 def test_knob_grid():
     assert knob_grid("topk", 8, 1024) == [8]
+    assert knob_grid("matryoshka", 5, 1024) == [5]  # k like topk and batchtopk
     assert knob_grid("relu", 8, 1024) == pytest.approx([DEFAULT_L1 * f for f in PENALTY_FACTORS])
     with pytest.raises(InputError, match="larger than dict_size"):
         knob_grid("batchtopk", 2000, 1024)

@@ -326,6 +326,8 @@ DATA_PARALLEL = {
     "batchtopk": {"arch": "batchtopk", "dict_size": 64, "k": [3, 2], "dead_after": 640},
     "jumprelu": {"arch": "jumprelu", "dict_size": 64, "l0_coef": [0.001]},
     "gated": {"arch": "gated", "dict_size": 64, "l1": [0.01]},
+    # the batch top k over every rank's rows, then each rank's prefix losses on its own rows
+    "matryoshka": {"arch": "matryoshka", "dict_size": 64, "k": [3, 2], "dead_after": 640},
 }
 
 

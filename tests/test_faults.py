@@ -575,7 +575,14 @@ def test_corrupt_checkpoint_is_refused_on_resume(sweeps: dict[str, Path], tmp_pa
 
 def _saekit_folder(folder: Path, arch: str = "relu") -> Path:
     """A one-SAE saekit checkpoint (d = 4, 6 latents) as `saekit import` and `saekit.load` read it."""
-    knob = {"relu": {"l1": [0.1]}, "topk": {"k": [2]}, "batchtopk": {"k": [2]}, "jumprelu": {"l0_coef": [0.01]}, "gated": {"l1": [0.1]}}
+    knob = {
+        "relu": {"l1": [0.1]},
+        "topk": {"k": [2]},
+        "batchtopk": {"k": [2]},
+        "jumprelu": {"l0_coef": [0.01]},
+        "gated": {"l1": [0.1]},
+        "matryoshka": {"k": [2]},
+    }
     sae = ARCHITECTURES[arch](d=4, dict_size=6, seeds=[0], **knob[arch])
     return save_checkpoint(folder, sae, samples=0, extra={"run_id": folder.name})
 
@@ -827,7 +834,7 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 @FUZZ
-@given(data=st.data(), arch=st.sampled_from(["relu", "topk", "jumprelu"]))
+@given(data=st.data(), arch=st.sampled_from(["relu", "topk", "jumprelu", "matryoshka"]))
 def test_saekit_cfg_json_with_random_values_loads_or_refuses(tmp_path: Path, data: st.DataObject, arch: str) -> None:
     folder = _saekit_folder(_fresh(tmp_path), arch)
     cfg = json.loads((folder / "cfg.json").read_text())

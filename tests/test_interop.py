@@ -22,20 +22,27 @@ from safetensors.torch import load_file, save_file
 import saekit
 from saekit.errors import InputError
 from saekit.interop import detect_format, export_saelens, import_sae
-from saekit.interop.saelens import saelens_tensors
+from saekit.interop.saelens import saelens_metadata, saelens_tensors
 from saekit.io import load_sae, save_checkpoint
 from saekit.sae import ARCHITECTURES, ReluSAE
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated")
-KNOBS = {"relu": {"l1": [0.1]}, "topk": {"k": [3]}, "batchtopk": {"k": [3]}, "jumprelu": {"l0_coef": [0.01]}, "gated": {"l1": [0.2]}}
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka")
+KNOBS = {
+    "relu": {"l1": [0.1]},
+    "topk": {"k": [3]},
+    "batchtopk": {"k": [3]},
+    "jumprelu": {"l0_coef": [0.01]},
+    "gated": {"l1": [0.2]},
+    "matryoshka": {"k": [3], "prefix_fractions": [0.3, 0.6, 1.0]},  # prefixes of 3, 6 and 10 latents
+}
 D, M = 6, 10
 TOL = 1e-5
 
 
 def _random_sae(arch: str, seed: int = 0, decoder_bias: bool = True):
     """A saekit SAE (K=1, d=6, m=10) with every parameter random (N(0, 0.25)), unit decoder rows, JumpReLU thresholds
-    in [0.05, 0.3] and a BatchTopK threshold of 0.2, so codes are neither all zero nor all active."""
+    in [0.05, 0.3] and a BatchTopK (and Matryoshka) threshold of 0.2, so codes are neither all zero nor all active."""
     g = torch.Generator().manual_seed(seed)
     sae = ARCHITECTURES[arch](d=D, dict_size=M, seeds=[seed], decoder_bias=decoder_bias, **KNOBS[arch])
     with torch.no_grad():
@@ -43,7 +50,7 @@ def _random_sae(arch: str, seed: int = 0, decoder_bias: bool = True):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         if arch == "jumprelu":
             sae.log_threshold.copy_(torch.empty(1, M).uniform_(0.05, 0.3, generator=g).log())
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.2)
         sae.normalize_decoder()
     return sae
@@ -81,8 +88,10 @@ def test_export_then_load_matches_the_trained_sae_on_raw_activations(tmp_path: P
     assert (c_want != 0).any() and (c_want == 0).any()  # the case exercises both sides of every nonlinearity
     torch.testing.assert_close(c_got, c_want, atol=TOL, rtol=0)
     torch.testing.assert_close(r_got, sae.decode(c_want[None])[0] / scale, atol=TOL, rtol=0)
-    assert back.arch == arch  # batchtopk comes back as batchtopk through metadata['saekit'], not as jumprelu
+    assert back.arch == arch  # batchtopk and matryoshka come back as themselves through metadata['saekit'], not as jumprelu
     assert back.init_kwargs()["seeds"] == sae.init_kwargs()["seeds"]
+    if arch == "matryoshka":
+        assert back.prefix_sizes == [3, 6, 10] and back.init_kwargs()["prefix_fractions"] == [0.3, 0.6, 1.0]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -146,6 +155,14 @@ def test_exported_architectures_and_their_keys(tmp_path: Path) -> None:
     unset = _random_sae("batchtopk")
     unset.threshold.fill_(-1.0)  # not yet set: every positive activation fires, as with threshold 0
     assert torch.equal(saelens_tensors(unset)[1]["threshold"], torch.zeros(M))
+    # matryoshka likewise, with SAELens's metadata of a Matryoshka BatchTopK SAE saved for inference
+    assert names["matryoshka"][:2] == ("jumprelu", ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"])
+    assert torch.equal(saelens_tensors(_random_sae("matryoshka"))[1]["threshold"], torch.full((M,), 0.2))
+    assert saelens_metadata(_random_sae("matryoshka")) == {
+        "training_architecture": "matryoshka_batchtopk",
+        "training_architecture_details": {"k": 3, "rescale_acts_by_decoder_norm": False, "matryoshka_widths": [3, 6, 10]},
+    }
+    assert saelens_metadata(_random_sae("relu")) == {}
 
 
 def test_a_saekit_architecture_saelens_lacks_is_refused(tmp_path: Path) -> None:
@@ -302,6 +319,26 @@ def test_saelens_batchtopk_training_checkpoint_by_hand(tmp_path: Path) -> None:
     torch.testing.assert_close(c, torch.tensor([[0.0, 0.8]]))
 
 
+def test_saelens_matryoshka_training_checkpoint_by_hand(tmp_path: Path) -> None:
+    # A Matryoshka BatchTopK training checkpoint: widths [1, 2] (SAELens appends d_sae = 4), k 1, topk_threshold 0.5,
+    # rescale_acts_by_decoder_norm with decoder rows of norm 2: W_enc = W_dec / 2 = I (rows (2, 0), (0, 2), ... of W_dec),
+    # so SAELens's codes are ReLU(pre) * 2 = ReLU(x W_enc) * 2 kept above 0.5. x = (0.2, 0.6): pre (0.2, 0.6, 0, 0) ->
+    # rescaled (0.4, 1.2, 0, 0) -> codes (0, 1.2, 0, 0); decoded as codes / 2 through W_dec: 0.6 * (0, 2) = (0, 1.2).
+    w_dec = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    folder = _saelens_folder(
+        tmp_path / "sl",
+        {"architecture": "matryoshka_batchtopk", "d_in": 2, "d_sae": 4, "k": 1.0, "matryoshka_widths": [1, 2],
+         "rescale_acts_by_decoder_norm": True},
+        {"W_enc": torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]), "b_enc": torch.zeros(4), "W_dec": w_dec,
+         "b_dec": torch.zeros(2), "topk_threshold": torch.tensor(0.5, dtype=torch.float64)},
+    )  # fmt: skip
+    sae = saekit.load(folder)
+    assert sae.arch == "matryoshka" and sae.k_values == [1] and sae.prefix_sizes == [1, 2, 4]
+    c, r = _codes_and_recon(sae, torch.tensor([[0.2, 0.6]]))
+    torch.testing.assert_close(c, torch.tensor([[0.0, 1.2, 0.0, 0.0]]))
+    torch.testing.assert_close(r, torch.tensor([[0.0, 1.2]]))
+
+
 def test_saelens_scaling_factor_from_a_training_checkpoint_by_hand(tmp_path: Path) -> None:
     # normalize_activations expected_average_only_in with scaling factor 2: the weights act on 2x. W_enc = W_dec = I,
     # b_enc = (0, -1); raw x = (1, 1) -> 2x = (2, 2) -> pre (2, 1) -> codes (2, 1); recon in scaled units (2, 1),
@@ -324,7 +361,14 @@ GOOD_STANDARD = {"architecture": "standard", "d_in": 2, "d_sae": 2}
     ("cfg", "tensors", "message"),
     [
         ({**GOOD_STANDARD, "architecture": "transcoder"}, {}, "SAELens architecture 'transcoder' has no saekit counterpart"),
-        ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk"}, {}, "'matryoshka_batchtopk' has no saekit counterpart"),
+        ({**GOOD_STANDARD, "architecture": "abstopk"}, {}, "'abstopk' has no saekit counterpart"),
+        (
+            {**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1, "matryoshka_widths": [2, 1]},
+            {},
+            r"matryoshka_widths must be increasing integers in 1..d_sae \(2\), got \[2, 1\]",
+        ),
+        ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1, "matryoshka_widths": [0.5]}, {}, "matryoshka_widths must be"),
+        ({**GOOD_STANDARD, "architecture": "matryoshka_batchtopk", "k": 1}, {}, "matryoshka_widths must be"),
         ({**GOOD_STANDARD, "normalize_activations": "layer_norm"}, {}, "normalize_activations 'layer_norm' has no saekit counterpart"),
         ({**GOOD_STANDARD, "d_in": "2"}, {}, "d_in must be a positive integer"),
         ({**GOOD_STANDARD, "d_in": 3}, {}, r"W_enc has shape \(2, 2\), cfg.json says \(3, 2\)"),
@@ -405,6 +449,15 @@ def _dl_state(dict_class: str, d: int, m: int, seed: int = 0) -> dict[str, torch
         },  # fmt: skip
         "AutoEncoderTopK": lambda: {**linear, "b_dec": r(d), "k": torch.tensor(2, dtype=torch.int), "threshold": torch.tensor(0.1)},
         "BatchTopKSAE": lambda: {**linear, "b_dec": r(d), "k": torch.tensor(2, dtype=torch.int), "threshold": torch.tensor(0.2)},
+        "MatryoshkaBatchTopKSAE": lambda: {
+            "W_enc": r(d, m),
+            "b_enc": r(m),
+            "W_dec": r(m, d),
+            "b_dec": r(d),
+            "k": torch.tensor(2, dtype=torch.int),
+            "threshold": torch.tensor(0.2),
+            "group_sizes": torch.tensor([m // 3, m // 3, m - 2 * (m // 3)]),  # m = 7: groups 2, 2, 3
+        },  # fmt: skip
     }[dict_class]()
 
 
@@ -421,6 +474,10 @@ def _dl_reference(dict_class: str, s: dict[str, torch.Tensor], x: torch.Tensor) 
         enc = (x - s["decoder_bias"]) @ s["encoder.weight"].T
         c = (enc + s["gate_bias"] > 0).float() * relu(s["r_mag"].exp() * enc + s["mag_bias"])
         return c, c @ s["decoder.weight"].T + s["decoder_bias"]
+    if dict_class == "MatryoshkaBatchTopKSAE":  # encode's default: use_threshold=True, every group active
+        acts = relu((x - s["b_dec"]) @ s["W_enc"] + s["b_enc"])
+        c = acts * (acts > s["threshold"])
+        return c, c @ s["W_dec"] + s["b_dec"]
     if dict_class == "JumpReluAutoEncoder":  # apply_b_dec_to_input is False in the class
         pre = x @ s["W_enc"] + s["b_enc"]
         c = relu(pre * (pre > s["threshold"]))
@@ -441,6 +498,7 @@ DL_CLASSES = {
     "JumpReluAutoEncoder": "jumprelu",
     "AutoEncoderTopK": "topk",
     "BatchTopKSAE": "batchtopk",
+    "MatryoshkaBatchTopKSAE": "matryoshka",
 }
 
 
@@ -513,8 +571,8 @@ def test_a_pickle_payload_in_ae_pt_is_refused_and_never_runs(tmp_path: Path) -> 
         (lambda f: (f / "config.json").unlink(), "config.json is missing"),
         (lambda f: (f / "config.json").write_text("[1, 2"), "malformed JSON"),
         (lambda f: (f / "config.json").write_text('{"buffer": {}}'), "with a 'trainer' object"),
-        (lambda f: (f / "config.json").write_text('{"trainer": {"dict_class": "MatryoshkaBatchTopKSAE"}}'),
-         "class 'MatryoshkaBatchTopKSAE' has no saekit counterpart"),
+        (lambda f: (f / "config.json").write_text('{"trainer": {"dict_class": "CrossCoder"}}'),
+         "class 'CrossCoder' has no saekit counterpart"),
         (lambda f: (f / "config.json").write_text('{"trainer": {"dict_class": "AutoEncoder", "dict_size": 4}}'),
          "config.json says 4"),
         (lambda f: torch.save({k: v for k, v in _dl_state("AutoEncoder", 2, 3).items() if k != "bias"}, f / "ae.pt"), "missing 'bias'"),
@@ -528,6 +586,23 @@ def test_bad_dictionary_learning_folders_are_refused_in_one_line(tmp_path: Path,
     with pytest.raises(InputError, match=message) as err:
         saekit.load(folder)
     assert "\n" not in str(err.value)
+
+
+def test_dictionary_learning_matryoshka_groups(tmp_path: Path) -> None:
+    # group sizes 2, 2, 3 of 7 latents: prefixes of 2, 4 and 7 (fractions 2/7, 4/7, 1)
+    state = _dl_state("MatryoshkaBatchTopKSAE", 5, 7)
+    sae = saekit.load(_dl_folder(tmp_path / "ok", "MatryoshkaBatchTopKSAE", state, {"group_sizes": [2, 2, 3], "k": 2}))
+    assert sae.prefix_sizes == [2, 4, 7] and sae.k_values == [2]
+    for name, groups, trainer, message in (
+        ("sum", torch.tensor([2, 2, 2]), {}, r"group_sizes \[2, 2, 2\] sum to 6, not dict_size 7"),
+        ("zero", torch.tensor([0, 7]), {}, "group_sizes must be positive integers"),
+        ("float", torch.tensor([2.0, 5.0]), {}, "group_sizes must be positive integers"),
+        ("config", torch.tensor([2, 2, 3]), {"group_sizes": [3, 4]}, r"but config.json says \[3, 4\]"),
+    ):
+        folder = _dl_folder(tmp_path / name, "MatryoshkaBatchTopKSAE", {**state, "group_sizes": groups}, trainer)
+        with pytest.raises(InputError, match=message) as err:
+            saekit.load(folder)
+        assert "\n" not in str(err.value)
 
 
 def test_dictionary_learning_k_must_agree(tmp_path: Path) -> None:
@@ -631,7 +706,14 @@ def test_saelens_loads_what_saekit_exports(tmp_path: Path, sae_lens, arch: str) 
     sae = _random_sae(arch, seed=5)
     out = export_saelens(_run(tmp_path / "run", sae, 2.5), tmp_path / "sl")
     theirs = sae_lens.SAE.load_from_disk(str(out))
-    expected_class = {"relu": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "jumprelu": "JumpReLUSAE", "gated": "GatedSAE"}
+    expected_class = {
+        "relu": "StandardSAE",
+        "topk": "TopKSAE",
+        "batchtopk": "JumpReLUSAE",
+        "jumprelu": "JumpReLUSAE",
+        "gated": "GatedSAE",
+        "matryoshka": "JumpReLUSAE",
+    }
     assert type(theirs).__name__ == expected_class[arch]
     x = _x(128)
     c_want = sae.encode(x * 2.5)[0]
@@ -706,6 +788,106 @@ def test_saekit_loads_saelens_training_topk_and_batchtopk(tmp_path: Path, sae_le
         c_got, r_got = _codes_and_recon(ours, x)
         torch.testing.assert_close(c_got, c_want, atol=TOL, rtol=0)
         torch.testing.assert_close(r_got, r_want, atol=TOL, rtol=0)
+
+
+def _saelens_matryoshka(sae_lens, seed: int, **cfg):
+    """SAELens's Matryoshka BatchTopK training SAE (d=6, m=10, widths 3, 6, 10, k=3), every parameter random."""
+    theirs = sae_lens.MatryoshkaBatchTopKTrainingSAE(
+        sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(d_in=D, d_sae=M, k=3, matryoshka_widths=[3, 6, 10], **cfg)
+    )
+    _randomise(theirs, seed=seed)
+    return theirs
+
+
+@pytest.mark.interop
+def test_saekit_loads_saelens_matryoshka(tmp_path: Path, sae_lens) -> None:
+    # Trained with rescale_acts_by_decoder_norm (SAELens's default), decoder rows of random norm; saved as a training
+    # checkpoint (architecture matryoshka_batchtopk, read as saekit matryoshka) and for inference (a JumpReLU).
+    theirs = _saelens_matryoshka(sae_lens, seed=10)
+    theirs.topk_threshold = torch.tensor(0.4, dtype=torch.float64)
+    theirs.save_model(str(tmp_path / "train"))
+    theirs.save_inference_model(str(tmp_path / "inference"))
+    inference = sae_lens.SAE.load_from_disk(str(tmp_path / "inference"))
+    assert inference.cfg.metadata.training_architecture == "matryoshka_batchtopk"
+    x = _x(128)
+    with torch.no_grad():
+        c_want = inference.encode(x)
+        r_want = inference.decode(c_want)
+    assert (c_want != 0).any() and (c_want == 0).any()
+    for name, arch in (("train", "matryoshka"), ("inference", "jumprelu")):
+        ours = saekit.load(tmp_path / name)
+        assert ours.arch == arch
+        c_got, r_got = _codes_and_recon(ours, x)
+        torch.testing.assert_close(c_got, c_want, atol=TOL, rtol=0)
+        torch.testing.assert_close(r_got, r_want, atol=TOL, rtol=0)
+    ours = saekit.load(tmp_path / "train")
+    assert ours.prefix_sizes == [3, 6, 10] and ours.k_values == [3]
+
+
+@pytest.mark.interop
+def test_prefix_losses_are_saelens_training_losses(tmp_path: Path, sae_lens) -> None:
+    """On one batch, SAELens's training forward pass and saekit's training loss agree: SAELens's inner_mse_loss_w
+    (summed over d, mean over the batch) is d times saekit's prefix loss (mean over both), its mse_loss d times the
+    last prefix's, and its loss (mse_loss plus every inner loss, no dead latent) d times saekit's summed reconstruction."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    theirs = _saelens_matryoshka(sae_lens, seed=11, rescale_acts_by_decoder_norm=False)
+    theirs.save_model(str(tmp_path / "sl"))
+    ours = saekit.load(tmp_path / "sl")
+    x = _x(64)
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+    with torch.no_grad():
+        out = theirs.training_forward_pass(step)
+        terms = ours.training_loss(x)
+    prefix = terms["prefix_losses"][0] * D
+    torch.testing.assert_close(out.losses["inner_mse_loss_3"], prefix[0], atol=TOL, rtol=1e-5)
+    torch.testing.assert_close(out.losses["inner_mse_loss_6"], prefix[1], atol=TOL, rtol=1e-5)
+    torch.testing.assert_close(out.losses["mse_loss"], prefix[2], atol=TOL, rtol=1e-5)
+    torch.testing.assert_close(out.loss, terms["reconstruction"][0] * D, atol=TOL, rtol=1e-5)
+    torch.testing.assert_close(out.feature_acts, terms["codes"][0], atol=TOL, rtol=0)  # the same k*B latents
+
+
+@pytest.mark.interop
+def test_saekit_loads_dictionary_learning_matryoshka(tmp_path: Path) -> None:
+    """Against dictionary_learning's own MatryoshkaBatchTopKSAE and trainer, where the package imports (it is not
+    a saekit dependency): saekit reads its ae.pt + config.json with the same codes and reconstructions, and its
+    l2_loss (each group's error summed over d, mean over the batch, weighted 1/G, then averaged over the G groups)
+    is saekit's summed prefix losses (means over batch and d) times d / G^2."""
+    module = pytest.importorskip("dictionary_learning.trainers.matryoshka_batch_top_k")
+    trainer = module.MatryoshkaBatchTopKTrainer(
+        steps=10,
+        activation_dim=D,
+        dict_size=M,
+        k=2,
+        layer=0,
+        lm_name="none",
+        group_fractions=[0.3, 0.3, 0.4],
+        warmup_steps=1,
+        device="cpu",
+    )
+    ae = trainer.ae
+    _randomise(ae, seed=12)
+    with torch.no_grad():
+        ae.W_dec.div_(ae.W_dec.norm(dim=1, keepdim=True))
+        ae.threshold.fill_(0.2)
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    torch.save(ae.state_dict(), folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps({"trainer": trainer.config}))
+    ours = saekit.load(folder)
+    assert ours.arch == "matryoshka" and ours.prefix_sizes == [3, 6, 10] and ours.k_values == [2]
+    x = _x(64)
+    with torch.no_grad():
+        c_want = ae.encode(x)
+        r_want = ae.decode(c_want)
+    assert (c_want != 0).any() and (c_want == 0).any()
+    c_got, r_got = _codes_and_recon(ours, x)
+    torch.testing.assert_close(c_got, c_want, atol=TOL, rtol=0)
+    torch.testing.assert_close(r_got, r_want, atol=TOL, rtol=0)
+    with torch.no_grad():  # training moves saekit's threshold (dictionary_learning's only after threshold_start_step)
+        log = trainer.loss(x, step=0, logging=True)
+        terms = ours.training_loss(x)
+    assert log.losses["l2_loss"] == pytest.approx(terms["reconstruction"].item() * D / 3**2, rel=1e-5)
 
 
 # ---------------------------------------------------------------- an imported SAE in the dashboard

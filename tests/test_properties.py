@@ -149,7 +149,7 @@ def valid_configs(draw: st.DrawFn) -> dict:
         source["noise_std"] = draw(st.floats(min_value=0.0, max_value=2.0))
     else:
         source["sparsity"] = draw(st.floats(min_value=0.0, max_value=0.99))
-    arch = draw(st.sampled_from(["relu", "topk", "batchtopk", "jumprelu", "gated"]))
+    arch = draw(st.sampled_from(["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]))
     sizes = draw(st.one_of(SIZES, st.lists(SIZES, min_size=1, max_size=3)))
     sae: dict = {"arch": arch, "dict_size": sizes}
     smallest = min(sizes) if isinstance(sizes, list) else sizes
@@ -159,6 +159,8 @@ def valid_configs(draw: st.DrawFn) -> dict:
         sae["l0_coef"] = draw(st.lists(POSITIVE_FLOAT, min_size=1, max_size=3))
     else:
         sae["k"] = draw(st.one_of(st.integers(1, smallest), st.lists(st.integers(1, smallest), min_size=1, max_size=3)))
+    if arch == "matryoshka":
+        sae["prefix_fractions"] = [1.0]  # one prefix: valid for any dict_size
     train = {
         "batch_size": draw(SIZES),
         "lr": draw(POSITIVE_FLOAT),

@@ -66,6 +66,8 @@ def type_name(annotation: Any) -> str:
         return " | ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
         return " | ".join(type_name(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # a YAML list of any length
+        return f"list[{type_name(args[0])}]"
     if origin is not None:
         inner = ", ".join(type_name(a) for a in args)
         return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
@@ -89,6 +91,8 @@ def default_text(info: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
+    if isinstance(value, tuple):
+        return str(list(value))
     return str(value)
 
 

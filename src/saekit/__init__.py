@@ -45,6 +45,7 @@ _LAZY: dict[str, str] = {
     "ReluSAE": "saekit.sae",
     "TopKSAE": "saekit.sae",
     "BatchTopKSAE": "saekit.sae",
+    "MatryoshkaBatchTopKSAE": "saekit.sae",
     "JumpReLUSAE": "saekit.sae",
     "GatedSAE": "saekit.sae",
     "ARCHITECTURES": "saekit.sae",

@@ -1,6 +1,6 @@
 """`saekit compare`: every architecture on the same ground-truth data at a matched L0, in one table.
 
-TopK and BatchTopK take the target L0 as their k. The architectures with a penalty (relu, jumprelu,
+TopK, BatchTopK and Matryoshka take the target L0 as their k. The architectures with a penalty (relu, jumprelu,
 gated) cannot be told an L0, so each trains a small grid of coefficients around its default as one
 ensemble, and the member whose L0 is nearest the target (in log ratio) stands for it; the JSON keeps
 the whole grid. Every architecture sees the same data stream (same source config and seed) and the

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from saekit.archspec import ARCH_SPECS
+from saekit.archspec import ARCH_SPECS, prefix_sizes
 from saekit.errors import InputError
 
 # Tables derived from the architecture specs (saekit.archspec).
@@ -186,7 +186,9 @@ def _arch_field(key: str, text: str, **constraints: Any) -> Any:
 
 
 def _default_text(value: Any) -> str:
-    """A default as YAML writes it: null, true, 20000, 3e-05."""
+    """A default as YAML writes it: null, true, 20000, 3e-05, [0.25, 0.5, 1]."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_default_text(v) for v in value) + "]"
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -233,6 +235,12 @@ class SAEConfig(_Section):
         "weight of each batch in the running mean of the smallest kept activation (the inference threshold)",
         gt=0,
         le=1,
+    )
+    prefix_fractions: tuple[float, ...] = _arch_field(
+        "prefix_fractions",
+        "the nested prefixes whose reconstruction errors the loss sums, as fractions of dict_size (increasing, "
+        "ending at 1; a prefix is round(fraction x dict_size) latents, so the same fractions serve every dict_size of a "
+        "grid); not a grid axis",
     )
     l0_coef: float | list[float] = _arch_field(
         "l0_coef", f"coefficient {ARCH_SPECS['jumprelu'].knob_symbol} of the L0 penalty (a list is a grid axis)"
@@ -286,6 +294,9 @@ class SAEConfig(_Section):
         for size in _as_list(self.k):
             if "k" in ARCH_KEYS[self.arch] and size > _smallest_size(self.dict_size):
                 raise ValueError(f"k ({size}) is larger than dict_size ({_smallest_size(self.dict_size)})")
+        if "prefix_fractions" in ARCH_KEYS[self.arch]:
+            for size in _as_list(self.dict_size):
+                prefix_sizes(size, self.prefix_fractions)  # ValueError when a dict_size cannot hold the prefixes
         return self
 
     @field_validator("dict_size", "k")

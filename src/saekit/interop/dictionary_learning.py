@@ -16,6 +16,10 @@ containers to unpickle is refused, and nothing in it runs. config.json names the
   AutoEncoderTopK      encoder.*, decoder.weight, b_dec, buffers k () and threshold ()
                        c = the top k of ReLU(enc(x - b_dec))                                -> topk
   BatchTopKSAE         as AutoEncoderTopK; c = a * (a > threshold), a = ReLU(enc(x - b_dec)) -> batchtopk
+  MatryoshkaBatchTopKSAE  W_enc (d, m), b_enc (m), W_dec (m, d), b_dec (d), buffers k (), threshold () and
+                       group_sizes (G) (the sizes of the nested groups, summing to m; config.json's trainer also
+                       holds group_fractions, group_weights and group_sizes); c = a * (a > threshold),
+                       a = ReLU((x - b_dec) W_enc + b_enc)                                   -> matryoshka
 
 When dictionary_learning normalises activations in training it rescales the biases before saving, so ae.pt
 acts on raw activations.
@@ -63,6 +67,15 @@ CLASSES: dict[str, tuple[str, dict[str, tuple[str, bool]], bool]] = {
         {**LINEAR_ENCODER, "b_dec": ("b_dec", False), "k": ("k", False), "threshold": ("threshold", False)},
         True,
     ),
+    "MatryoshkaBatchTopKSAE": (
+        "matryoshka",
+        {
+            **{n: (n, False) for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")},
+            "k": ("k", False),
+            "group_sizes": ("group_sizes", False),
+        },
+        True,
+    ),
 }
 
 
@@ -82,16 +95,20 @@ def read_dictionary_learning(folder: Path) -> ForeignSAE:
     unexpected = sorted(set(state) - set(names))
     if unexpected:
         raise InputError(f"{weights_path}: unexpected tensor {unexpected[0]!r} for a {dict_class}")
-    tensors, hyper = {}, {}
+    tensors, hyper, groups = {}, {}, None
     for theirs, (ours, transpose) in names.items():
         t = state[theirs]
         if ours == "k":
             hyper["k"] = [_k(t, trainer, weights_path)]
+        elif ours == "group_sizes":
+            groups = t
         elif ours:
             if transpose and t.ndim != 2:
                 raise InputError(f"{weights_path}: {theirs} must be 2-dimensional, got shape {tuple(t.shape)}")
             tensors[ours] = t.T if transpose else t
     _check_sizes(tensors, trainer, weights_path)
+    if groups is not None:
+        hyper["prefix_fractions"] = _prefix_fractions(groups, trainer, weights_path, tensors["W_enc"].shape[1])
     source = {
         "format": "dictionary_learning",
         "dict_class": dict_class,
@@ -139,6 +156,20 @@ def _k(stored: torch.Tensor, trainer: dict[str, Any], where: Path) -> int:
     if "k" in trainer and trainer["k"] != k:
         raise InputError(f"{where}: k = {k} but config.json says {trainer['k']!r}")
     return k
+
+
+def _prefix_fractions(stored: torch.Tensor, trainer: dict[str, Any], where: Path, m: int) -> list[float]:
+    """group_sizes (G) -> saekit's prefix_fractions: the running sums over m. The groups must be positive
+    integers summing to m; config.json's group_sizes, when given, must be the same."""
+    if stored.ndim != 1 or stored.numel() == 0 or stored.is_floating_point() or not bool((stored > 0).all()):
+        raise InputError(f"{where}: group_sizes must be positive integers, got a {stored.dtype} tensor {stored.tolist()}")
+    sizes = [int(v) for v in stored.tolist()]
+    if "group_sizes" in trainer and trainer["group_sizes"] != sizes:
+        raise InputError(f"{where}: group_sizes = {sizes} but config.json says {trainer['group_sizes']!r}")
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    if ends[-1] != m:
+        raise InputError(f"{where}: group_sizes {sizes} sum to {ends[-1]}, not dict_size {m}")
+    return [end / m for end in ends]
 
 
 def _check_sizes(tensors: dict[str, torch.Tensor], trainer: dict[str, Any], where: Path) -> None:

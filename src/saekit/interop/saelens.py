@@ -3,14 +3,17 @@
 Layout as SAELens 6 writes it (`SAE.save_model`, `TrainingSAE.save_inference_model`) and reads it
 (`SAE.load_from_disk`): tensors W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_dec (d_in), and per
 architecture b_enc (d_sae) (standard, topk, jumprelu), threshold (d_sae) (jumprelu), b_gate, r_mag,
-b_mag (d_sae) (gated), topk_threshold () (batchtopk training checkpoints). cfg.json holds d_in, d_sae,
-architecture, apply_b_dec_to_input (b_dec subtracted from the input before encoding), normalize_activations,
-dtype, metadata; topk adds k and rescale_acts_by_decoder_norm. Configs written before SAELens 6 lack
-`architecture` (standard, or topk through activation_fn = "topk").
+b_mag (d_sae) (gated), topk_threshold () (batchtopk and matryoshka_batchtopk training checkpoints). cfg.json
+holds d_in, d_sae, architecture, apply_b_dec_to_input (b_dec subtracted from the input before encoding),
+normalize_activations, dtype, metadata; topk adds k and rescale_acts_by_decoder_norm; matryoshka_batchtopk
+adds matryoshka_widths (the nested prefixes' widths, increasing; SAELens appends d_sae when the list does not
+end there). Configs written before SAELens 6 lack `architecture` (standard, or topk through activation_fn = "topk").
 
 Architectures: saekit relu <-> standard, topk <-> topk, jumprelu <-> jumprelu, gated <-> gated; saekit
-batchtopk is written as SAELens writes its own BatchTopK SAEs for inference, a jumprelu whose every
-latent has the batch threshold.
+batchtopk and matryoshka are written as SAELens writes its own BatchTopK and Matryoshka BatchTopK SAEs for
+inference, a jumprelu whose every latent has the batch threshold, with metadata training_architecture and
+training_architecture_details (matryoshka: matryoshka_widths and k); SAELens training checkpoints
+(batchtopk, matryoshka_batchtopk) are read as saekit batchtopk and matryoshka.
 """
 
 from __future__ import annotations
@@ -34,8 +37,25 @@ CFG_NAME, WEIGHTS_NAME, SPARSITY_NAME = "cfg.json", "sae_weights.safetensors", "
 SCALER_NAME = "activation_scaler.json"  # SAELens training checkpoints: the activation scaling factor
 # The cfg.json layout written here is SAELens 6's; SAELens reads configs without this version as pre-6 ones.
 LAYOUT_VERSION = "6.0.0"
-TO_SAEKIT = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated", "batchtopk": "batchtopk"}
-FROM_SAEKIT = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
+TO_SAEKIT = {
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "batchtopk": "batchtopk",
+    "matryoshka_batchtopk": "matryoshka",
+}
+FROM_SAEKIT = {
+    "relu": "standard",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "matryoshka": "jumprelu",
+}
+# saekit architectures SAELens writes as a jumprelu for inference, and the name of the SAELens training architecture
+# (metadata training_architecture) they come from.
+THRESHOLD_ARCHS = {"batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -62,12 +82,14 @@ def read_saelens(folder: Path) -> ForeignSAE:
     hyper: dict[str, Any] = {}
     if theirs == "jumprelu" and "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").float().exp()  # older SAELens JumpReLU checkpoints
-    if theirs == "batchtopk" and "topk_threshold" in tensors:
+    if theirs in ("batchtopk", "matryoshka_batchtopk") and "topk_threshold" in tensors:
         tensors["threshold"] = tensors.pop("topk_threshold").reshape(())
-    if theirs in ("topk", "batchtopk"):
+    if theirs in ("topk", "batchtopk", "matryoshka_batchtopk"):
         hyper["k"] = [_k(cfg, d_sae, cfg_path)]
         if cfg.get("rescale_acts_by_decoder_norm", False):
             tensors = _fold_decoder_norms(tensors)
+    if theirs == "matryoshka_batchtopk":
+        hyper["prefix_fractions"] = [w / d_sae for w in _matryoshka_widths(cfg, d_sae, cfg_path)]
     arch, hyper = _saekit_hints(cfg, arch, hyper, tensors)
     scale = _input_scale(cfg, folder, cfg_path)
     if scale != 1.0:
@@ -120,9 +142,25 @@ def _positive_int(cfg: dict[str, Any], key: str, where: Path) -> int:
 def _k(cfg: dict[str, Any], d_sae: int, where: Path) -> int:
     kwargs = cfg.get("activation_fn_kwargs")
     k = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)  # SAELens's BatchTopK configs declare k a float (a mean per sample): 40.0 is k = 40
     if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= d_sae:
         raise InputError(f"{where}: k must be an integer in 1..d_sae ({d_sae}), got {k!r}")
     return k
+
+
+def _matryoshka_widths(cfg: dict[str, Any], d_sae: int, where: Path) -> list[int]:
+    """matryoshka_widths: positive integers, increasing, at most d_sae; d_sae appended when the list does not end
+    there (as SAELens does)."""
+    widths = cfg.get("matryoshka_widths")
+    if (
+        not isinstance(widths, list)
+        or not widths
+        or any(not isinstance(w, int) or isinstance(w, bool) or not 0 < w <= d_sae for w in widths)
+        or any(b <= a for a, b in zip(widths, widths[1:]))
+    ):
+        raise InputError(f"{where}: matryoshka_widths must be increasing integers in 1..d_sae ({d_sae}), got {widths!r}")
+    return widths if widths[-1] == d_sae else [*widths, d_sae]
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -160,17 +198,18 @@ def _fold_decoder_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def _saekit_hints(cfg: dict[str, Any], arch: str, hyper: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
     """A folder written by `export_saelens` records the saekit SAE's init kwargs in metadata['saekit']: use them
-    (seeds, sparsity knob, training options), and read a jumprelu with one shared threshold back as batchtopk."""
+    (seeds, sparsity knob, training options), and read a jumprelu with one shared threshold back as batchtopk or
+    matryoshka."""
     hints = (cfg.get("metadata") or {}).get("saekit")  # metadata is an object (read_saelens checked)
     if not isinstance(hints, dict) or not isinstance(hints.get("init_kwargs"), dict):
         return arch, hyper
     wanted = hints.get("arch")
-    if wanted == "batchtopk" and arch == "jumprelu" and "threshold" in tensors and tensors["threshold"].numel() > 0:
+    if wanted in THRESHOLD_ARCHS and arch == "jumprelu" and "threshold" in tensors and tensors["threshold"].numel() > 0:
         threshold = tensors["threshold"].float()
         if not torch.all(threshold == threshold[0]):
             return arch, hyper
         tensors["threshold"] = threshold[0].reshape(())
-        arch = "batchtopk"
+        arch = wanted
     if wanted != arch:
         return arch, hyper
     kwargs = {k: v for k, v in hints["init_kwargs"].items() if k not in ("d", "dict_size")}
@@ -225,11 +264,22 @@ def saelens_tensors(sae: SparseAutoencoder) -> tuple[str, dict[str, torch.Tensor
         extra = {"k": int(sae.k_values[0]), "rescale_acts_by_decoder_norm": False}
     elif sae.arch == "jumprelu":
         out["threshold"] = state["log_threshold"].exp()
-    elif sae.arch == "batchtopk":
+    elif sae.arch in THRESHOLD_ARCHS:
         # saekit: a * (a > t), a = ReLU(pre); SAELens JumpReLU: ReLU(pre) * (pre > t). Equal for t >= 0; a
         # threshold not yet set (t < 0) keeps every positive activation, as t = 0 does.
         out["threshold"] = torch.full((m,), max(float(state["threshold"]), 0.0))
     return FROM_SAEKIT[sae.arch], out, extra
+
+
+def saelens_metadata(sae: SparseAutoencoder) -> dict[str, Any]:
+    """What SAELens records in cfg.json's metadata when it saves a training architecture for inference:
+    training_architecture and, for matryoshka, training_architecture_details with matryoshka_widths and k."""
+    if sae.arch not in THRESHOLD_ARCHS:
+        return {}
+    details = {"k": int(sae.k_values[0]), "rescale_acts_by_decoder_norm": False}
+    if sae.arch == "matryoshka":
+        details["matryoshka_widths"] = list(sae.prefix_sizes)
+    return {"training_architecture": THRESHOLD_ARCHS[sae.arch], "training_architecture_details": details}
 
 
 def write_saelens(
@@ -253,7 +303,7 @@ def write_saelens(
         "normalize_activations": "none",
         "reshape_activations": "none",
         **extra,
-        "metadata": {"sae_lens_version": LAYOUT_VERSION, "saekit_version": __version__, **(metadata or {})},
+        "metadata": {"sae_lens_version": LAYOUT_VERSION, "saekit_version": __version__, **saelens_metadata(sae), **(metadata or {})},
     }
     writes = {out_dir / WEIGHTS_NAME: lambda path: atomic_save_tensors(tensors, path)}
     if log_feature_density is not None:

@@ -25,6 +25,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "relu": ("W_enc", "b_enc", "W_dec"),
     "topk": ("W_enc", "b_enc", "W_dec"),
     "batchtopk": ("W_enc", "b_enc", "W_dec", "threshold"),
+    "matryoshka": ("W_enc", "b_enc", "W_dec", "threshold"),
     "jumprelu": ("W_enc", "b_enc", "W_dec", "threshold"),
     "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec"),
 }
@@ -36,8 +37,9 @@ SHAPES: dict[str, str] = {
     "b_gate": "m",
     "r_mag": "m",
     "b_mag": "m",
-    "threshold": "m",  # jumprelu: per latent; batchtopk: one value, stored as shape ()
+    "threshold": "m",  # jumprelu: per latent; batchtopk, matryoshka: one value, stored as shape ()
 }
+ONE_THRESHOLD = ("batchtopk", "matryoshka")  # architectures with one inference threshold for all latents
 # A JumpReLU threshold must be positive (saekit stores log theta). A foreign threshold <= 0 fires wherever the
 # pre-activation is positive (their codes pass through a ReLU), which this tiny positive threshold reproduces
 # up to codes smaller than itself.
@@ -50,7 +52,7 @@ class ForeignSAE:
     """An SAE read from another format, in saekit's layout, not yet checked.
 
     tensors: unbatched, saekit names: W_enc (d, m), b_enc (m), W_dec (m, d), b_dec (d) or absent;
-    jumprelu: threshold (m) (theta itself, not its log); batchtopk: threshold () (one value);
+    jumprelu: threshold (m) (theta itself, not its log); batchtopk, matryoshka: threshold () (one value);
     gated: b_gate, r_mag, b_mag (m) instead of b_enc.
     b_dec_on_input: whether the source subtracts b_dec from the input before encoding (saekit always does).
     hyper: saekit init kwargs known from the source (k, seeds, l1, ...); the rest get neutral values.
@@ -106,7 +108,7 @@ def _checked_tensors(foreign: ForeignSAE, where: str) -> dict[str, torch.Tensor]
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise InputError(f"{where}: {name} must hold floating-point numbers, got {t.dtype}")
-        expected = () if (name == "threshold" and foreign.arch == "batchtopk") else tuple(sizes[c] for c in SHAPES[name])
+        expected = () if (name == "threshold" and foreign.arch in ONE_THRESHOLD) else tuple(sizes[c] for c in SHAPES[name])
         if tuple(t.shape) != expected:
             raise InputError(f"{where}: {name} has shape {tuple(t.shape)}, expected {expected} (d={d}, m={m})")
         t = t.detach().to(device="cpu", dtype=torch.float32).clone()
@@ -158,7 +160,7 @@ def _saekit_tensors(arch: str, tensors: dict[str, torch.Tensor]) -> dict[str, to
     out = {k: v for k, v in tensors.items() if k != "threshold"}
     if arch == "jumprelu":
         out["log_threshold"] = tensors["threshold"].clamp_min(SMALLEST_THRESHOLD).log()
-    elif arch == "batchtopk":
+    elif arch in ONE_THRESHOLD:
         out["threshold"] = tensors["threshold"]
     if "b_dec" in out and not out["b_dec"].any():
         del out["b_dec"]  # a zero decoder bias is no decoder bias (built without one unless `hyper` asked)

@@ -193,9 +193,16 @@ def decode_batch_topk(values: Tensor, flat_indices: Tensor, W_dec: Tensor, batch
     """Decode BatchTopK's codes, values and flat_indices (K, n) into the flattened (B, m) codes, with W_dec
     (K, m, d) -> (K, B, d), with `sparse_decode_flat` or `dense_decode_flat` as `prefers_sparse` says for the
     mean number of entries per sample n/B (or as `decode_path` forces)."""
+    decode = sparse_decode_flat if batch_topk_path(values.shape[1], batch_size, W_dec) == "sparse" else dense_decode_flat
+    return decode(values, flat_indices, W_dec, batch_size)
+
+
+def batch_topk_path(n_entries: int, batch_size: int, W_dec: Tensor) -> str:
+    """'sparse' or 'dense': the path `decode_batch_topk` takes for n_entries kept entries of a batch of
+    batch_size rows with W_dec (K, m, d): `prefers_sparse` at the mean number of entries per row (rounded up),
+    unless `decode_path` forces one."""
     path = _FORCED_PATH.get()
     if path == "auto":
         _, m, d = W_dec.shape
-        path = "sparse" if prefers_sparse(-(-values.shape[1] // batch_size), m, d, W_dec.device) else "dense"
-    decode = sparse_decode_flat if path == "sparse" else dense_decode_flat
-    return decode(values, flat_indices, W_dec, batch_size)
+        path = "sparse" if prefers_sparse(-(-n_entries // batch_size), m, d, W_dec.device) else "dense"
+    return path
