@@ -18,6 +18,10 @@ from saekit.errors import InputError
 from saekit.metrics import DEAD_THRESHOLD, mmcs
 
 MATCH_THRESHOLD = 0.9  # cross-size: a dictionary "is contained" in a larger one when 90% of its live latents match
+# The count is trusted only where the two seeds learned nearly the same dictionary: the mean max cosine between
+# their live latents (seed agreement) at the counting point must reach this. Where seeds agree less, each learned
+# its own mixtures of features and the components both share under-count the features.
+MIN_AGREEMENT = 0.9
 L1_CONVENTION = (
     "; with the L1 averaged over latents (the report's convention) the per-latent penalty is L1/size, so the collapse "
     "point grows with size whatever the feature count: the report's 'clean power law' is this convention, not a count"
@@ -37,20 +41,15 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
         raise InputError(
             "estimate needs SAEs trained with two init seeds at the largest sizes (e.g. --set train.seeds=[0,1]); this sweep has none"
         )
-    # Trust only dictionaries with room for every feature they count (at least twice as many latents):
-    # smaller ones merge features and under-count. Among those, take the (size, knob value) whose seeds agree best.
-    roomy = [r for r in consensus if 2 * r["count"] <= r["dict_size"] and r["count"] > 0] or consensus
-    # The count is the median over that knob value and its neighbours in the grid, so one odd value cannot move it.
-    best = max(roomy, key=lambda r: (r["agreement"], r["dict_size"]))
-    top = best["dict_size"]
-    at_top = sorted((r for r in consensus if r["dict_size"] == top), key=lambda r: r["knob_value"])
-    grid = [r["knob_value"] for r in at_top]
-    near = [r["count"] for r in at_top if r["knob_value"] in _neighbours(grid, best["knob_value"])]
-    n_features = int(round(statistics.median(near)))
-    late = best.get("count_late")
+    best, near = _counting_point(consensus)
+    top, n_features, late = best["dict_size"], int(round(statistics.median(near))), best.get("count_late")
     settled = late is None or abs(late - best["count"]) <= tolerance * max(best["count"], 1)
-    stable = settled and all(abs(c - n_features) <= tolerance * n_features for c in near)
+    roomy_enough = 2 * best["count"] <= best["dict_size"]  # else the largest dictionaries had no room: a lower bound
+    agreed = best["agreement"] >= MIN_AGREEMENT
+    consistent = all(abs(c - n_features) <= tolerance * n_features for c in near)
+    stable = settled and agreed and roomy_enough and consistent
     low, high = min(near), max(near)
+    caveats = _caveats(best, settled, agreed, roomy_enough, consistent, sweep.spec.knob_name, tolerance)
 
     dict_size, value = recommend(sweep, n_features, top)
     knob = sweep.spec.knob_name  # "L1 coefficient α" for relu and gated sweeps, "k" for topk, ...
@@ -67,9 +66,14 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     signals += _report_signals(sweep, h, n_features, best["knob_value"], tolerance)
     agreeing = [s["name"] for s in signals[1:] if s["agrees"]]
     disagreeing = [s["name"] for s in signals[1:] if s["agrees"] is False]
+    trust = (
+        f"stable across neighbouring {knob} values, since 80% of training and between seeds (agreement {best['agreement']:.2f})"
+        if stable
+        else "NOT stable: " + "; ".join(caveats)
+    )
     summary = (
         f"About {n_features} features (range {low}-{high}), counted as the features two init seeds both learned "
-        f"at {top} latents; {'stable' if stable else 'NOT stable'} across neighbouring {knob} values and since 80% of training. "
+        f"at {top} latents; {trust}. "
         f"Agreeing: {', '.join(agreeing) or 'none'}. Not agreeing: {', '.join(disagreeing) or 'none'}. "
         f"Recommended SAE: {dict_size} latents at {knob} = {value:g}."
     )
@@ -82,9 +86,47 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
         sweep.knob: sweep.spec.knob_number(value),
         "knob": sweep.knob,
         "stable": stable,
+        "lower_bound": not roomy_enough,
+        "seed_agreement": best["agreement"],
+        "caveats": caveats,
         "signals": signals,
         "summary": summary,
     }
+
+
+def _counting_point(consensus: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
+    """The consensus row the count is read at, and the counts at its knob value and its neighbours in the grid.
+
+    Trust only dictionaries with room for every feature they count (at least twice as many latents): smaller ones
+    merge features and under-count. Among those, take the (size, knob value) whose seeds agree best. The count is
+    the median over that knob value and its neighbours, so one odd value cannot move it."""
+    roomy = [r for r in consensus if 2 * r["count"] <= r["dict_size"] and r["count"] > 0] or consensus
+    best = max(roomy, key=lambda r: (r["agreement"], r["dict_size"]))
+    at_top = sorted((r for r in consensus if r["dict_size"] == best["dict_size"]), key=lambda r: r["knob_value"])
+    grid = [r["knob_value"] for r in at_top]
+    return best, [r["count"] for r in at_top if r["knob_value"] in _neighbours(grid, best["knob_value"])]
+
+
+def _caveats(
+    best: dict[str, Any], settled: bool, agreed: bool, roomy_enough: bool, consistent: bool, knob: str, tolerance: float
+) -> list[str]:
+    """Why the count is not trusted, one clause each (empty when nothing speaks against it)."""
+    caveats = []
+    if not consistent:
+        caveats.append(f"neighbouring {knob} values give counts more than {tolerance:.0%} apart")
+    if not agreed:
+        caveats.append(
+            f"the two seeds agree poorly (seed agreement {best['agreement']:.2f} < {MIN_AGREEMENT}): each learned its own "
+            "mixtures of features, so the count is likely low"
+        )
+    if not roomy_enough:
+        caveats.append(
+            f"count is a lower bound: even the largest dictionary ({best['dict_size']} latents) had less than twice "
+            "the features it counts; train larger ones"
+        )
+    if not settled:
+        caveats.append(f"the count moved more than {tolerance:.0%} since 80% of training")
+    return caveats
 
 
 def recommend(sweep: Sweep, n_features: int, top: int) -> tuple[int, float]:
