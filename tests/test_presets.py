@@ -204,3 +204,18 @@ def test_reproduce_quick_on_a_file_trains_the_sizes_of_its_width(tmp_path: Path)
     runs = json.loads(r.stdout)["runs"]
     assert sorted({row["dict_size"] for row in runs}) == [6, 12, 24, 48, 96]  # d/2 .. 8 d with d = 12
     assert SourceConfig.model_fields["d"].default == 256  # the default the sizes must not come from
+
+
+def test_sweep_presets_give_data_that_may_have_an_offset_a_decoder_bias(tmp_path: Path) -> None:
+    # The in-house generators build data without an offset: the report's SAE (no decoder bias) stays. Files and
+    # other data may be centred, biased or neither, so the SAEs get a decoder bias from the data's geometric median.
+    for preset in ("quick", "paper"):
+        assert preset_config(preset).sae.decoder_bias is False
+        assert preset_config(preset, ["source.kind=tms"]).sae.decoder_bias is False
+    path = tmp_path / "a.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(50, 12)).astype(np.float32) + 3.0)
+    cfg = preset_config("quick", ["source.kind=file", f"source.path={path}"])
+    assert cfg.sae.decoder_bias is True and cfg.sae.decoder_bias_init == "geometric_median"
+    assert "decoder bias" in describe("quick", cfg)
+    # An explicit choice wins.
+    assert preset_config("quick", ["source.kind=file", f"source.path={path}", "sae.decoder_bias=false"]).sae.decoder_bias is False

@@ -29,6 +29,12 @@ QUICK_MAX_SIZE_PER_D = 8
 QUICK_L1 = [0.3, 0.6, 1.2, 2.4]
 QUICK_SAMPLES = 1_000_000
 QUICK_LR = 3e-3
+# Source kinds whose data is built without an offset (sums of non-negative codes times directions, no bias term).
+# For every other kind (files, language-model activations, synth models with a dictionary bias) the sweep presets
+# give the SAE a decoder bias started at the data's geometric median, so an offset in the data is not spent on latents:
+# a user need not know whether the data is centred, biased or neither.
+NO_OFFSET_KINDS = ("toy", "tms", "compute")
+OFFSET_SAE = {"decoder_bias": True, "decoder_bias_init": "geometric_median"}
 # The report's grid: alpha = 10^(k/4), k = -8..8; sizes G/4 .. 32 G by factors of 2.
 PAPER_L1 = [10 ** (k / 4) for k in range(-8, 9)]
 PAPER_SAMPLES = 3_000_000
@@ -54,7 +60,6 @@ LM_DEFAULTS: dict[str, Any] = {
 # value. Batch 256 (the report's): at batch 1024 the same samples gave FVU 0.33 at L0 74 (4x fewer Adam steps).
 LM_SIZES_PER_D = [1, 2, 4]
 LM_L1 = [4.0, 6.0, 8.0, 11.0]
-LM_SAE = {"decoder_bias": True, "decoder_bias_init": "geometric_median"}
 LM_SAMPLES = 1_000_000  # per SAE (about half an epoch of 2M tokens): 16 SAEs train in about half an hour on 2 CPU cores
 LM_TRAIN = {"batch_size": 256, "lr": 1e-3, "lr_decay": "linear", "matmul_precision": "medium"}
 
@@ -92,7 +97,7 @@ def lm_config(activations: str, d: int, train_rows: int, overrides: list[str] = 
     from saekit.config import parse_config
 
     data = overrides_dict(overrides)
-    sae = {"dict_size": [k * d for k in LM_SIZES_PER_D], "l1": LM_L1, **LM_SAE, **data.get("sae", {})}
+    sae = {"dict_size": [k * d for k in LM_SIZES_PER_D], "l1": LM_L1, **OFFSET_SAE, **data.get("sae", {})}
     largest = max(sae["dict_size"]) if isinstance(sae["dict_size"], list) and sae["dict_size"] else sae["dict_size"]
     merged = {
         "source": {"kind": "activations", "path": activations, "d": d, **data.get("source", {})},
@@ -155,9 +160,11 @@ def preset_config(preset: str, overrides: list[str] = ()) -> Config:
     data = overrides_dict(overrides)
     source = parse_config({"source": data.get("source", {})}).source
     grid = preset_grid(preset, data_shape(source))
+    wants_bias = source.kind not in NO_OFFSET_KINDS and data.get("sae", {}).get("decoder_bias") is not False
+    offset = OFFSET_SAE if wants_bias else {}
     merged = {
         "source": data.get("source", {}),
-        "sae": {**grid["sae"], **data.get("sae", {})},
+        "sae": {**grid["sae"], **offset, **data.get("sae", {})},
         "train": {**grid["train"], **data.get("train", {})},
     }
     extra = set(data) - {"source", "sae", "train"}
@@ -179,10 +186,11 @@ def describe(preset: str, cfg: Config) -> str:
     duration = "under a minute" if minutes < 1 else f"about {minutes:.0f} min" if minutes < 120 else f"about {minutes / 60:.1f} h"
     sizes = sorted({s.dict_size for s in specs})
     values = ", ".join(f"{a:.3g}" for a in sorted({s.sparsity for s in specs}))
+    bias = "the SAEs have a decoder bias started at the data's geometric median; " if cfg.sae.decoder_bias else ""
     return (
         f"saekit reproduce --preset {preset}: {len(specs)} SAEs, sizes {sizes}, {cfg.sae.knob} values [{values}], "
         f"seeds {cfg.train.seeds} (both from size {cfg.train.seeds_min_size}), {cfg.train.samples:,} samples each; "
-        f"{_grid_basis(preset, shape)}; "
+        f"{_grid_basis(preset, shape)}; {bias}"
         f"training alone takes {duration} at 150 GFLOP/s (2 CPU cores; far less on a GPU)."
     )
 
