@@ -350,7 +350,7 @@ def test_data_parallel_on_two_ranks_equals_one_process(tmp_path, arch):
 
 
 RANK_SCRIPT = """
-import gc, json, sys
+import gc, json, os, sys
 from pathlib import Path
 import torch
 from saekit.config import Config
@@ -362,7 +362,8 @@ cfg = Config.model_validate(json.loads(sys.argv[1]))
 rows, errors = run_config(cfg, sys.argv[2], progress=False, dist_env=distributed_env())
 gc.collect()
 workers = sum(Path(t, "comm").read_text().strip() == "pt_gloo_runloop" for t in Path("/proc/self/task").iterdir())
-print(json.dumps({"errors": errors, "gloo_workers_left": workers}))
+report = {"errors": errors, "gloo_workers_left": workers}
+Path(sys.argv[3], f"report{os.environ['RANK']}.json").write_text(json.dumps(report))
 """
 
 
@@ -376,9 +377,10 @@ def test_the_process_group_and_its_gloo_workers_are_gone_when_a_rank_returns(tmp
     data = {"source": SOURCE, "sae": DATA_PARALLEL["batchtopk"], "train": {**TRAIN, "samples": 64 * 10, "parallel": "data"}}
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    proc = run_torchrun([*TORCHRUN, str(script), json.dumps(data), str(tmp_path / "out")])
+    # Each rank writes its own report file: two ranks printing to one shared stdout can interleave their lines.
+    proc = run_torchrun([*TORCHRUN, str(script), json.dumps(data), str(tmp_path / "out"), str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads((tmp_path / f"report{rank}.json").read_text()) for rank in (0, 1)]
     assert reports == [{"errors": [], "gloo_workers_left": 0}] * 2
 
 
