@@ -82,7 +82,8 @@ class SourceConfig(_Section):
     d: int = Field(
         256,
         gt=0,
-        description="width of the activations the SAE reads (tms: 20, compute: 48, synth: 256); `file` and a synth folder: read from the data",
+        description="width of the activations the SAE reads (tms: 20, compute: 48, synth: 256); `file` and a synth folder: "
+        "read from the data",
     )
     n_features: int = Field(512, gt=0, description="G, the number of true (input) features (tms: 80, compute: 64, synth: 4096)")
     prob_decay: float = Field(0.99, gt=0, le=1, description="toy: feature i fires with probability proportional to prob_decay**i")
