@@ -197,7 +197,9 @@ def sample_entries(plan: SamplingPlan, B: int, g: torch.Generator) -> Entries:
     eps = None if plan.factor is None else torch.randn(B, plan.factor.shape[1], generator=g)
     rows, feats = _root_firing(plan, B, eps, g)
     values = _magnitudes(plan, feats, g)
-    keep = (values > 0) & _exclusive(plan, feats, rows, B, g)  # groups of parentless features: one per row
+    on = values > 0  # a value of 0 is off: it neither counts nor competes in a mutually exclusive group
+    rows, feats, values = rows[on], feats[on], values[on]
+    keep = _exclusive(plan, feats, rows, B, g)  # groups of parentless features: one winner per row
     rows, feats, values = rows[keep], feats[keep], values[keep]
     all_rows, all_feats, all_values = [rows], [feats], [values]
     total = rows.shape[0]
@@ -210,9 +212,11 @@ def sample_entries(plan: SamplingPlan, B: int, g: torch.Generator) -> Entries:
         fire = _child_firing(plan, child, child_rows, eps, g)
         child, parent_entry, child_rows = child[fire], parent_entry[fire], child_rows[fire]
         values = _magnitudes(plan, child, g)
+        on = values > 0
+        child, parent_entry, child_rows, values = child[on], parent_entry[on], child_rows[on], values[on]
         scaled = plan.rescale[child]
         values[scaled] *= flat_values[parent_entry[scaled]] / plan.mean[plan.parent[child[scaled]]]
-        keep = (values > 0) & _exclusive(plan, child, parent_entry, total, g)
+        keep = _exclusive(plan, child, parent_entry, total, g)
         all_rows.append(child_rows[keep])
         all_feats.append(child[keep])
         all_values.append(values[keep])
