@@ -113,18 +113,23 @@ def magnitudes(G: int, mean_first: float, mean_last: float, std: float, std_spre
     return mean.float(), stds.float()
 
 
-def orthogonalize(vectors: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+def orthogonalize(
+    vectors: torch.Tensor, steps: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+) -> torch.Tensor:
     """Adam on sum_{i != j} (f_i . f_j)^2 + G sum_i (|f_i|^2 - 1)^2, then unit rows: (G, d) -> (G, d).
 
     The gradient is 4 (F (F^T F) - |f_i|^2 f_i) + 4 G (|f_i|^2 - 1) f_i, computed through the (d, d) Gram
-    matrix F^T F (cost G d^2 a step, not G^2 d)."""
+    matrix F^T F (cost G d^2 a step, not G^2 d). Adam as torch.optim.Adam defines it (bias-corrected moments)."""
     G = vectors.shape[0]
-    F = (vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-8)).clone()
-    opt = torch.optim.Adam([F], lr=lr)
-    for _ in range(steps):
+    F = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    m, v = torch.zeros_like(F), torch.zeros_like(F)
+    for t in range(1, steps + 1):
         sq = (F * F).sum(dim=1, keepdim=True)
-        F.grad = 4 * (F @ (F.T @ F) - sq * F) + 4 * G * (sq - 1) * F
-        opt.step()
+        grad = 4 * (F @ (F.T @ F) - sq * F) + 4 * G * (sq - 1) * F
+        m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+        v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+        step = lr / (1 - betas[0] ** t)
+        F = F - step * m / ((v / (1 - betas[1] ** t)).sqrt() + eps)
     return F / F.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 

@@ -53,8 +53,8 @@ def _read_json(path: Path, limit: int) -> Any:
         raise InputError(f"{path}: larger than {limit >> 20} MB")
     try:
         return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
-    except InputError:
-        raise
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{path}: not valid JSON ({why})") from None
@@ -276,7 +276,11 @@ def read_saelens_folder(path: str | Path, fallback_seed: int = 0) -> SynthModel:
     folder = Path(path)
     if not folder.is_dir():
         raise InputError(f"synthetic model folder not found: {folder}")
-    cfg = parse_config(_read_json(folder / CONFIG_FILE, MAX_CONFIG_BYTES))
+    data = _read_json(folder / CONFIG_FILE, MAX_CONFIG_BYTES)
+    try:
+        cfg = parse_config(data)
+    except InputError as err:
+        raise InputError(f"{folder}: {err}") from None
     G, d, seed = cfg["G"], cfg["d"], cfg["seed"]
     tensors = read_weights(folder / WEIGHTS_FILE, G, d)
     if cfg["correlation"] and "correlation_factor" not in tensors:
@@ -292,8 +296,13 @@ def read_saelens_folder(path: str | Path, fallback_seed: int = 0) -> SynthModel:
     mean = magnitude_values(cfg["mean"], G, base + 2, "mean_firing_magnitudes").to(cfg["dtype"]).float()
     factor = tensors.get("correlation_factor")
     diag = tensors.get("correlation_diag")
-    return SynthModel(
-        vectors=tensors["feature_vectors"].float(), bias=tensors["bias"].float(), sampling_probs=tensors["firing_probabilities"].double(),
-        mean=mean, std=std, parent=forest.parent, rescale=forest.rescale, group=forest.group, exclusive=forest.exclusive,
-        factor=None if factor is None else factor.float(), diag=None if diag is None else diag.float(),
-    )
+    try:
+        return SynthModel(
+            vectors=tensors["feature_vectors"].float(),
+            bias=tensors["bias"].float(),
+            sampling_probs=tensors["firing_probabilities"].double(),
+            mean=mean, std=std, parent=forest.parent, rescale=forest.rescale, group=forest.group, exclusive=forest.exclusive,
+            factor=None if factor is None else factor.float(), diag=None if diag is None else diag.float(),
+        )
+    except InputError as err:
+        raise InputError(f"{folder}: {err}") from None

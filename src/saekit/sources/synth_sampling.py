@@ -23,7 +23,7 @@ import torch
 
 from saekit.sources.synth_model import SynthModel
 
-ROW_BLOCK = 256  # rows per thinning block of the copula (a smaller block gives a tighter bound, more blocks)
+BLOCK_ELEMENTS = 2**18  # (features x rows) per thinning block of the copula: at least 256 rows (tighter bounds), more for few features
 
 
 @dataclass
@@ -156,8 +156,9 @@ def _root_firing(plan: SamplingPlan, B: int, eps: torch.Tensor | None, g: torch.
         return rows, roots[which]
     factor, scale, threshold = plan.factor[roots], plan.scale[roots], plan.threshold[roots]
     out_rows, out_which = [], []
-    for first in range(0, B, ROW_BLOCK):
-        mix = factor @ eps[first : first + ROW_BLOCK].T  # (F0, b): f_i . e per row of the block
+    block = max(256, BLOCK_ELEMENTS // max(1, roots.numel()))
+    for first in range(0, B, block):
+        mix = factor @ eps[first : first + block].T  # (F0, b): f_i . e per row of the block
         bound = (threshold - mix.max(dim=1).values.double()) / scale  # eta_i must exceed this to fire in the block
         tail = torch.special.ndtr(-bound)
         which, pos = bernoulli_positions(tail, mix.shape[1], g, ordered=False)
