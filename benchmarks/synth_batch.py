@@ -4,7 +4,8 @@ Usage: python benchmarks/synth_batch.py [--threads 1] [--repeats 5] [--batch 409
 For G = 4096 features in d = 256 and G = 16,384 in d = 768 (SynthSAEBench-16k's shape), with the synth
 defaults otherwise (hierarchy, Zipfian firing, rank-25 correlation, magnitudes, bias): the median seconds of
 `SynthSource.batch`, of one saekit training step (ReluSAE with K = 1 and G latents, the trainer's Adam), and
-their ratio. Orthogonalisation is skipped (0 steps): it changes the directions, not the cost of sampling.
+the median and largest of their per-round ratios (each round times one of each, back to back).
+Orthogonalisation is skipped (0 steps): it changes the directions, not the cost of sampling.
 All figures come from one run on this machine.
 """
 
@@ -23,25 +24,27 @@ from saekit.train.loop import make_state, optimisation_step
 SHAPES = ((4096, 256), (16_384, 768))
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def measure(G: int, d: int, batch: int, repeats: int) -> dict:
+    """Medians over `repeats` rounds, each timing one synth batch then one training step back to back (so that the
+    load of a shared machine hits both alike); `ratio` is the median of the rounds' ratios."""
     source = SynthSource(d=d, n_features=G, hierarchy_roots=G // 128, orthogonalize_steps=0, seed=0)
-    steps = iter(range(10**9))
-    synth_s = median_seconds(lambda: source.batch(batch, next(steps)), repeats)
     sae = ReluSAE(d, G, [0], [0.3])
     opt = make_state(sae, TrainConfig()).optimizer
     x = source.batch(batch, 10**6)
-    step_s = median_seconds(lambda: optimisation_step(sae, opt, x), repeats)
-    return {"n_features": G, "d": d, "batch": batch, "synth_batch_s": synth_s, "train_step_s": step_s, "ratio": synth_s / step_s}
+    optimisation_step(sae, opt, x)  # warm-up
+    synth, step = [], []
+    for r in range(repeats):
+        synth.append(seconds(lambda step=r: source.batch(batch, step)))
+        step.append(seconds(lambda: optimisation_step(sae, opt, x)))
+    ratios = [s / t for s, t in zip(synth, step)]
+    return {"n_features": G, "d": d, "batch": batch, "synth_batch_s": statistics.median(synth),
+            "train_step_s": statistics.median(step), "ratio": statistics.median(ratios), "max_ratio": max(ratios)}
 
 
 if __name__ == "__main__":
@@ -59,4 +62,4 @@ if __name__ == "__main__":
         print(f"threads {args.threads}, repeats {args.repeats}, batch {args.batch}")
         for r in rows:
             print(f"G={r['n_features']:>6} d={r['d']:>4}  synth batch {r['synth_batch_s']:.4f} s  "
-                  f"train step {r['train_step_s']:.4f} s  ratio {r['ratio']:.3f}")
+                  f"train step {r['train_step_s']:.4f} s  ratio {r['ratio']:.3f} (largest {r['max_ratio']:.3f})")

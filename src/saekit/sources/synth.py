@@ -21,7 +21,7 @@ from saekit.sources.synth_build import build_model, directions
 from saekit.sources.synth_folder import read_saelens_folder
 from saekit.sources.synth_model import SynthModel
 from saekit.sources.synth_probs import realised_probabilities
-from saekit.sources.synth_sampling import Entries, SamplingPlan, decode, sample_entries
+from saekit.sources.synth_sampling import Entries, SamplingPlan, decode, one_thread, sample_entries
 
 
 class SynthSource:
@@ -44,10 +44,10 @@ class SynthSource:
       `exclusive_group` (G,) int64: the group id of each such child, -1 elsewhere;
     - `magnitude_mean`, `magnitude_std` (G,): a drawn feature's value is max(0, mean + std * N(0, 1)).
 
-    `batch(B, step, stream)` is a pure function of (seed, stream, step): sampling runs on the CPU from
-    seeded_generator(seed, stream, step), only the decode (an embedding bag over the active features) runs
-    on the device. Build from the config's keys (the arguments below), or from a SAELens folder with
-    `SynthSource.from_folder`.
+    `batch(B, step, stream)` is a pure function of (seed, stream, step): sampling runs on the CPU, on one
+    thread, from seeded_generator(seed, stream, step); the decode (an embedding bag over the active
+    features) runs on the device (on one thread too when that is the CPU). Build from the config's keys
+    (the arguments below), or from a SAELens folder with `SynthSource.from_folder`.
     """
 
     def __init__(
@@ -129,18 +129,26 @@ class SynthSource:
         """The active codes of a fresh batch (rows, features, values; on the CPU)."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        return sample_entries(self._plan, batch_size, generator)
+        with one_thread():
+            return sample_entries(self._plan, batch_size, generator)
+
+    def _decode(self, entries: Entries, batch_size: int) -> torch.Tensor:
+        """x (B, d) on the device; on the CPU on one thread, like sampling (an embedding bag of ~B * L0 rows)."""
+        if self.device.type != "cpu":
+            return decode(entries, batch_size, self._vectors, self.bias)
+        with one_thread():
+            return decode(entries, batch_size, self._vectors, self.bias)
 
     def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
         """Batch number `step` of stream `stream` (see `Stream`): (B, d) float32."""
         entries = self.sample_entries(batch_size, seeded_generator(self.seed, stream, step))
-        return decode(entries, batch_size, self._vectors, self.bias)
+        return self._decode(entries, batch_size)
 
     def batch_with_codes(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
         """The same x as `batch(batch_size, step, stream)` and its codes (B, G), 0 where a feature is off:
         x = codes @ (feature_norms[:, None] * ground_truth) + bias."""
         entries = self.sample_entries(batch_size, seeded_generator(self.seed, stream, step))
-        x = decode(entries, batch_size, self._vectors, self.bias)
+        x = self._decode(entries, batch_size)
         return x, entries.dense(batch_size, self.n_features).to(self.device)
 
     def describe(self) -> dict[str, float | int]:

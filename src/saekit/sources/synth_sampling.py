@@ -13,10 +13,17 @@ modifier): firing (copula or independent), magnitudes max(0, mean + std * N(0, 1
 by level: a child survives only where its parent's value is > 0 (times parent value / parent mean where
 rescaled), and among the surviving members of a mutually exclusive group one uniformly random winner
 stays. Every random number comes from one CPU generator in a fixed order.
+
+Sampling runs on one CPU thread (`one_thread`): its operations are many and small (about a hundred per batch,
+none above a few million elements), so a thread pool adds little, and on a machine busy with other work
+waiting for each pool's threads cost more than the work (a default-model batch of 4096 took 0.8-4.5 s with 2
+threads and 0.16 s with 1 on this project's shared 2-core machine, 2026-12-06).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +46,20 @@ class Entries:
         codes = torch.zeros(batch_size, n_features)
         codes[self.rows, self.feats] = self.values
         return codes
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch runs on one intra-op thread inside, as many as before after."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def bernoulli_positions(q: torch.Tensor, n: int, g: torch.Generator, ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
