@@ -22,6 +22,7 @@ threads and 0.16 s with 1 on this project's shared 2-core machine, 2026-12-06).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ import torch
 
 from saekit.sources.synth_model import SynthModel
 
-BLOCK_ELEMENTS = 2**18  # (features x rows) per thinning block of the copula: at least 256 rows (tighter bounds), more for few features
+ROW_BLOCK = 256  # rows per thinning block of the copula: smaller blocks give tighter bounds, more (feature, block) cells
+CHUNK_ELEMENTS = 2**22  # (features x rows) of f . e held at once
 
 
 @dataclass
@@ -69,26 +71,22 @@ def bernoulli_positions(q: torch.Tensor, n: int, g: torch.Generator, ordered: bo
     Gaps between successes are geometric: floor(log(U) / log(1 - q)) failures, U uniform on (0, 1]. Each
     feature draws mean + 2 sd + 2 gaps at first; the few whose draws all fall inside [0, n) draw again.
     """
-    F = q.shape[0]
-    start = torch.zeros(F, dtype=torch.long)
+    start = torch.zeros(q.shape[0], dtype=torch.float64)  # where each feature's sequence continues
     active = torch.nonzero(q > 0).flatten()
     out_which, out_pos = [], []
     while active.numel():
-        left = n - start[active]
-        qa = q[active]
-        budget = (qa * left + 2 * (qa * (1 - qa) * left).sqrt() + 2).ceil().long().clamp(max=left + 1)
-        which = torch.repeat_interleave(active, budget)
-        u = torch.rand(which.shape[0], dtype=torch.float64, generator=g)
-        gaps = torch.floor(torch.log1p(-u) / torch.log1p(-q[which])).clamp(max=n + 1).long()
-        ends = budget.cumsum(0)
-        firsts = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])
-        steps = (gaps + 1).cumsum(0)
-        before = torch.cat([torch.zeros(1, dtype=torch.long), steps])[firsts]
-        pos = steps - torch.repeat_interleave(before, budget) - 1 + torch.repeat_interleave(start[active], budget)
+        left, qa = n - start[active], q[active]
+        budget = (qa * left + 2 * (qa * (1 - qa) * left).sqrt() + 2).ceil().clamp(max=left + 1).long()
+        u = torch.rand(int(budget.sum()), dtype=torch.float64, generator=g)
+        # gaps + 1 between successes, summed within each feature's run (float64 holds these integers exactly)
+        steps = (torch.log1p(-u) / torch.repeat_interleave(torch.log1p(-qa), budget)).floor_().clamp_(max=n + 1).add_(1).cumsum(0)
+        ends = budget.cumsum(0) - 1
+        before = torch.cat([torch.zeros(1, dtype=torch.float64), steps[ends[:-1]]])  # steps before each run
+        pos = steps + torch.repeat_interleave(start[active] - 1 - before, budget)
         keep = pos < n
-        out_which.append(which[keep])
-        out_pos.append(pos[keep])
-        last = pos[ends - 1]
+        out_which.append(torch.repeat_interleave(active, budget)[keep])
+        out_pos.append(pos[keep].long())
+        last = pos[ends]
         unfinished = last < n  # every drawn success fell inside: the sequence continues after `last`
         start[active[unfinished]] = last[unfinished] + 1
         active = active[unfinished]
@@ -175,22 +173,39 @@ def _root_firing(plan: SamplingPlan, B: int, eps: torch.Tensor | None, g: torch.
     if eps is None:
         which, rows = bernoulli_positions(plan.p[roots], B, g)
         return rows, roots[which]
-    factor, scale, threshold = plan.factor[roots], plan.scale[roots], plan.threshold[roots]
+    F0 = roots.numel()
+    chunk = max(ROW_BLOCK, CHUNK_ELEMENTS // max(1, F0) // ROW_BLOCK * ROW_BLOCK)  # rows whose f . e are held at once
     out_rows, out_which = [], []
-    block = max(256, BLOCK_ELEMENTS // max(1, roots.numel()))
-    for first in range(0, B, block):
-        mix = factor @ eps[first : first + block].T  # (F0, b): f_i . e per row of the block
-        bound = (threshold - mix.max(dim=1).values.double()) / scale  # eta_i must exceed this to fire in the block
-        tail = torch.special.ndtr(-bound)
-        which, pos = bernoulli_positions(tail, mix.shape[1], g, ordered=False)
-        u = 1 - torch.rand(which.shape[0], dtype=torch.float64, generator=g)
-        eta = -torch.special.ndtri(u * tail[which])  # N(0, 1) conditioned on eta > bound
-        fire = scale[which] * eta + mix[which, pos].double() > threshold[which]
-        out_rows.append(pos[fire] + first)
-        out_which.append(which[fire])
+    for first in range(0, B, chunk):
+        rows, which = _thinned(plan, roots, eps[first : first + chunk], g)
+        out_rows.append(rows + first)
+        out_which.append(which)
     rows, which = torch.cat(out_rows), torch.cat(out_which)
     order = _argsort(which * B + rows)
     return rows[order], roots[which[order]]
+
+
+def _thinned(plan: SamplingPlan, roots: torch.Tensor, eps: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copula firing of parentless features over the rows of eps (b, r): (rows, index into roots), unordered.
+
+    In each block of ROW_BLOCK rows, feature i can fire only where eta_i > (t_i - max over the block of f_i . e) / s_i;
+    those candidate rows are Bernoulli positions with that tail's probability, eta is drawn from the tail, and
+    s_i eta + f_i . e > t_i decides."""
+    factor, scale, threshold = plan.factor[roots], plan.scale[roots], plan.threshold[roots]
+    F0, b = roots.numel(), eps.shape[0]
+    n_blocks = -(-b // ROW_BLOCK)
+    mix = factor @ eps.T  # (F0, b): f_i . e per row
+    padded = torch.nn.functional.pad(mix, (0, n_blocks * ROW_BLOCK - b), value=-math.inf)
+    top = padded.view(F0, n_blocks, ROW_BLOCK).amax(dim=2).double()  # (F0, n_blocks)
+    tail = torch.special.ndtr((top - threshold[:, None]) / scale[:, None]).view(-1)  # P(eta > bound) per (feature, block)
+    cell, pos = bernoulli_positions(tail, ROW_BLOCK, g, ordered=False)
+    which, rows = cell // n_blocks, cell % n_blocks * ROW_BLOCK + pos
+    inside = rows < b
+    cell, which, rows = cell[inside], which[inside], rows[inside]
+    u = 1 - torch.rand(cell.shape[0], dtype=torch.float64, generator=g)
+    eta = -torch.special.ndtri(u * tail[cell])  # N(0, 1) conditioned on eta > bound
+    fire = scale[which] * eta + mix[which, rows].double() > threshold[which]
+    return rows[fire], which[fire]
 
 
 def _child_pairs(
