@@ -38,6 +38,7 @@ _LAZY: dict[str, str] = {
     "TMSSource": "saekit.sources",
     "ComputeSource": "saekit.sources",
     "TensorSource": "saekit.sources",
+    "SynthSource": "saekit.sources",
     "ActivationSource": "saekit.sources.activations",
     "make_source": "saekit.sources",
     # architectures

@@ -46,34 +46,46 @@ class _Section(BaseModel):
 
 # Defaults that differ by source kind, applied when the key is not given. `tms`: 80 features in 20 dimensions;
 # `compute`: a small MLP computing |x| of 64 features through a 32-wide embedding with 48 hidden neurons
-# (docs/guides/toy-data.md).
+# (docs/guides/toy-data.md); `synth`: a CPU-sized SynthSAEBench, 4096 features in 256 dimensions (SynthSAEBench-16k
+# has 16,384 in 768; docs/guides/synth-data.md). A `synth` source read from a folder (source.path) takes its sizes
+# from the folder instead.
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "tms": {"d": 20, "n_features": 80, "sparsity": 0.97, "importance_decay": 0.97},
     "compute": {"d": 48, "n_features": 64, "embed_dim": 32, "sparsity": 0.97, "importance_decay": 1.0},
+    "synth": {"d": 256, "n_features": 4096},
 }
 TOY_ONLY_KEYS = ("prob_decay", "mean_active", "correlated", "magnitude_decay", "noise_std", "n_samples")
 MODEL_ONLY_KEYS = ("sparsity", "importance_decay", "model_steps")  # tms and compute
 ACTIVATIONS_ONLY_KEYS = ("buffer_size", "skip_positions", "max_norm_ratio", "normalize", "eval_fraction")
+SYNTH_ONLY_KEYS = (
+    "firing", "firing_max", "firing_min", "firing_exponent",
+    "hierarchy_roots", "hierarchy_branching", "hierarchy_depth", "exclusive_portion", "hierarchy_compensate", "hierarchy_scale_children",
+    "correlation_rank", "correlation_scale",
+    "magnitude_mean", "magnitude_mean_last", "magnitude_std", "magnitude_std_spread",
+    "bias_norm", "orthogonalize_steps", "orthogonalize_lr",
+)  # the generator's keys; with source.path the model comes from the folder and none of them may be given
 
 
 class SourceConfig(_Section):
     """Where activations come from. `toy` is the report's generator; `tms` and `compute` are small models
-    trained in-house whose hidden activations carry known features; `file` is a tensor on disk;
+    trained in-house whose hidden activations carry known features; `synth` is SynthSAEBench's generator
+    (hierarchy, correlation, Zipfian firing), or a model SAELens saved; `file` is a tensor on disk;
     `activations` a folder of a language model's activations written by `saekit activations`."""
 
-    kind: Literal["toy", "tms", "compute", "file", "activations"] = Field(
+    kind: Literal["toy", "tms", "compute", "synth", "file", "activations"] = Field(
         "toy",
         description="toy: the report's generator; tms: a Toy Models of Superposition autoencoder's hidden layer; "
-        "compute: an MLP computing |x| in superposition, its hidden layer; file: a tensor on disk; "
+        "compute: an MLP computing |x| in superposition, its hidden layer; synth: a SynthSAEBench-style synthetic model "
+        "(generated from the synth keys, or read from a SAELens folder in source.path); file: a tensor on disk; "
         "activations: a folder of activation shards written by `saekit activations`",
     )
     d: int = Field(
         256,
         gt=0,
-        description="width of the activations the SAE reads (tms: 20, compute: 48); `file`, `activations`: read from the data "
-        "(a value given that differs is refused)",
+        description="width of the activations the SAE reads (tms: 20, compute: 48, synth: 256); `file`, `activations` and a "
+        "synth folder: read from the data (a value given that differs is refused)",
     )
-    n_features: int = Field(512, gt=0, description="G, the number of true (input) features (tms: 80, compute: 64)")
+    n_features: int = Field(512, gt=0, description="G, the number of true (input) features (tms: 80, compute: 64, synth: 4096)")
     prob_decay: float = Field(0.99, gt=0, le=1, description="toy: feature i fires with probability proportional to prob_decay**i")
     mean_active: float = Field(5.0, gt=0, description="toy: expected number of active features per sample")
     correlated: bool = Field(False, description="toy: fire features through a Gaussian copula with a random correlation matrix")
@@ -85,6 +97,65 @@ class SourceConfig(_Section):
     )
     embed_dim: int = Field(32, gt=0, description="compute: width of the fixed random embedding the features enter through")
     model_steps: int = Field(10_000, gt=0, description="tms, compute: Adam steps (batch 1024) that train the model")
+    # synth: defaults are SynthSAEBench-16k's (SAELens docs, synth_sae_bench.md: "SynthSAEBench-16k" configuration),
+    # scaled to 4096 features where a number counts features (roots); the rest are per-feature or per-pair figures.
+    firing: Literal["zipfian", "linear", "random", "constant"] = Field(
+        "zipfian",
+        description="synth: firing probability over feature ranks 1..G: zipfian ~ rank^-firing_exponent mapped onto "
+        "[firing_min, firing_max]; linear from firing_max down to firing_min; random uniform in that range; constant firing_max",
+    )
+    firing_max: float = Field(0.4, gt=0, le=1, description="synth: probability of the most frequent feature (SynthSAEBench-16k: 0.4)")
+    firing_min: float = Field(5e-4, gt=0, le=1, description="synth: probability of the rarest feature (SynthSAEBench-16k: 5e-4)")
+    firing_exponent: float = Field(0.5, gt=0, description="synth: Zipf exponent of `zipfian` (SynthSAEBench-16k: 0.5)")
+    hierarchy_roots: int = Field(
+        32,
+        ge=0,
+        description="synth: trees in the feature forest; features 0..roots-1 are their roots, the next ones their descendants "
+        "breadth first; 0 = no hierarchy. SynthSAEBench-16k's 128 trees of 85 features hold 66% of its 16,384 features; "
+        "32 trees keep that share of 4096",
+    )
+    hierarchy_branching: int = Field(4, ge=2, description="synth: children of every node above the last level (SynthSAEBench-16k: 4)")
+    hierarchy_depth: int = Field(3, ge=1, description="synth: levels below the root (1 = a root with leaves; SynthSAEBench-16k: 3)")
+    exclusive_portion: float = Field(
+        1.0, ge=0, le=1, description="synth: fraction of parents whose children are mutually exclusive (SynthSAEBench-16k: all)"
+    )
+    hierarchy_compensate: bool = Field(
+        True,
+        description="synth: raise a child's probability by 1/p(parent) (and, among exclusive siblings, by 1 + their summed "
+        "p / p(parent)) so that it fires at about its own rate despite the gating (SynthSAEBench-16k: on)",
+    )
+    hierarchy_scale_children: bool = Field(
+        True, description="synth: multiply a child's value by its parent's value / the parent's mean magnitude (SynthSAEBench-16k: on)"
+    )
+    correlation_rank: int = Field(
+        25, ge=0, description="synth: rank of the Gaussian copula that correlates firing; 0 = independent features (SynthSAEBench-16k: 25)"
+    )
+    correlation_scale: float = Field(
+        0.1,
+        ge=0,
+        description="synth: std of the copula's factor entries; the latent correlation of two features is f_i . f_j, of typical size "
+        "scale^2 * sqrt(rank) (0.05 at the defaults). SynthSAEBench-16k: 0.1"
+    )
+    magnitude_mean: float = Field(5.0, gt=0, description="synth: mean value of feature 0 when it fires (SynthSAEBench-16k: 5)")
+    magnitude_mean_last: float = Field(
+        4.0, gt=0, description="synth: mean value of the last feature; linear in between (SynthSAEBench-16k: 4)"
+    )
+    magnitude_std: float = Field(
+        0.5, ge=0, description="synth: std of a firing feature's value; values below 0 are cut to 0 (off). SynthSAEBench-16k: 0.5"
+    )
+    magnitude_std_spread: float = Field(
+        0.5,
+        ge=0,
+        description="synth: each feature's std is drawn as |N(magnitude_std, spread^2)|; 0 = every feature has magnitude_std "
+        "(SynthSAEBench-16k: 0.5)",
+    )
+    bias_norm: float = Field(0.5, ge=0, description="synth: norm of a random bias added to every sample; 0 = none (SynthSAEBench-16k: 0.5)")
+    orthogonalize_steps: int = Field(
+        100,
+        ge=0,
+        description="synth: Adam steps pushing the feature directions apart; 0 = plain random directions (SynthSAEBench-16k: 100)",
+    )
+    orthogonalize_lr: float = Field(3e-4, gt=0, description="synth: learning rate of those steps (SynthSAEBench-16k: 3e-4)")
     seed: int = Field(0, ge=0, description="seeds the true features (or the model) and the data stream")
     n_samples: int | None = Field(
         None, gt=0, description="toy: fixed dataset of this many samples, cycled in shuffled epochs; null = fresh samples every step"
@@ -92,7 +163,8 @@ class SourceConfig(_Section):
     path: str | None = Field(
         None,
         description="`file`: a .safetensors (tensor 'activations', optional 'ground_truth') or .npy file of shape (N, d); "
-        "`activations`: the folder `saekit activations` wrote",
+        "`activations`: the folder `saekit activations` wrote; `synth`: a SAELens synthetic-model folder "
+        "(SyntheticModel.save), which then defines the model (no synth key may be given)",
     )
     buffer_size: int = Field(
         100_000, gt=0, description="activations: rows held in the shuffle buffer that batches are drawn from (memory: rows x d x 4 bytes)"
@@ -123,6 +195,7 @@ class SourceConfig(_Section):
             "toy": ("d", "n_features", *TOY_ONLY_KEYS),
             "tms": ("d", "n_features", *MODEL_ONLY_KEYS),
             "compute": ("d", "n_features", "embed_dim", *MODEL_ONLY_KEYS),
+            "synth": ("path",) if self.path is not None else ("d", "n_features", *SYNTH_ONLY_KEYS),
             "file": ("path",),
             "activations": ("path", *ACTIVATIONS_ONLY_KEYS),
         }[self.kind]
@@ -132,6 +205,8 @@ class SourceConfig(_Section):
     @classmethod
     def _kind_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("kind"), str) and data["kind"] in KIND_DEFAULTS:
+            if data["kind"] == "synth" and data.get("path") is not None:
+                return data  # the folder gives the sizes
             data = {**KIND_DEFAULTS[data["kind"]], **data}
         return data
 
@@ -154,13 +229,32 @@ class SourceConfig(_Section):
                 raise ValueError(f"source.{wrong[0]} applies to kind 'activations' only, not {self.kind!r}")
         if self.kind == "tms" and "embed_dim" in given:
             raise ValueError("source.embed_dim applies to kind 'compute' only")
+        self._check_synth(given)
         if self.kind == "toy" and self.mean_active > self.n_features:
             raise ValueError(f"mean_active ({self.mean_active}) is larger than n_features ({self.n_features})")
         if self.kind in ("file", "activations") and not self.path:
             raise ValueError(f"source.kind {self.kind!r} needs source.path")
-        if self.kind not in ("file", "activations") and self.path is not None:
-            raise ValueError(f"source.path applies to kinds 'file' and 'activations' only, not {self.kind!r}")
+        if self.kind not in ("file", "activations", "synth") and self.path is not None:
+            raise ValueError(f"source.path applies to kinds 'file', 'activations' and 'synth' only, not {self.kind!r}")
         return self
+
+    def _check_synth(self, given: set[str]) -> None:
+        """Synth keys only with kind synth and without a folder; probability ranges SAELens's generators accept."""
+        wrong = [k for k in SYNTH_ONLY_KEYS if k in given]
+        if self.kind != "synth":
+            if wrong:
+                raise ValueError(f"source.{wrong[0]} applies to kind 'synth' only, not {self.kind!r}")
+            return
+        if self.path is not None:
+            if wrong:
+                raise ValueError(f"source.{wrong[0]} cannot be given with source.path: the model comes from the folder")
+            if not self.path.strip():
+                raise ValueError("source.path is empty")
+            return
+        if self.firing in ("zipfian", "random") and not self.firing_min < self.firing_max:
+            raise ValueError(f"source.firing_min ({self.firing_min}) must be below source.firing_max ({self.firing_max}) for {self.firing}")
+        if self.firing == "linear" and self.firing_min > self.firing_max:
+            raise ValueError(f"source.firing_min ({self.firing_min}) must not exceed source.firing_max ({self.firing_max})")
 
 
 # What `sae.arch` sets when a key is not given, and the keys each architecture reads besides arch, dict_size,

@@ -15,9 +15,11 @@ from typing import Protocol
 import torch
 
 from saekit.config import SourceConfig
+from saekit.errors import InputError
 from saekit.sources.compute import ComputeSource
 from saekit.sources.shape import DataShape, check_given_width, data_shape
 from saekit.sources.streams import Stream
+from saekit.sources.synth import SynthSource
 from saekit.sources.tensor_file import TensorSource, load_tensor_file
 from saekit.sources.tms import TMSSource
 from saekit.sources.toy import ToySource
@@ -48,7 +50,8 @@ def make_source(
 ) -> Source:
     """Build the source a config describes (reads and checks files; raises InputError on bad data).
 
-    `tms` and `compute` train their model on first use and keep it in `cache_dir` (None: no cache).
+    `tms` and `compute` train their model on first use and keep it in `cache_dir` (None: no cache); so does `synth`
+    its orthogonalised feature directions.
     `activations` only: `shard` = (rank, world size) trains on the shard files i with i % world size == rank;
     `norms` = (norm_threshold, input_scale) measured elsewhere (another rank's `source.norms`) instead of here.
     """
@@ -60,6 +63,8 @@ def make_source(
         return ComputeSource(**kwargs, device=device, cache_dir=cache_dir)
     if cfg.kind == "toy":
         return ToySource(**kwargs, device=device)
+    if cfg.kind == "synth":
+        return _synth_source(cfg, device, cache_dir, kwargs)
     if cfg.kind == "activations":
         from saekit.sources.activations import ActivationSource  # reads shards; needs no language-model packages
 
@@ -71,11 +76,23 @@ def make_source(
     return TensorSource(data, truth, seed=cfg.seed, device=device)
 
 
+def _synth_source(cfg: SourceConfig, device: str | torch.device, cache_dir: str | Path | None, kwargs: dict) -> SynthSource:
+    """A generated synth model, or the SAELens folder in source.path (whose sizes must match d and n_features if given)."""
+    if cfg.path is None:
+        return SynthSource(**kwargs, device=device, cache_dir=cache_dir)
+    source = SynthSource.from_folder(cfg.path, seed=cfg.seed, device=device)
+    for key, value in (("d", source.d), ("n_features", source.n_features)):
+        if key in cfg.model_fields_set and getattr(cfg, key) != value:
+            raise InputError(f"source.{key} is {getattr(cfg, key)} but the synthetic model in {cfg.path} has {value}")
+    return source
+
+
 __all__ = [
     "ComputeSource",
     "DataShape",
     "Source",
     "Stream",
+    "SynthSource",
     "TMSSource",
     "TensorSource",
     "ToySource",
