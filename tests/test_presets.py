@@ -219,3 +219,19 @@ def test_sweep_presets_give_data_that_may_have_an_offset_a_decoder_bias(tmp_path
     assert "decoder bias" in describe("quick", cfg)
     # An explicit choice wins.
     assert preset_config("quick", ["source.kind=file", f"source.path={path}", "sae.decoder_bias=false"]).sae.decoder_bias is False
+
+
+def test_the_quick_l1_values_follow_the_datas_scale(tmp_path: Path) -> None:
+    # The L1 term grows with the data's scale and the MSE with its square: the same data times 10 needs L1 values
+    # 10 times larger. A file of the report's toy data has about the toy data's scale (factor near 1).
+    toy = make_source(SourceConfig(d=12, n_features=24)).batch(4096, 0)
+    for factor in (1.0, 10.0):
+        path = tmp_path / f"x{factor:g}.npy"
+        np.save(path, (toy * factor).numpy())
+        cfg = preset_config("quick", ["source.kind=file", f"source.path={path}"])
+        ratios = [a / b for a, b in zip(cfg.sae.l1, preset_config("quick").sae.l1)]
+        assert all(r == pytest.approx(ratios[0], rel=1e-2) for r in ratios)  # values rounded to 3 significant figures
+        assert ratios[0] == pytest.approx(factor, rel=0.15)
+        assert "L1 values follow it" in describe("quick", cfg)
+    # Given L1 values are kept as given.
+    assert preset_config("quick", ["source.kind=file", f"source.path={path}", "sae.l1=[0.5]"]).sae.l1 == [0.5]

@@ -35,6 +35,12 @@ QUICK_LR = 3e-3
 # a user need not know whether the data is centred, biased or neither.
 NO_OFFSET_KINDS = ("toy", "tms", "compute")
 OFFSET_SAE = {"decoder_bias": True, "decoder_bias_init": "geometric_median"}
+# QUICK_L1 was calibrated on those in-house sources, whose samples have an RMS norm about their mean near TOY_RMS
+# (the report's data: 5 active features on unit directions, E[c^2] = 1/3 each). The L1 term grows with the data's
+# scale and the MSE with its square, so for any other data the quick values are multiplied by the data's centred
+# RMS norm over TOY_RMS (SynthSAEBench-shaped data, with values near 5, is about 7 times the toy data's scale).
+TOY_RMS = math.sqrt(5.0 / 3.0)
+SCALE_SAMPLES = 8192
 # The report's grid: alpha = 10^(k/4), k = -8..8; sizes G/4 .. 32 G by factors of 2.
 PAPER_L1 = [10 ** (k / 4) for k in range(-8, 9)]
 PAPER_SAMPLES = 3_000_000
@@ -130,12 +136,24 @@ def grid_features(shape: DataShape) -> tuple[int, bool]:
     return TOY_FEATURES_PER_D * shape.d, True
 
 
-def preset_grid(preset: str, shape: DataShape) -> dict[str, dict[str, Any]]:
-    """The sae and train keys a sweep preset sets for data of this shape (before overrides)."""
+def data_scale(source: SourceConfig) -> float:
+    """The centred RMS norm of the data relative to the toy data's (1 for the in-house offset-free sources, whose
+    scale the presets were calibrated on): sqrt(mean ||x - mean(x)||^2) over SCALE_SAMPLES samples / TOY_RMS."""
+    if source.kind in NO_OFFSET_KINDS:
+        return 1.0
+    from saekit.sources import Stream, make_source
+
+    x = make_source(source).batch(SCALE_SAMPLES, 0, Stream.BIAS_INIT).double()
+    return float((x - x.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt()) / TOY_RMS
+
+
+def preset_grid(preset: str, shape: DataShape, scale: float = 1.0) -> dict[str, dict[str, Any]]:
+    """The sae and train keys a sweep preset sets for data of this shape and scale (`data_scale`), before overrides."""
     if preset == "quick":
         d = shape.d
+        l1 = QUICK_L1 if scale == 1.0 else [float(f"{a * scale:.3g}") for a in QUICK_L1]
         return {
-            "sae": {"dict_size": geometric_sizes(d / 2, QUICK_MAX_SIZE_PER_D * d), "l1": QUICK_L1},
+            "sae": {"dict_size": geometric_sizes(d / 2, QUICK_MAX_SIZE_PER_D * d), "l1": l1},
             "train": {"samples": QUICK_SAMPLES, "lr": QUICK_LR, "seeds": [0, 1], "seeds_min_size": QUICK_MAX_SIZE_PER_D * d},
         }
     g, _ = grid_features(shape)
@@ -159,7 +177,9 @@ def preset_config(preset: str, overrides: list[str] = ()) -> Config:
         raise InputError("the lm preset extracts activations first: saekit.pipeline.reproduce_lm builds its config")
     data = overrides_dict(overrides)
     source = parse_config({"source": data.get("source", {})}).source
-    grid = preset_grid(preset, data_shape(source))
+    shape = data_shape(source)
+    given_l1 = "l1" in data.get("sae", {}) or data.get("sae", {}).get("arch", "relu") != "relu"
+    grid = preset_grid(preset, shape, 1.0 if preset != "quick" or given_l1 else data_scale(source))
     wants_bias = source.kind not in NO_OFFSET_KINDS and data.get("sae", {}).get("decoder_bias") is not False
     offset = OFFSET_SAE if wants_bias else {}
     merged = {
@@ -187,6 +207,8 @@ def describe(preset: str, cfg: Config) -> str:
     sizes = sorted({s.dict_size for s in specs})
     values = ", ".join(f"{a:.3g}" for a in sorted({s.sparsity for s in specs}))
     bias = "the SAEs have a decoder bias started at the data's geometric median; " if cfg.sae.decoder_bias else ""
+    if preset == "quick" and cfg.source.kind not in NO_OFFSET_KINDS and cfg.sae.arch == "relu":
+        bias += f"the data's centred RMS norm is {data_scale(cfg.source):.2f} x the toy data's, and the L1 values follow it; "
     return (
         f"saekit reproduce --preset {preset}: {len(specs)} SAEs, sizes {sizes}, {cfg.sae.knob} values [{values}], "
         f"seeds {cfg.train.seeds} (both from size {cfg.train.seeds_min_size}), {cfg.train.samples:,} samples each; "
