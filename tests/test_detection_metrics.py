@@ -171,3 +171,15 @@ def test_column_counts_are_exact_also_in_chunks(monkeypatch):
     assert torch.equal(counting.column_counts(mask), want)
     monkeypatch.setattr(counting, "EXACT_ROWS", 8)  # 37 rows in chunks of 8, 8, 8, 8, 5
     assert torch.equal(counting.column_counts(mask), want)
+
+
+def test_detection_and_fire_counts_in_row_chunks_equal_one_chunk(monkeypatch):
+    from saekit.metrics import counting
+
+    whole = detection_scores(LATENTS, CODES, DICT_2D, TRUTH_2D)
+    codes = torch.stack([LATENTS, 0 * LATENTS])
+    monkeypatch.setattr(counting, "CHUNK_ELEMENTS", 4)  # width 3 + 2: one row per chunk
+    assert [(r.start, r.stop) for r in counting.row_chunks(4, 5)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert torch.equal(detection_scores(LATENTS, CODES, DICT_2D, TRUTH_2D).f1, whole.f1)
+    # latent fire counts: LATENTS fire 2, 1, 2 times; the all-zero member never
+    assert counting.fire_counts(codes).tolist() == [[2, 1, 2], [0, 0, 0]]

@@ -1,10 +1,21 @@
-"""Exact per-column counts of 0/1 masks, through a matrix product (a bool tensor's sum over rows is slow on CPU)."""
+"""Exact per-column counts of 0/1 masks through a matrix product (a bool tensor's sum over rows is slow on CPU),
+built a bounded number of rows at a time so that a mask never costs more than CHUNK_ELEMENTS floats."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
 EXACT_ROWS = 2**24  # float32 holds every integer up to 2^24: a sum of at most this many 0/1 values is exact
+CHUNK_ELEMENTS = 2**24  # masks are built for at most this many elements at once (64 MB of float32)
+
+
+def row_chunks(n_rows: int, row_width: int) -> Iterator[slice]:
+    """Slices covering rows 0..n_rows in chunks of at most CHUNK_ELEMENTS / row_width rows (at least one)."""
+    step = min(max(1, CHUNK_ELEMENTS // max(row_width, 1)), EXACT_ROWS)
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
 
 
 def column_counts(mask: torch.Tensor) -> torch.Tensor:
@@ -21,3 +32,12 @@ def column_counts(mask: torch.Tensor) -> torch.Tensor:
 def fired(codes: torch.Tensor) -> torch.Tensor:
     """Where codes (..., m) are non-zero, as float32 0/1 (a latent fires where its code is non-zero)."""
     return (codes != 0).to(torch.float32)
+
+
+def fire_counts(codes: torch.Tensor) -> torch.Tensor:
+    """codes (K, B, m) -> (K, m) int64: on how many rows each latent fires."""
+    K, B, m = codes.shape
+    counts = torch.zeros(K, m, dtype=torch.long, device=codes.device)
+    for rows in row_chunks(B, K * m):
+        counts += column_counts(fired(codes[:, rows]))
+    return counts

@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from saekit.errors import InputError
-from saekit.metrics.counting import column_counts, fired
+from saekit.metrics.counting import column_counts, fired, row_chunks
 from saekit.metrics.recovery import cosine_matrix
 
 
@@ -136,12 +136,14 @@ class DetectionCounts:
         if latents.ndim != 3 or latents.shape[0] != K or latents.shape[2] != m:
             raise InputError(f"latents must have shape ({K}, B, {m}), got {tuple(latents.shape)}")
         check_codes(codes, latents.shape[1], self.n_features)
-        fires = fired(latents)  # (K, B, m) 0/1
-        on = (codes > 0).to(torch.float32)  # (B, G) 0/1
-        on_best = on.index_select(1, self.best.reshape(-1)).reshape(on.shape[0], K, m).transpose(0, 1)  # (K, B, m)
-        self.fires += column_counts(fires)
-        self.true_positives += column_counts(fires.mul_(on_best))
-        self.feature_on += column_counts(on[None])[0]
+        best = self.best.reshape(-1)
+        for rows in row_chunks(codes.shape[0], K * m + self.n_features):
+            fires = fired(latents[:, rows])  # (K, b, m) 0/1
+            on = (codes[rows] > 0).to(torch.float32)  # (b, G) 0/1
+            on_best = on.index_select(1, best).reshape(on.shape[0], K, m).transpose(0, 1)  # (K, b, m)
+            self.fires += column_counts(fires)
+            self.true_positives += column_counts(fires.mul_(on_best))
+            self.feature_on += column_counts(on[None])[0]
         self.n += latents.shape[1]
 
     def scores(self) -> DetectionScores:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from saekit.metrics.counting import column_counts, fired
+from saekit.metrics.counting import fire_counts
 from saekit.metrics.reconstruction import MIN_SHRINKAGE_NORM
 
 
@@ -35,7 +35,7 @@ class WindowStats:
         xd = x.double()
         self.x_sum += xd.sum(dim=0)
         self.x_sq += xd.pow(2).sum()
-        counts = column_counts(fired(codes))  # (K, m)
+        counts = fire_counts(codes)  # (K, m)
         self.active += counts.sum(dim=1).double()
         self.abs_sum += codes.abs().double().sum(dim=(1, 2))
         self.fire_counts += counts
