@@ -11,6 +11,7 @@ import torch
 
 from saekit.errors import InputError
 from saekit.metrics.absorption import AbsorptionCounts, absorbed_fraction, latents_per_feature, split_count
+from saekit.metrics.counting import fire_counts
 from saekit.metrics.detection import DetectionCounts, best_features
 from saekit.metrics.truth_window import TruthWindow
 from saekit.sae import ReluSAE
@@ -79,6 +80,14 @@ def test_absorption_counts_streamed_equal_one_batch():
     assert counts.means() == [0.5]
 
 
+def test_absorption_in_small_chunks_equals_one_chunk(monkeypatch):
+    from saekit.metrics import counting
+
+    monkeypatch.setattr(counting, "CHUNK_ELEMENTS", 1)  # one (sample, child) pair at a time
+    sae = absorbing_sae()
+    assert absorbed_fraction(sae.encode(CODES)[0], CODES, PARENT, sae.directions()[0], EYE3).mean == 0.5
+
+
 @pytest.mark.parametrize(
     "parent, message",
     [(torch.tensor([-1, 0]), r"\(3,\)"), (torch.tensor([-1, 0, 3]), "outside"), (torch.tensor([-1, 1, 0]), "own parent"),
@@ -123,7 +132,7 @@ def test_latents_per_feature_counts():
     counts = DetectionCounts(best[None], 2)
     counts.update(SPLIT_LATENTS[None], SPLIT_CODES)
     # as in test_split_count_hand_computed: feature 0 <- latents 0, 1; feature 1 <- latent 2 (latent 3's precision 1/3)
-    assert latents_per_feature(best[None], cos[None], counts.scores().precision, 2).tolist() == [[2, 1]]
+    assert latents_per_feature(best[None], cos[None], counts.scores(fire_counts(SPLIT_LATENTS[None])).precision, 2).tolist() == [[2, 1]]
 
 
 # -- in the final evaluation ----------------------------------------------------------------------------------------
@@ -172,5 +181,5 @@ def test_truth_window_skips_a_member_with_nan_directions():
     directions = torch.stack([EYE3, torch.full((3, 3), float("nan"))])
     window = TruthWindow(directions, EYE3, PARENT)
     window.update(torch.stack([CODES, CODES]), CODES)
-    good, bad = window.rows()
+    good, bad = window.rows(fire_counts(torch.stack([CODES, CODES])))
     assert bad == {} and good["absorption"] == 0.0 and good["mcc"] == 1.0

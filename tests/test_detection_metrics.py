@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saekit.errors import InputError
+from saekit.metrics.counting import fire_counts
 from saekit.metrics.detection import (
     DetectionCounts,
     best_features,
@@ -120,8 +121,9 @@ def test_detection_counts_streamed_over_batches_equal_one_batch():
     counts.update(stacked[:, 3:], CODES[3:])
     whole = detection_scores(LATENTS, CODES, DICT_2D, TRUTH_2D)
     for k in range(2):
-        assert torch.equal(counts.scores().f1[k], whole.f1[0])
-        assert torch.equal(counts.scores().accuracy[k], whole.accuracy[0])
+        scores = counts.scores(fire_counts(stacked))
+        assert torch.equal(scores.f1[k], whole.f1[0])
+        assert torch.equal(scores.accuracy[k], whole.accuracy[0])
 
 
 def test_detection_counts_refuse_bad_shapes():
@@ -183,3 +185,15 @@ def test_detection_and_fire_counts_in_row_chunks_equal_one_chunk(monkeypatch):
     assert torch.equal(detection_scores(LATENTS, CODES, DICT_2D, TRUTH_2D).f1, whole.f1)
     # latent fire counts: LATENTS fire 2, 1, 2 times; the all-zero member never
     assert counting.fire_counts(codes).tolist() == [[2, 1, 2], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 100])
+def test_groups_list_every_item_of_each_queried_group(monkeypatch, chunk):
+    from saekit.metrics import counting
+
+    monkeypatch.setattr(counting, "CHUNK_ELEMENTS", chunk)
+    groups = counting.Groups(torch.tensor([2, 0, 2, 1, 2]), 3)  # group 0: item 1; group 1: item 3; group 2: items 0, 2, 4
+    pairs = [(int(q), int(i)) for pos, items in groups.members(torch.tensor([2, 1, 2, 0])) for q, i in zip(pos, items)]
+    # query 0 (group 2) -> 0, 2, 4; query 1 (group 1) -> 3; query 2 (group 2) -> 0, 2, 4; query 3 (group 0) -> 1
+    assert pairs == [(0, 0), (0, 2), (0, 4), (1, 3), (2, 0), (2, 2), (2, 4), (3, 1)]
+    assert list(groups.members(torch.tensor([], dtype=torch.long))) == []

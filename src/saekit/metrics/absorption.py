@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from saekit.errors import InputError
+from saekit.metrics.counting import Groups, fire_counts, one_cpu_thread
 from saekit.metrics.detection import DetectionCounts, best_features, check_codes, hungarian_matching
 
 SPLIT_COSINE = 0.9  # a latent represents a feature only with at least this cosine to it ...
@@ -50,7 +51,8 @@ class AbsorptionCounts:
     """Per parent feature, its firings and the absorbed ones (see the module docstring), for K stacked SAEs.
 
     parent: (G,) int64; latent_of: (K, G) int64, each feature's matched latent or -1.
-    update(latents (K, B, m), codes (B, G)); `fractions()` (K, P) and `means()` at the end.
+    update(latents (K, B, m), codes (B, G)) looks only at the samples where a parent is on, and at that parent's
+    children there; `fractions()` (K, P) and `means()` at the end.
     """
 
     def __init__(self, parent: torch.Tensor, latent_of: torch.Tensor) -> None:
@@ -60,8 +62,10 @@ class AbsorptionCounts:
         parent = parent.to(device)
         self.latent_of = latent_of
         self.parents = parent[parent >= 0].unique()  # (P,) sorted
+        self.slot = torch.full((n_features,), -1, dtype=torch.long, device=device)  # feature -> its index in parents
+        self.slot[self.parents] = torch.arange(len(self.parents), device=device)
         self.children = (parent >= 0).nonzero()[:, 0]  # (C,)
-        self.child_slot = torch.searchsorted(self.parents, parent[self.children])  # (C,) index into parents
+        self.by_parent = Groups(self.slot[parent[self.children]], len(self.parents))  # items: positions in children
         self.parent_on = torch.zeros(len(self.parents), dtype=torch.long, device=device)
         self.absorbed = torch.zeros(latent_of.shape[0], len(self.parents), dtype=torch.long, device=device)
 
@@ -71,16 +75,19 @@ class AbsorptionCounts:
         if latents.ndim != 3 or latents.shape[0] != K:
             raise InputError(f"latents must have shape ({K}, B, m), got {tuple(latents.shape)}")
         check_codes(codes, latents.shape[1], self.latent_of.shape[1])
-        on = codes[:, self.parents] > 0  # (B, P)
-        self.parent_on += on.sum(dim=0)
-        for k in range(K):
-            fired = latents[k] != 0  # (B, m)
-            parent_latent = self.latent_of[k, self.parents]
-            silent = ~fired[:, parent_latent.clamp(min=0)]  # (B, P); unmatched parents are dropped in fractions()
-            child_latent = self.latent_of[k, self.children]
-            child_fired = fired[:, child_latent.clamp(min=0)] & (child_latent >= 0)  # (B, C)
-            any_child = torch.zeros(on.shape, device=on.device).index_add_(1, self.child_slot, child_fired.float()) > 0
-            self.absorbed[k] += (on & silent & any_child).sum(dim=0)
+        with one_cpu_thread(codes.device):
+            rows, slots = (codes[:, self.parents] > 0).nonzero(as_tuple=True)  # (sample, parent) pairs with the parent on
+            P = len(self.parents)
+            self.parent_on += torch.bincount(slots, minlength=P)
+            for k in range(K):
+                own = self.latent_of[k, self.parents[slots]]  # unmatched parents (-1) are dropped in fractions()
+                silent = latents[k, rows, own.clamp(min=0)] == 0
+                child_fired = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+                for pair, item in self.by_parent.members(slots):
+                    child = self.latent_of[k, self.children[item]]
+                    fires = (child >= 0) & (latents[k, rows[pair], child.clamp(min=0)] != 0)
+                    child_fired += torch.bincount(pair[fires], minlength=len(rows))
+                self.absorbed[k] += torch.bincount(slots[silent & (child_fired > 0)], minlength=P)
 
     def fractions(self) -> torch.Tensor:
         """(K, P) float64: each parent's absorbed fraction, NaN for parents unmatched or never on."""
@@ -139,5 +146,5 @@ def split_count(latents: torch.Tensor, codes: torch.Tensor, dictionary: torch.Te
     best, cos = best_features(dictionary, truth)
     counts = DetectionCounts(best[None], truth.shape[0])
     counts.update(latents[None], codes)
-    per_feature = latents_per_feature(best[None], cos[None], counts.scores().precision, truth.shape[0])
+    per_feature = latents_per_feature(best[None], cos[None], counts.scores(fire_counts(latents[None])).precision, truth.shape[0])
     return int((per_feature >= 2).sum())

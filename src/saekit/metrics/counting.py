@@ -4,6 +4,7 @@ built a bounded number of rows at a time so that a mask never costs more than CH
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -29,6 +30,22 @@ def column_counts(mask: torch.Tensor) -> torch.Tensor:
     return counts
 
 
+@contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the enclosed tensor operations on one CPU thread (restored afterwards; nothing changes on other devices).
+    For the small, irregular gathers of the sparse counts: split across threads, they spend more time waiting
+    for each other than working, most of all on a busy machine."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def fired(codes: torch.Tensor) -> torch.Tensor:
     """Where codes (..., m) are non-zero, as float32 0/1 (a latent fires where its code is non-zero)."""
     return (codes != 0).to(torch.float32)
@@ -41,3 +58,31 @@ def fire_counts(codes: torch.Tensor) -> torch.Tensor:
     for rows in row_chunks(B, K * m):
         counts += column_counts(fired(codes[:, rows]))
     return counts
+
+
+class Groups:
+    """Items labelled with groups: labels (n,) int64 in [0, n_groups). `members(queries)` lists, for each queried
+    group label, every item in that group, without building a (queries, n) table."""
+
+    def __init__(self, labels: torch.Tensor, n_groups: int) -> None:
+        self.order = torch.argsort(labels, stable=True)  # items sorted by group
+        self.sizes = torch.bincount(labels, minlength=n_groups)
+        self.starts = torch.cumsum(self.sizes, 0) - self.sizes  # where each group begins in `order`
+
+    def members(self, queries: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(positions i in queries, items) with one pair per item of group queries[i], in chunks of at most
+        CHUNK_ELEMENTS pairs (a single larger group is one chunk)."""
+        ends = torch.cumsum(self.sizes[queries], 0)
+        start = 0
+        while start < len(queries):
+            base = int(ends[start - 1]) if start else 0
+            stop = max(start + 1, int(torch.searchsorted(ends, base + CHUNK_ELEMENTS, right=True)))
+            yield self._expand(queries[start:stop], start)
+            start = stop
+
+    def _expand(self, queries: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sizes = self.sizes[queries]
+        position = torch.repeat_interleave(torch.arange(len(queries), device=queries.device), sizes)
+        first = torch.cumsum(sizes, 0) - sizes
+        within = torch.arange(len(position), device=queries.device) - first[position]
+        return position + offset, self.order[self.starts[queries][position] + within]

@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from saekit.errors import InputError
-from saekit.metrics.counting import column_counts, fired, row_chunks
+from saekit.metrics.counting import Groups, fire_counts, one_cpu_thread
 from saekit.metrics.recovery import cosine_matrix
 
 
@@ -92,7 +92,7 @@ def check_codes(codes: torch.Tensor, batch: int, n_features: int) -> None:
     """InputError unless codes is a finite (batch, n_features) matrix."""
     if codes.ndim != 2 or tuple(codes.shape) != (batch, n_features):
         raise InputError(f"true codes must have shape ({batch}, {n_features}), got {tuple(codes.shape)}")
-    if not torch.isfinite(codes).all():
+    if codes.numel() and not all(torch.isfinite(v) for v in torch.aminmax(codes)):  # NaN propagates to min and max
         raise InputError("true codes hold NaN or Inf")
 
 
@@ -118,7 +118,10 @@ class DetectionCounts:
     """Confusion counts of every latent of K stacked SAEs as a detector of one true feature each, over a window.
 
     best: (K, m) int64, the feature each latent is scored against (`best_features`); a latent fires where its
-    code is non-zero, a feature is on where its true code is > 0. update(latents (K, B, m), codes (B, G)).
+    code is non-zero, a feature is on where its true code is > 0. update(latents (K, B, m), codes (B, G)) counts
+    true positives from the samples' active features only (true codes are sparse), so a batch costs about its
+    number of active features, not B x m. How often each latent fired is counted elsewhere (`WindowStats`,
+    `counting.fire_counts`) and given to `scores`.
     """
 
     def __init__(self, best: torch.Tensor, n_features: int) -> None:
@@ -126,8 +129,8 @@ class DetectionCounts:
             raise InputError(f"best must be (K, m) feature indices below {n_features}")
         self.best, self.n_features, self.n = best, n_features, 0
         K, m = best.shape
+        self.by_feature = [Groups(best[k], n_features) for k in range(K)]  # each member's latents by best feature
         self.true_positives = torch.zeros(K, m, dtype=torch.long, device=best.device)
-        self.fires = torch.zeros(K, m, dtype=torch.long, device=best.device)
         self.feature_on = torch.zeros(n_features, dtype=torch.long, device=best.device)
 
     @torch.no_grad()
@@ -136,19 +139,19 @@ class DetectionCounts:
         if latents.ndim != 3 or latents.shape[0] != K or latents.shape[2] != m:
             raise InputError(f"latents must have shape ({K}, B, {m}), got {tuple(latents.shape)}")
         check_codes(codes, latents.shape[1], self.n_features)
-        best = self.best.reshape(-1)
-        for rows in row_chunks(codes.shape[0], K * m + self.n_features):
-            fires = fired(latents[:, rows])  # (K, b, m) 0/1
-            on = (codes[rows] > 0).to(torch.float32)  # (b, G) 0/1
-            on_best = on.index_select(1, best).reshape(on.shape[0], K, m).transpose(0, 1)  # (K, b, m)
-            self.fires += column_counts(fires)
-            self.true_positives += column_counts(fires.mul_(on_best))
-            self.feature_on += column_counts(on[None])[0]
+        with one_cpu_thread(codes.device):
+            rows, features = (codes > 0).nonzero(as_tuple=True)  # the active (sample, feature) pairs
+            self.feature_on += torch.bincount(features, minlength=self.n_features)
+            for k in range(K):
+                for pair, latent in self.by_feature[k].members(features):  # latents whose best feature is on
+                    hit = latents[k, rows[pair], latent] != 0
+                    self.true_positives[k] += torch.bincount(latent[hit], minlength=m)
         self.n += latents.shape[1]
 
-    def scores(self) -> DetectionScores:
+    def scores(self, fires: torch.Tensor) -> DetectionScores:
+        """The scores, given how often each latent fired over the same window: fires (K, m) (`fire_counts`)."""
         tp = self.true_positives.double()
-        fires, on = self.fires.double(), self.feature_on[self.best].double()  # (K, m) each
+        fires, on = fires.to(tp).reshape(tp.shape), self.feature_on[self.best].double()  # (K, m) each
         precision, recall = _ratio(tp, fires), _ratio(tp, on)
         f1 = _ratio(2 * precision * recall, precision + recall)
         true_negatives = self.n - fires - on + tp
@@ -162,4 +165,4 @@ def detection_scores(latents: torch.Tensor, codes: torch.Tensor, dictionary: tor
     best, _ = best_features(dictionary, truth)
     counts = DetectionCounts(best[None], truth.shape[0])
     counts.update(latents[None], codes)
-    return counts.scores()
+    return counts.scores(fire_counts(latents[None]))

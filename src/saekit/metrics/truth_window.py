@@ -21,7 +21,8 @@ TRUTH_KEYS = ("mcc", "uniqueness", "precision", "recall", "f1", "split", "absorp
 
 
 class TruthWindow:
-    """directions (K, m, d), truth (G, d), parent (G,) int64 or None; update(latents (K, B, m), codes (B, G)).
+    """directions (K, m, d), truth (G, d), parent (G,) int64 or None; update(latents (K, B, m), codes (B, G)),
+    then rows(fire_counts).
 
     A member whose directions are not finite (a diverged SAE) gets no values; its latents are still fed along."""
 
@@ -52,13 +53,14 @@ class TruthWindow:
         if self.absorption is not None:
             self.absorption.update(latents, codes)
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self, fire_counts: torch.Tensor) -> list[dict[str, Any]]:
         """Per member, the metrics of TRUTH_KEYS it has: mcc and uniqueness always (finite members), the others
-        once codes were seen, absorption only with parents (None when no parent fired or was matched)."""
+        once codes were seen, absorption only with parents (None when no parent fired or was matched).
+        fire_counts (K, m): how often each latent fired over the same samples (`WindowStats.fire_counts`)."""
         K = len(self.finite)
         rows: list[dict[str, Any]] = [{"mcc": self.mcc[k], "uniqueness": self.uniqueness[k]} for k in range(K)]
         if self.detection.n > 0:
-            scores = self.detection.scores()
+            scores = self.detection.scores(fire_counts)
             means = {name: v.tolist() for name, v in scores.means().items()}
             per_feature = latents_per_feature(self.detection.best, self.best_cosine, scores.precision, self.detection.n_features)
             split = (per_feature >= 2).sum(dim=1).tolist()

@@ -67,7 +67,7 @@ def evaluate_window(sae: SparseAutoencoder, source: Source, n_samples: int, batc
             known.update(c, codes.to(device))
     rows = _window_rows(sae, stats, penalty / max(stats.n, 1))
     if truth is not None:
-        _add_recovery(rows, sae.directions(), truth, known.rows())
+        _add_recovery(rows, sae.directions(), truth, known.rows(stats.fire_counts))
     return rows, stats.fire_counts
 
 
