@@ -46,8 +46,20 @@ def test_markdown_table_row():
     row = {"arch": "topk", "knob": "k", "value": 8, "mmcs": 0.99123, "recovered_0_9": 1.0, "fvu": 0.0123, "l0": 8.0}
     row |= {"dead_fraction": 0.05, "samples_to_mmcs_0_95": 1_250_000}
     lines = markdown_table([row, {**row, "samples_to_mmcs_0_95": None}]).splitlines()
-    assert lines[2] == "| topk | k = 8 | 0.991 | 1.000 | 0.012 | 8.0 | 5.0% | 1.25M |"
-    assert lines[3].endswith("| not reached |")
+    # SynthSAEBench's columns show a dash where a run has no value (a source without true codes, an older run)
+    assert lines[2] == "| topk | k = 8 | 0.991 | 1.000 | 0.012 | 8.0 | 5.0% | 1.25M | — | — | — | — |"
+    assert lines[3].endswith("| not reached | — | — | — | — |")
+    assert lines[0].count(" |") == len(lines[1].split("|")) - 2 == 12  # the separator has one cell per column
+
+
+def test_markdown_table_truth_columns_and_absorption_only_when_present():
+    row = {"arch": "relu", "knob": "l1", "value": 0.3, "mmcs": 0.9, "recovered_0_9": 0.5, "fvu": 0.1, "l0": 5.0}
+    row |= {"dead_fraction": 0.0, "samples_to_mmcs_0_95": None, "mcc": 0.8766, "f1": 0.5, "split": 3, "shrinkage": 0.91}
+    head, _, line = markdown_table([row]).splitlines()
+    assert head.endswith("| MCC | F1 | split | shrinkage |") and line.endswith("| 0.877 | 0.500 | 3 | 0.910 |")
+    head, _, line, other = markdown_table([{**row, "absorption": 0.125}, row]).splitlines()
+    assert head.endswith("| MCC | F1 | absorption | split | shrinkage |")
+    assert line.endswith("| 0.877 | 0.500 | 12.5% | 3 | 0.910 |") and other.endswith("| 0.877 | 0.500 | — | 3 | 0.910 |")
 
 
 def test_compare_refuses_sae_keys_and_unknown_archs(tmp_path):
@@ -67,6 +79,9 @@ def test_compare_end_to_end_small(tmp_path):
     assert row["l0"] == min(l0s, key=lambda v: abs(math.log(v / 3)))
     assert row["value"] in [c["l1"] for c in doc["candidates"]]
     assert 0 < row["mmcs"] <= 1 and row["knob"] == "l1"
+    chosen = next(c for c in doc["candidates"] if c["run_id"] == row["run_id"])
+    assert [row[c] for c in ("mcc", "f1", "split", "shrinkage")] == [chosen[c] for c in ("mcc", "f1", "split", "shrinkage")]
+    assert "absorption" not in row  # the toy source has no parent features
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["rows"] == doc["rows"]
     assert (tmp_path / "compare.md").read_text().startswith("| arch | knob | MMCS")

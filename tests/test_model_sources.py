@@ -119,6 +119,24 @@ def test_compute_batch_is_hidden_layer(small_compute):
     assert at_zero == pytest.approx(0.97**10, abs=0.02)
 
 
+def test_tms_codes_are_the_represented_input_features(small_tms):
+    # x and codes come from one draw of the input features x_in: h = W x_in, codes = x_in[:, represented]
+    h, codes = small_tms.batch_with_codes(64, step=3, stream=1)
+    assert torch.equal(h, small_tms.batch(64, step=3, stream=1))  # the same batch, bit for bit
+    x_in = sparse_features(64, 12, small_tms.sparsity, seeded_generator(small_tms.seed, 1, 3))
+    assert torch.equal(codes, x_in[:, small_tms.represented]) and codes.shape == (64, small_tms.ground_truth.shape[0])
+
+
+def test_compute_codes_split_each_feature_by_sign(small_compute):
+    # direction "+i" has code max(x_i, 0) and "-i" max(-x_i, 0), kept where the direction is represented
+    h, codes = small_compute.batch_with_codes(64, step=3)
+    assert torch.equal(h, small_compute.batch(64, step=3))
+    x_in = sparse_features(64, 10, small_compute.sparsity, seeded_generator(small_compute.seed, 0, 3), signed=True)
+    both = torch.stack([x_in.clamp(min=0), (-x_in).clamp(min=0)], dim=2).reshape(64, 20)  # +0, -0, +1, -1, ...
+    assert torch.equal(codes, both[:, small_compute.represented])
+    assert codes.shape == (64, len(small_compute.truth_labels)) and (codes >= 0).all()
+
+
 @pytest.mark.parametrize("kind", ["tms", "compute"])
 def test_deterministic_for_a_seed(kind):
     a, b = build(kind, seed=4), build(kind, seed=4)

@@ -104,7 +104,7 @@ def test_finish_run(tmp_path):
     assert (run["samples"], run["seconds"]) == (1000, 2.5)
     for name in ("mse", "fvu", "l0", "dead_fraction", "mmcs", "recovered_0_9"):
         assert run[name] == pytest.approx(metrics[name])
-    assert set(HEADLINE) == {"mse", "fvu", "l0", "dead_fraction", "mmcs", "recovered_0_9"}
+    assert set(HEADLINE) == {"mse", "fvu", "l0", "dead_fraction", "mmcs", "recovered_0_9", "mcc", "f1", "absorption", "split", "shrinkage"}
     assert run["metrics"] == metrics
 
 
@@ -172,3 +172,35 @@ def test_reopen_persists(tmp_path):
     with RunStore(tmp_path) as store:
         assert store.get("r1")["status"] == "running"
         assert store.history("r1") == [{"samples": 10, "loss": 1.0}]
+
+
+# `runs` as store.py created it before the columns mcc, f1, absorption, split and shrinkage (the knob columns existed).
+RUNS_BEFORE_TRUTH_COLUMNS = """
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, arch TEXT NOT NULL, dict_size INTEGER NOT NULL, knob TEXT NOT NULL, knob_value REAL NOT NULL,
+    l1 REAL, seed INTEGER NOT NULL, status TEXT NOT NULL, samples INTEGER NOT NULL DEFAULT 0, seconds REAL NOT NULL DEFAULT 0,
+    mse REAL, fvu REAL, l0 REAL, dead_fraction REAL, mmcs REAL, recovered_0_9 REAL,
+    metrics TEXT, config TEXT NOT NULL, checkpoint TEXT, error TEXT, created REAL NOT NULL, updated REAL NOT NULL
+);
+"""
+
+
+def test_a_store_without_the_newer_headline_columns_gains_them_on_open(tmp_path):
+    """The old run keeps its values and reads NULL in the new columns; a run finished afterwards fills them."""
+    db = sqlite3.connect(tmp_path / "runs.sqlite")
+    db.executescript(RUNS_BEFORE_TRUTH_COLUMNS)
+    db.execute(
+        "INSERT INTO runs (run_id, arch, dict_size, knob, knob_value, l1, seed, status, mmcs, metrics, config, created, updated)"
+        " VALUES ('old', 'relu', 16, 'l1', 0.1, 0.1, 0, 'done', 0.9, '{\"mmcs\": 0.9}', '{}', 1.0, 1.0)"
+    )
+    db.commit()
+    db.close()
+    with RunStore(tmp_path) as store:
+        old = store.get("old")
+        assert (old["mmcs"], old["mcc"], old["split"], old["metrics"]) == (0.9, None, None, {"mmcs": 0.9})
+        _start(store, "new")
+        store.finish_run("new", samples=10, seconds=1.0, metrics={"mcc": 0.8, "f1": 0.5, "split": 2, "shrinkage": 0.9})
+        assert [store.get("new")[k] for k in ("mcc", "f1", "split", "shrinkage", "absorption")] == [0.8, 0.5, 2, 0.9, None]
+    with RunStore(tmp_path) as store:  # opened again: nothing left to add
+        columns = [r[1] for r in store.db.execute("PRAGMA table_info(runs)")]
+    assert all(columns.count(name) == 1 for name in HEADLINE)

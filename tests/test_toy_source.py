@@ -130,6 +130,22 @@ def test_fixed_dataset_epochs():
     assert torch.equal(src.batch(4, 2), ToySource(d=4, n_features=6, mean_active=2, seed=8, n_samples=10).batch(4, 2))
 
 
+@pytest.mark.parametrize("kw", [{}, {"noise_std": 0.1}, {"correlated": True}, {"magnitude_decay": 0.9}])
+def test_batch_with_codes_is_batch_and_its_codes(kw):
+    src = ToySource(d=16, n_features=24, mean_active=3, seed=2, **kw)
+    x, codes = src.batch_with_codes(50, step=4, stream=1)
+    assert torch.equal(x, src.batch(50, step=4, stream=1))  # bit for bit the batch training and evaluation read
+    assert codes.shape == (50, 24) and (codes >= 0).all()
+    # the codes are the ones x was built from (noise aside): x = codes @ truth (+ noise_std * N(0, 1))
+    residual = x - codes @ src.ground_truth
+    assert residual.abs().max() < 1e-6 if not kw.get("noise_std") else 0.05 < residual.std() < 0.15
+
+
+def test_batch_with_codes_of_a_fixed_dataset_is_none():
+    # the dataset keeps no codes: None tells the caller to read plain batches
+    assert ToySource(d=4, n_features=6, mean_active=2, n_samples=10).batch_with_codes(4, 0) is None
+
+
 def test_make_source_from_config():
     src = make_source(SourceConfig(d=12, n_features=20, mean_active=2, seed=1))
     assert isinstance(src, ToySource) and src.d == 12 and src.ground_truth.shape == (20, 12)

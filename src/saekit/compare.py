@@ -4,8 +4,10 @@ TopK, BatchTopK and Matryoshka take the target L0 as their k. The architectures 
 gated) cannot be told an L0, so each trains a small grid of coefficients around its default as one
 ensemble, and the member whose L0 is nearest the target (in log ratio) stands for it; the JSON keeps
 the whole grid. Every architecture sees the same data stream (same source config and seed) and the
-same training budget. The table: MMCS, recovered fraction, FVU, L0, dead fraction, and the samples
-after which MMCS first reached 0.95 (measured every `train.log_every` steps).
+same training budget. The table: MMCS, recovered fraction, FVU, L0, dead fraction, the samples
+after which MMCS first reached 0.95 (measured every `train.log_every` steps), and SynthSAEBench's scores:
+MCC, mean F1 of the latents as feature detectors, absorption (when the data has parent features), split
+count and shrinkage (`saekit.metrics.truth_window`; a dash where the source gives no true codes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ PENALTY_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 # 2 x 512 = 1024). Where the data does not know G it is taken as 2 d (saekit.presets.grid_features).
 SIZE_PER_FEATURE = 2
 COLUMNS = ("arch", "knob", "value", "l0", "mmcs", "recovered_0_9", "fvu", "dead_fraction", "samples_to_mmcs_0_95", "seconds")
+TRUTH_COLUMNS = ("mcc", "f1", "absorption", "split", "shrinkage")  # after COLUMNS; absorption only where the run has it
 
 
 def knob_grid(arch: str, target_l0: int, dict_size: int) -> list[int | float]:
@@ -136,6 +139,7 @@ def run_compare(
         knob = SPARSITY_KNOBS[arch]
         rows.append(
             {"arch": arch, "knob": knob, "value": chosen[knob], **{c: chosen.get(c) for c in COLUMNS[3:]}, "run_id": chosen["run_id"]}
+            | {c: chosen.get(c) for c in TRUTH_COLUMNS if c != "absorption" or c in chosen}
         )
     table = markdown_table(rows)
     doc = {"target_l0": target_l0, "dict_size": base.sae.dict_size, "rows": rows, "candidates": candidates, "table": table}
@@ -145,13 +149,23 @@ def run_compare(
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table, one line per architecture."""
-    head = "| arch | knob | MMCS | recovered (cos ≥ 0.9) | FVU | L0 | dead | samples to MMCS 0.95 |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    """The comparison as a Markdown table, one line per architecture (the absorption column when any row has it)."""
+    absorption = any("absorption" in r for r in rows)
+    head = "| arch | knob | MMCS | recovered (cos ≥ 0.9) | FVU | L0 | dead | samples to MMCS 0.95 | MCC | F1 |"
+    head += " absorption |" * absorption + " split | shrinkage |"
+    lines = [head, "|---" * head.count(" |") + "|"]
     for r in rows:
         reach = r.get("samples_to_mmcs_0_95")
-        lines.append(
+        line = (
             f"| {r['arch']} | {r['knob']} = {r['value']:g} | {r['mmcs']:.3f} | {r['recovered_0_9']:.3f} | {r['fvu']:.3f} | "
             f"{r['l0']:.1f} | {r['dead_fraction']:.1%} | {'not reached' if reach is None else f'{reach / 1e6:.2f}M'} |"
         )
+        cells = [_cell(r.get("mcc"), ".3f"), _cell(r.get("f1"), ".3f")]
+        cells += [_cell(r.get("absorption"), ".1%")] * absorption + [_cell(r.get("split"), "d"), _cell(r.get("shrinkage"), ".3f")]
+        lines.append(line + "".join(f" {c} |" for c in cells))
     return "\n".join(lines)
+
+
+def _cell(value: float | int | None, spec: str) -> str:
+    """A table cell: the value formatted, or a dash when it was not measured."""
+    return "—" if value is None else format(value, spec)

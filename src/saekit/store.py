@@ -8,7 +8,8 @@ full config as JSON, the checkpoint folder, and an error message.
 Table `history`: (run_id, samples, name, value) rows logged during training.
 
 Stores written before the knob columns existed kept every architecture's knob value in `l1`; opening one
-rebuilds its `runs` table in the current layout (`upgrade_runs_table`), in one transaction.
+rebuilds its `runs` table in the current layout (`upgrade_runs_table`), in one transaction. Stores written before
+a headline column existed get it added, empty for their runs (`add_headline_columns`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from saekit.archspec import ARCH_SPECS, spec_for_knob
 
-HEADLINE = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "recovered_0_9")
+HEADLINE = ("mse", "fvu", "l0", "dead_fraction", "mmcs", "recovered_0_9", "mcc", "f1", "absorption", "split", "shrinkage")
 
 _RUNS_COLUMNS = f"""
     run_id TEXT PRIMARY KEY,
@@ -78,6 +79,26 @@ def upgrade_runs_table(db: sqlite3.Connection) -> None:
         raise
 
 
+def add_headline_columns(db: sqlite3.Connection) -> None:
+    """Add to an existing `runs` table the HEADLINE columns it lacks (NULL for its rows; their metrics JSON keeps
+    whatever was measured then). One transaction; a store being upgraded by another process is waited for."""
+    if not _missing_headline(db):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for name in _missing_headline(db):  # another process may have added some while we waited for the lock
+            db.execute(f"ALTER TABLE runs ADD COLUMN {name} REAL")
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+def _missing_headline(db: sqlite3.Connection) -> list[str]:
+    columns = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    return [name for name in HEADLINE if columns and name not in columns]
+
+
 def _lacks_knob_columns(db: sqlite3.Connection) -> bool:
     columns = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
     return bool(columns) and "knob" not in columns
@@ -100,6 +121,7 @@ class RunStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         upgrade_runs_table(self.db)
+        add_headline_columns(self.db)
         with self.db:
             self.db.executescript(_SCHEMA)
 
@@ -247,6 +269,7 @@ def merge_rank_stores(out_dir: str | Path, paths: list[Path] | None = None) -> i
         db.row_factory = sqlite3.Row
         try:
             upgrade_runs_table(db)  # a rank file left by an earlier version
+            add_headline_columns(db)
             runs = list(db.execute("SELECT * FROM runs"))
             loaded.append((runs, list(db.execute("SELECT run_id, samples, name, value FROM history"))))
         finally:

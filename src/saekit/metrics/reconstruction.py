@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 DEAD_THRESHOLD = 0.05  # a dictionary "has dead latents" when this fraction of its latents never fired
+MIN_SHRINKAGE_NORM = 1e-6  # samples with a smaller input norm have no shrinkage ratio (as in SAELens)
 
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -17,6 +18,16 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     x, x_hat = x.double(), x_hat.double()
     total = (x - x.mean(dim=0, keepdim=True)).pow(2).sum().item()
     return (x_hat - x).pow(2).sum().item() / total if total > 0 else float("nan")
+
+
+def shrinkage(x: torch.Tensor, x_hat: torch.Tensor, min_norm: float = MIN_SHRINKAGE_NORM) -> float:
+    """Mean over samples of ||x_hat|| / ||x||, (B, d) each, skipping samples with ||x|| <= min_norm (1 means
+    no shrinkage; an L1 penalty pulls it below 1). 0 when no sample is left."""
+    norms = x.double().norm(dim=1)
+    keep = norms > min_norm
+    if not keep.any():
+        return 0.0
+    return (x_hat.double().norm(dim=1)[keep] / norms[keep]).mean().item()
 
 
 def sparsity_term(codes: torch.Tensor, reduction: str = "mean") -> float:

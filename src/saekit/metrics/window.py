@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from saekit.metrics.counting import fire_counts
+from saekit.metrics.reconstruction import MIN_SHRINKAGE_NORM
+
 
 class WindowStats:
-    """Accumulates, for K stacked SAEs, what mse / fvu / l0 / sparsity / dead need over many batches.
+    """Accumulates, for K stacked SAEs, what mse / fvu / l0 / sparsity / dead / shrinkage need over many batches.
 
     update(x (B, d), x_hat (K, B, d), codes (K, B, m)); the results equal the batch functions of
     `saekit.metrics` applied to the concatenation of all batches (a test checks this).
@@ -21,6 +24,8 @@ class WindowStats:
         self.active = torch.zeros(n_members, **kw)
         self.abs_sum = torch.zeros(n_members, **kw)
         self.fire_counts = torch.zeros(n_members, dict_size, dtype=torch.long, device=device)
+        self.shrink_sum = torch.zeros(n_members, **kw)  # sum of ||x_hat|| / ||x|| over samples with ||x|| > MIN_SHRINKAGE_NORM
+        self.shrink_n = torch.zeros((), dtype=torch.long, device=device)
         self.d, self.dict_size = d, dict_size
 
     @torch.no_grad()
@@ -30,10 +35,14 @@ class WindowStats:
         xd = x.double()
         self.x_sum += xd.sum(dim=0)
         self.x_sq += xd.pow(2).sum()
-        fired = codes != 0
-        self.active += fired.sum(dim=(1, 2)).double()
+        counts = fire_counts(codes)  # (K, m)
+        self.active += counts.sum(dim=1).double()
         self.abs_sum += codes.abs().double().sum(dim=(1, 2))
-        self.fire_counts += fired.sum(dim=1)
+        self.fire_counts += counts
+        norms = xd.norm(dim=1)
+        keep = norms > MIN_SHRINKAGE_NORM
+        self.shrink_sum += (x_hat.double().norm(dim=2)[:, keep] / norms[keep]).sum(dim=1)
+        self.shrink_n += keep.sum()
 
     def mse(self) -> torch.Tensor:
         """(K,) mean squared error over samples and dimensions."""
@@ -47,6 +56,10 @@ class WindowStats:
     def l0(self) -> torch.Tensor:
         """(K,) mean number of active latents per sample."""
         return self.active / self.n
+
+    def shrinkage(self) -> torch.Tensor:
+        """(K,) mean of ||x_hat|| / ||x|| over the samples with ||x|| > MIN_SHRINKAGE_NORM (0 when none)."""
+        return self.shrink_sum / self.shrink_n.clamp(min=1)
 
     def sparsity(self, reduction: str) -> torch.Tensor:
         """(K,) the L1 term: mean |c| over latents and samples ("mean") or summed over latents ("sum")."""

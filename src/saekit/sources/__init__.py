@@ -4,6 +4,10 @@ Every source has `d`, `ground_truth` ((G, d) unit rows, or None), and
 `batch(batch_size, step, stream)` returning float32 (B, d); batch `step` of a
 stream is deterministic, so training can restart at any step. `Stream` names the
 streams: training, evaluation, resampling and the decoder bias's initialisation.
+
+Sources built from known features may also have `batch_with_codes(batch_size, step, stream)`: the same x as
+`batch` and the true feature activations (B, G) (or None when they are not known), and `parent` (G,) int64
+(each feature's parent, -1 for none). The final evaluation scores the latents against them.
 """
 
 from __future__ import annotations

@@ -97,6 +97,7 @@ class ComputeSource:
         if not norms.max() > 0:
             raise InputError("the compute model's hidden layer does not respond to any feature; try more source.model_steps")
         keep = norms >= REPRESENTED_FRACTION * norms.max()
+        self.represented: torch.Tensor = keep  # (2n,) bool over the directions +0, -0, +1, -1, ...
         self.truth_labels = [label for label, k in zip(labels, keep.tolist()) if k]
         self.ground_truth: torch.Tensor = (responses[keep] / norms[keep, None]).contiguous()  # (G, d)
         self.n_represented = int(keep.sum())
@@ -121,8 +122,15 @@ class ComputeSource:
 
     def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
         """Batch `step` of `stream`: the hidden activations for fresh sparse features, (B, d) float32."""
+        return self.batch_with_codes(batch_size, step, stream)[0]
+
+    def batch_with_codes(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch(batch_size, step, stream)` and its true codes (B, G): for direction "+i" max(x_i, 0), for "-i"
+        max(-x_i, 0), in the order of `ground_truth`'s rows."""
         x = sparse_features(batch_size, self.n_features, self.sparsity, seeded_generator(self.seed, stream, step), signed=True)
-        return self.hidden(x.to(self.device))
+        x = x.to(self.device)
+        signed = torch.stack([x.clamp(min=0), (-x).clamp(min=0)], dim=2).reshape(batch_size, 2 * self.n_features)
+        return self.hidden(x), signed[:, self.represented]
 
     def describe(self) -> dict[str, float | int]:
         """What a report needs to know about the model behind the data."""

@@ -74,8 +74,13 @@ class TMSSource:
 
     def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
         """Batch `step` of `stream`: h = W x for fresh sparse features x, (B, d) float32."""
-        x = sparse_features(batch_size, self.n_features, self.sparsity, seeded_generator(self.seed, stream, step))
-        return x.to(self.device) @ self.W.T
+        return self.batch_with_codes(batch_size, step, stream)[0]
+
+    def batch_with_codes(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch(batch_size, step, stream)` and its true codes (B, G): the input features x of the represented
+        columns, in the order of `ground_truth`'s rows."""
+        x = sparse_features(batch_size, self.n_features, self.sparsity, seeded_generator(self.seed, stream, step)).to(self.device)
+        return x @ self.W.T, x[:, self.represented]
 
     def describe(self) -> dict[str, float | int]:
         """What a report needs to know about the model behind the data."""

@@ -113,10 +113,15 @@ class ToySource:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """A fresh batch (B, d) drawn with `generator` (a CPU generator; tensors are moved to the device)."""
-        x = self.sample_coefficients(batch_size, generator) @ self.ground_truth
+        return self.sample_with_codes(batch_size, generator)[0]
+
+    def sample_with_codes(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample`'s batch x (B, d) and its true codes (B, G), drawn in the same order from `generator`."""
+        codes = self.sample_coefficients(batch_size, generator)
+        x = codes @ self.ground_truth
         if self.noise_std > 0:
             x = x + self.noise_std * torch.randn(batch_size, self.d, generator=generator).to(self.device)
-        return x
+        return x, codes
 
     def batch(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> torch.Tensor:
         """Batch number `step` of stream `stream` (see `Stream`): (B, d) float32."""
@@ -125,6 +130,13 @@ class ToySource:
         if self._epochs is None:
             self._epochs = EpochSampler(self.dataset(), self.seed)
         return self._epochs.batch(batch_size, step, stream)
+
+    def batch_with_codes(self, batch_size: int, step: int, stream: int = Stream.TRAIN) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`batch(batch_size, step, stream)` (the same tensor, bit for bit) and its true codes (B, G), zero where a
+        feature is off. None for a fixed dataset (`n_samples` set), whose codes are not kept."""
+        if self.n_samples is not None:
+            return None
+        return self.sample_with_codes(batch_size, seeded_generator(self.seed, stream, step))
 
     def dataset(self) -> torch.Tensor:
         """The fixed dataset (N, d) when `n_samples` is set (generated once, in chunks)."""

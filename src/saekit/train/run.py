@@ -37,7 +37,7 @@ from saekit.sae.geometric_median import geometric_median
 from saekit.sources import Stream, make_source
 from saekit.store import RunStore, done_run_ids, merge_rank_stores
 from saekit.train.data_parallel import DataParallel, RankBatches, check_data_parallel
-from saekit.train.evaluate import eval_batch_size, evaluate_window
+from saekit.train.evaluate import LATER_KEYS, eval_batch_size, evaluate_window
 from saekit.train.identity import grid_runs, run_config_dict
 from saekit.train.loop import TrainState, make_state, train_lockstep
 from saekit.train.plan import EnsemblePlan, memory_limit, memory_refusal
@@ -396,10 +396,12 @@ def result_row(run: dict[str, Any]) -> dict[str, Any]:
     if run["knob"] != "l1":
         row[run["knob"]] = run["knob_value"]
     row["sparsity_knob"] = run["knob"]
-    row.update(run["metrics"] or {})
+    metrics = run["metrics"] or {}
+    row.update({key: value for key, value in metrics.items() if key not in LATER_KEYS})
     row["checkpoint"] = run["checkpoint"]
     if run.get("error"):
         row["error"] = run["error"]
+    row.update({key: metrics[key] for key in LATER_KEYS if key in metrics})  # keys added later come last, in a fixed order
     return row
 
 
