@@ -18,10 +18,6 @@ from saekit.errors import InputError
 from saekit.metrics import DEAD_THRESHOLD, mmcs
 
 MATCH_THRESHOLD = 0.9  # cross-size: a dictionary "is contained" in a larger one when 90% of its live latents match
-# The count is trusted only where the two seeds learned nearly the same dictionary: the mean max cosine between
-# their live latents (seed agreement) at the counting point must reach this. Where seeds agree less, each learned
-# its own mixtures of features and the components both share under-count the features.
-MIN_AGREEMENT = 0.9
 L1_CONVENTION = (
     "; with the L1 averaged over latents (the report's convention) the per-latent penalty is L1/size, so the collapse "
     "point grows with size whatever the feature count: the report's 'clean power law' is this convention, not a count"
@@ -45,11 +41,10 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     top, n_features, late = best["dict_size"], int(round(statistics.median(near))), best.get("count_late")
     settled = late is None or abs(late - best["count"]) <= tolerance * max(best["count"], 1)
     roomy_enough = 2 * best["count"] <= best["dict_size"]  # else the largest dictionaries had no room: a lower bound
-    agreed = best["agreement"] >= MIN_AGREEMENT
     consistent = all(abs(c - n_features) <= tolerance * n_features for c in near)
-    stable = settled and agreed and roomy_enough and consistent
+    stable = settled and roomy_enough and consistent
     low, high = min(near), max(near)
-    caveats = _caveats(best, settled, agreed, roomy_enough, consistent, sweep.spec.knob_name, tolerance)
+    caveats = _caveats(best, settled, roomy_enough, consistent, sweep.spec.knob_name, tolerance)
 
     dict_size, value = recommend(sweep, n_features, top)
     knob = sweep.spec.knob_name  # "L1 coefficient α" for relu and gated sweeps, "k" for topk, ...
@@ -67,7 +62,7 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     agreeing = [s["name"] for s in signals[1:] if s["agrees"]]
     disagreeing = [s["name"] for s in signals[1:] if s["agrees"] is False]
     trust = (
-        f"stable across neighbouring {knob} values, since 80% of training and between seeds (agreement {best['agreement']:.2f})"
+        f"stable across neighbouring {knob} values and since 80% of training"
         if stable
         else "NOT stable: " + "; ".join(caveats)
     )
@@ -108,17 +103,12 @@ def _counting_point(consensus: list[dict[str, Any]]) -> tuple[dict[str, Any], li
 
 
 def _caveats(
-    best: dict[str, Any], settled: bool, agreed: bool, roomy_enough: bool, consistent: bool, knob: str, tolerance: float
+    best: dict[str, Any], settled: bool, roomy_enough: bool, consistent: bool, knob: str, tolerance: float
 ) -> list[str]:
     """Why the count is not trusted, one clause each (empty when nothing speaks against it)."""
     caveats = []
     if not consistent:
         caveats.append(f"neighbouring {knob} values give counts more than {tolerance:.0%} apart")
-    if not agreed:
-        caveats.append(
-            f"the two seeds agree poorly (seed agreement {best['agreement']:.2f} < {MIN_AGREEMENT}): each learned its own "
-            "mixtures of features, so the count is likely low"
-        )
     if not roomy_enough:
         caveats.append(
             f"count is a lower bound: even the largest dictionary ({best['dict_size']} latents) had less than twice "
