@@ -843,6 +843,15 @@ def test_saekit_cfg_json_with_random_values_loads_or_refuses(tmp_path: Path, dat
     _loads_or_refuses(folder)
 
 
+@pytest.mark.parametrize("arch_hint", [[], {}, 3, None])
+def test_saelens_metadata_with_a_saekit_arch_that_is_not_a_name_loads(tmp_path: Path, arch_hint: object) -> None:
+    # Found by the fuzz test below: metadata.saekit.arch = [] (a list) raised TypeError (unhashable) while looking the
+    # name up; a hint that is not a string is not one saekit wrote, and the folder loads as its own architecture.
+    cfg = {"architecture": "standard", "d_in": 2, "d_sae": 2, "dtype": "float32", "metadata": {"sae_lens_version": "6.5.0"}}
+    cfg["metadata"]["saekit"] = {"init_kwargs": {}, "arch": arch_hint}
+    assert saekit.load(_saelens_folder(_fresh(tmp_path), cfg=cfg)).arch == "relu"
+
+
 SAELENS_KEYS = [  # the keys that hold objects first: hypothesis draws early entries of a list more often
     "metadata", "activation_fn_kwargs", "metadata/saekit", "metadata/saekit/init_kwargs", "metadata/saekit/arch",
     "architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input", "normalize_activations", "k", "activation_fn",

@@ -204,6 +204,8 @@ def _saekit_hints(cfg: dict[str, Any], arch: str, hyper: dict[str, Any], tensors
     if not isinstance(hints, dict) or not isinstance(hints.get("init_kwargs"), dict):
         return arch, hyper
     wanted = hints.get("arch")
+    if not isinstance(wanted, str):  # not a hint saekit wrote (the metadata is free-form JSON)
+        return arch, hyper
     if wanted in THRESHOLD_ARCHS and arch == "jumprelu" and "threshold" in tensors and tensors["threshold"].numel() > 0:
         threshold = tensors["threshold"].float()
         if not torch.all(threshold == threshold[0]):
