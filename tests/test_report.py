@@ -266,6 +266,27 @@ def test_write_report_degenerate_inputs(tmp_path: Path, case: str) -> None:
         assert "No collapse points" in text
 
 
+def test_runs_table_shows_synthsaebench_scores_and_absorption_only_where_measured(tmp_path: Path) -> None:
+    """MCC, F1, absorption, split and shrinkage are columns of the run table when runs have them (generated data with
+    parent features); a sweep without parents has no absorption column, one without truth none of the five."""
+    runs = make_runs()
+    for i, r in enumerate(runs):
+        if r["status"] == "done":
+            r.update(mcc=0.81 + i / 1000, f1=0.4, split=i % 3, shrinkage=0.93, absorption=0.125 + i / 1000)
+    keys = [k for k, _, _ in visible_columns(runs)]
+    assert keys.index("recovered_0_9") < keys.index("mcc") < keys.index("f1") < keys.index("absorption") < keys.index("split")
+    text = write_report(tmp_path / "h", runs, None, None).read_text(encoding="utf-8")
+    assert_valid_page(text)
+    for key in ("mcc", "f1", "absorption", "split", "shrinkage"):
+        assert f'data-key="{key}"' in text
+    assert ">0.125<" in text  # the first run's absorption, as a cell
+    flat = make_runs()
+    for r in flat:
+        r.update(mcc=0.99, f1=0.9, split=0, shrinkage=0.97)  # no parent features: no absorption value
+    assert "absorption" not in [k for k, _, _ in visible_columns(flat)] and "mcc" in [k for k, _, _ in visible_columns(flat)]
+    assert not {"mcc", "f1", "absorption", "split", "shrinkage"} & {k for k, _, _ in visible_columns(_no_truth_runs())}
+
+
 def test_figures_fall_back_to_run_rows_without_analysis() -> None:
     """Dead latents and loss terms come from the run table when the analysis has no rows for them."""
     runs = make_runs()

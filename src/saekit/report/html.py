@@ -32,10 +32,18 @@ RUN_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("dense_fraction", "dense_fraction", True),
     ("mmcs", "mmcs", True),
     ("recovered_0_9", "recovered_0_9", True),
+    ("mcc", "mcc", True),
+    ("f1", "f1", True),
+    ("absorption", "absorption", True),
+    ("split", "split", True),
+    ("shrinkage", "shrinkage", True),
     ("ce_loss_recovered", "ce_loss_recovered", True),
 )
-# Shown only when some run has a value (ground truth metrics for toy data, downstream loss for a language model).
-OPTIONAL_COLUMNS = frozenset({"dense_fraction", "mmcs", "recovered_0_9", "ce_loss_recovered"})
+# Shown only when some run has a value (ground truth metrics for generated data, absorption only where the data has
+# parent features, downstream loss for a language model).
+OPTIONAL_COLUMNS = frozenset(
+    {"dense_fraction", "mmcs", "recovered_0_9", "mcc", "f1", "absorption", "split", "shrinkage", "ce_loss_recovered"}
+)
 
 SECTIONS: tuple[tuple[str, str, str], ...] = (
     # (key of the figure blocks, section id, heading)
