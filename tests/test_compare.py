@@ -98,3 +98,59 @@ def test_default_target_l0_is_the_datas_mean_active_features():
     assert default_target_l0(load_config(None, ["source.mean_active=2.6"])) == 3
     assert default_target_l0(load_config(None, ["source.kind=tms"])) == 2
     assert default_target_l0(load_config(None, ["source.kind=file", "source.path=x.npy"])) == 8
+
+
+def test_default_target_l0_of_synth_data_is_its_summed_firing_probability():
+    """synth with constant firing: every one of 64 independent features fires with probability 0.1, so the mean
+    number active is 64 x 0.1 = 6.4 -> 6; linear firing from 0.3 down to 0.1 over 40 features: mean 0.2 x 40 = 8."""
+    from saekit.compare import default_target_l0
+    from saekit.config import load_config
+
+    flat = ["source.kind=synth", "source.d=16", "source.hierarchy_roots=0", "source.correlation_rank=0"]
+    constant = [*flat, "source.n_features=64", "source.firing=constant", "source.firing_max=0.1"]
+    assert default_target_l0(load_config(None, constant)) == 6
+    linear = [*flat, "source.n_features=40", "source.firing=linear", "source.firing_max=0.3", "source.firing_min=0.1"]
+    assert default_target_l0(load_config(None, linear)) == 8
+
+
+def test_synth_preset_sizes_the_dictionary_as_synthsaebench_does_and_refuses_other_data(tmp_path):
+    """--preset synth: source.kind synth, G/4 latents (SynthSAEBench: 4096 for 16,384 features), so 1024 at the
+    source's defaults (4096 features in 256 dimensions) and 24 for 96 features; another source kind is refused."""
+    from saekit.compare import compare_base
+
+    base, why = compare_base([], "synth")
+    assert base.source.kind == "synth" and (base.source.n_features, base.source.d) == (4096, 256)
+    assert base.sae.dict_size == 1024 and "0.25·G" in why
+    small, _ = compare_base(["source.n_features=96", "source.d=48"], "synth")
+    assert small.sae.dict_size == 24
+    with pytest.raises(InputError, match="synth preset"):
+        compare_base(["source.kind=toy"], "synth")
+    with pytest.raises(InputError, match="unknown compare preset 'big'"):
+        run_compare([], tmp_path, preset="big", progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_compare_synth_preset_end_to_end_has_absorption_for_hierarchical_data(tmp_path):
+    """A small synth compare with a hierarchy (4 trees of 1 + 3 features): every row has an absorption value in
+    [0, 1], the target L0 is the data's summed firing probability, and the table has the absorption column."""
+    from saekit.compare import default_target_l0
+    from saekit.config import load_config
+
+    sets = [
+        "source.n_features=32",
+        "source.d=16",
+        "source.hierarchy_roots=4",
+        "source.hierarchy_depth=1",
+        "source.hierarchy_branching=3",
+        "source.firing_max=0.3",
+        "source.firing_min=0.02",
+        "sae.dict_size=48",
+        "train.samples=60000",
+        "train.eval_samples=8000",
+        "train.log_every=20",
+    ]
+    doc = run_compare(sets, tmp_path, archs=["batchtopk", "matryoshka"], preset="synth", progress=False)
+    assert doc["target_l0"] == default_target_l0(load_config(None, ["source.kind=synth", *sets]))
+    assert [r["arch"] for r in doc["rows"]] == ["batchtopk", "matryoshka"]
+    assert all(0.0 <= r["absorption"] <= 1.0 and 0.0 <= r["mcc"] <= 1.0 for r in doc["rows"])
+    assert "| absorption |" in doc["table"].splitlines()[0]

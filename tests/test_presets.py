@@ -235,3 +235,22 @@ def test_the_quick_l1_values_follow_the_datas_scale(tmp_path: Path) -> None:
         assert "L1 values follow it" in describe("quick", cfg)
     # Given L1 values are kept as given.
     assert preset_config("quick", ["source.kind=file", f"source.path={path}", "sae.l1=[0.5]"]).sae.l1 == [0.5]
+
+
+def test_the_synth_preset_is_quick_on_synthsaebench_shaped_data() -> None:
+    # --preset synth: source.kind synth with its defaults (4096 features in 256 dimensions), quick's sizes for that
+    # width (128 .. 2048), a decoder bias (the data has one) and quick's L1 values times the data's measured scale.
+    cfg = preset_config("synth")
+    assert cfg.source.kind == "synth" and (cfg.source.n_features, cfg.source.d) == (4096, 256)
+    assert cfg.sae.dict_size == geometric_sizes(128, 2048) and cfg.train.seeds_min_size == 2048
+    assert cfg.sae.decoder_bias is True and cfg.sae.decoder_bias_init == "geometric_median"
+    quick = preset_config("quick").sae.l1
+    ratios = [a / b for a, b in zip(cfg.sae.l1, quick)]
+    assert all(r == pytest.approx(ratios[0], rel=1e-2) for r in ratios) and ratios[0] > 3  # synth data is far larger than toy data
+    text = describe("synth", cfg)
+    assert text.startswith("saekit reproduce --preset synth: 24 SAEs") and "L1 values follow it" in text
+    # Source keys change the synth data; the width sets the sizes.
+    small = preset_config("synth", ["source.d=48", "source.n_features=192"])
+    assert small.sae.dict_size == [24, 48, 96, 192, 384] and small.source.n_features == 192
+    with pytest.raises(InputError, match="synth preset"):
+        preset_config("synth", ["source.kind=file", "source.path=x.npy"])

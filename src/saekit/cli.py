@@ -147,7 +147,8 @@ def reproduce(
         str,
         typer.Option(
             "--preset",
-            help="quick (about 10 minutes on 2 CPU cores), paper (the report's full grid) or lm (SmolLM2's middle residual stream; "
+            help="quick (about 10 minutes on 2 CPU cores), paper (the report's full grid), synth (quick's grid on "
+            "SynthSAEBench-shaped data: 4096 features in 256 dimensions) or lm (SmolLM2's middle residual stream; "
             "--set lm.tokens=N, lm.model, lm.layer, lm.site, lm.text change the extraction)",
         ),
     ] = "quick",
@@ -194,6 +195,13 @@ def compare(
         ),
     ] = None,
     archs: Annotated[Optional[str], typer.Option("--archs", help="comma-separated architectures (default: all)")] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help="the data: toy (the report's) or synth (SynthSAEBench-shaped: 4096 features in 256 dimensions, 1024 latents)",
+        ),
+    ] = "toy",
     as_json: Annotated[bool, typer.Option("--json", help="print the table and every SAE trained as one JSON document")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="refuse sweeps estimated to need more, e.g. 12G")] = None,
@@ -206,6 +214,7 @@ def compare(
         out,
         archs=[a.strip() for a in archs.split(",")] if archs else None,
         target_l0=l0,
+        preset=preset,
         progress=progress,
         max_memory=_memory_limit(max_memory),
         log=lambda text: print(text, file=sys.stderr, flush=True),

@@ -27,6 +27,11 @@ PENALTY_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 # The dictionary size when sae.dict_size is not given: this many latents per true feature G (the report's data:
 # 2 x 512 = 1024). Where the data does not know G it is taken as 2 d (saekit.presets.grid_features).
 SIZE_PER_FEATURE = 2
+# Presets: `toy` is the report's data (the config defaults); `synth` is SynthSAEBench-shaped data (source.kind synth,
+# whose defaults are SynthSAEBench-16k's settings at 4096 features in 256 dimensions). SynthSAEBench trains 4096
+# latents for its 16,384 features, so the synth preset's dictionary has G/4 latents (1024 at the defaults).
+PRESETS = ("toy", "synth")
+SYNTH_LATENTS_PER_FEATURE = 0.25
 COLUMNS = ("arch", "knob", "value", "l0", "mmcs", "recovered_0_9", "fvu", "dead_fraction", "samples_to_mmcs_0_95", "seconds")
 TRUTH_COLUMNS = ("mcc", "f1", "absorption", "split", "shrinkage")  # after COLUMNS; absorption only where the run has it
 
@@ -62,37 +67,57 @@ def compare_config(arch: str, base: Config, target_l0: int) -> Config:
     return Config.model_validate(data)
 
 
-def compare_base(overrides: list[str]) -> tuple[Config, str]:
-    """The config `overrides` describe (toy defaults), with sae.dict_size, when not given, sized from the data
-    (SIZE_PER_FEATURE x G); and one sentence saying where the size came from. Other sae keys are refused."""
+def compare_base(overrides: list[str], preset: str = "toy") -> tuple[Config, str]:
+    """The config `overrides` describe (the preset's data: toy defaults, or source.kind synth), with sae.dict_size,
+    when not given, sized from the data (SIZE_PER_FEATURE x G; synth: SYNTH_LATENTS_PER_FEATURE x G); and one
+    sentence saying where the size came from. Other sae keys are refused."""
     from saekit.presets import TOY_FEATURES_PER_D, grid_features
     from saekit.sources.shape import data_shape
 
+    if preset not in PRESETS:
+        raise InputError(f"unknown compare preset {preset!r}; known: {', '.join(PRESETS)}")
     keys = [o.split("=", 1)[0].strip() for o in overrides]
     sae_keys = [k for k in keys if k.startswith("sae.") and k != "sae.dict_size"]
     if sae_keys:
         raise InputError(f"compare sets each architecture's sae keys itself; only sae.dict_size may be given, not {sae_keys[0]!r}")
+    if preset == "synth":
+        overrides = synth_overrides(overrides)
     base = load_config(None, overrides)
     shape = data_shape(base.source)
     if "sae.dict_size" in keys:
         return base, f"dict_size {base.sae.dict_size} as given (data width d = {shape.d}, from the {shape.origin})"
     g, assumed = grid_features(shape)
-    size = SIZE_PER_FEATURE * g
+    per_feature = SYNTH_LATENTS_PER_FEATURE if preset == "synth" else SIZE_PER_FEATURE
+    size = max(1, round(per_feature * g))
     base.sae.dict_size = size
     why = f"G = {g} true features"
     if assumed:
         why = f"G unknown for this data, assumed {TOY_FEATURES_PER_D}·d = {g} as in the report's toy data"
-    return base, f"dict_size {size} = {SIZE_PER_FEATURE}·G ({why}; data width d = {shape.d}, from the {shape.origin})"
+    return base, f"dict_size {size} = {per_feature:g}·G ({why}; data width d = {shape.d}, from the {shape.origin})"
+
+
+def synth_overrides(overrides: list[str]) -> list[str]:
+    """`overrides` with source.kind=synth first (another source kind is refused in one line)."""
+    from saekit.presets import synth_source
+
+    kinds = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "source.kind"]
+    synth_source({"kind": kinds[-1]} if kinds else {})
+    return ["source.kind=synth", *overrides]
 
 
 def default_target_l0(cfg: Config) -> int:
     """The data's own mean number of active true features, rounded (toy: mean_active; tms, compute:
-    n_features x (1 - sparsity)); 8 for sources that do not say."""
+    n_features x (1 - sparsity); synth: the sum of its features' firing probabilities); 8 for sources that do
+    not say."""
     src = cfg.source
     if src.kind == "toy":
         return max(1, round(src.mean_active))
     if src.kind in ("tms", "compute"):
         return max(1, round(src.n_features * (1 - src.sparsity)))
+    if src.kind == "synth":
+        from saekit.sources import make_source
+
+        return max(1, round(float(make_source(src).probs.sum())))
     return 8
 
 
@@ -102,13 +127,14 @@ def run_compare(
     *,
     archs: list[str] | None = None,
     target_l0: int | None = None,
+    preset: str = "toy",
     progress: bool = True,
     max_memory: int | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
-    """Train every architecture (default: all) on the source and train config of `overrides` (toy defaults)
-    into OUT/ARCH/, pick each one's SAE nearest `target_l0` (default: `default_target_l0`), and write
-    OUT/compare.json and OUT/compare.md.
+    """Train every architecture (default: all) on the source and train config of `overrides` (on the preset's
+    data: the toy defaults, or `synth`'s SynthSAEBench-shaped source) into OUT/ARCH/, pick each one's SAE
+    nearest `target_l0` (default: `default_target_l0`), and write OUT/compare.json and OUT/compare.md.
 
     sae.dict_size, when not given, is sized from the data (`compare_base`).
     Returns {"target_l0", "dict_size", "rows" (one per arch, the table), "candidates" (every SAE trained), "table" (markdown)}.
@@ -120,7 +146,7 @@ def run_compare(
     unknown = [a for a in archs if a not in KNOWN_ARCHS]
     if unknown:
         raise InputError(f"unknown architecture {unknown[0]!r}; known: {', '.join(KNOWN_ARCHS)}")
-    base, basis = compare_base(overrides)
+    base, basis = compare_base(overrides, preset)
     say(f"compare: {basis}")
     target_l0 = default_target_l0(base) if target_l0 is None else target_l0
     if target_l0 <= 0:

@@ -6,11 +6,13 @@ to a real user, so `quick`'s dictionary sizes run geometrically from d/2 to 8·d
 geometrically from the recommended default up; two init seeds are trained at the largest size for the
 seed-consensus count. `paper` is the report's full grid instead, sized from the true feature count G; where
 the data does not know G (a file without ground truth, activations) it assumes G = 2·d, the ratio of the
-report's toy data.
+report's toy data. `synth` is quick's grid on SynthSAEBench-shaped data (`source.kind: synth` with its defaults,
+4096 features in 256 dimensions, unless other source keys are given).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +21,7 @@ from saekit.config import Config, SourceConfig, set_override
 if TYPE_CHECKING:
     from saekit.sources.shape import DataShape
 
-PRESETS = ("quick", "paper", "lm")
+PRESETS = ("quick", "paper", "synth", "lm")
 
 # The quick preset (calibrated on toy data, see docs/results.md, "Estimating the number of features"): sizes d/2 .. 8 d, a second init seed
 # at the largest size only (the seed-consensus count needs two seeds where the dictionary has room for
@@ -141,15 +143,34 @@ def data_scale(source: SourceConfig) -> float:
     scale the presets were calibrated on): sqrt(mean ||x - mean(x)||^2) over SCALE_SAMPLES samples / TOY_RMS."""
     if source.kind in NO_OFFSET_KINDS:
         return 1.0
+    return _measured_scale(source.model_dump_json(exclude_unset=True), _file_stamp(source.path))
+
+
+def _file_stamp(path: Any) -> tuple[int, int] | None:
+    """(mtime in ns, size) of the file or folder a source reads, so a rewritten file is measured again."""
+    from pathlib import Path
+
+    try:
+        st = Path(path).stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _measured_scale(source_json: str, stamp: tuple[int, int] | None) -> float:
+    """`data_scale` of the source config serialised as `source_json` (cached per file stamp: the preset and its
+    description both ask)."""
     from saekit.sources import Stream, make_source
 
+    source = SourceConfig.model_validate_json(source_json)
     x = make_source(source).batch(SCALE_SAMPLES, 0, Stream.BIAS_INIT).double()
     return float((x - x.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt()) / TOY_RMS
 
 
 def preset_grid(preset: str, shape: DataShape, scale: float = 1.0) -> dict[str, dict[str, Any]]:
     """The sae and train keys a sweep preset sets for data of this shape and scale (`data_scale`), before overrides."""
-    if preset == "quick":
+    if preset in ("quick", "synth"):
         d = shape.d
         l1 = QUICK_L1 if scale == 1.0 else [float(f"{a * scale:.3g}") for a in QUICK_L1]
         return {
@@ -176,10 +197,12 @@ def preset_config(preset: str, overrides: list[str] = ()) -> Config:
     if preset == "lm":
         raise InputError("the lm preset extracts activations first: saekit.pipeline.reproduce_lm builds its config")
     data = overrides_dict(overrides)
+    if preset == "synth":
+        data["source"] = synth_source(data.get("source", {}))
     source = parse_config({"source": data.get("source", {})}).source
     shape = data_shape(source)
     given_l1 = "l1" in data.get("sae", {}) or data.get("sae", {}).get("arch", "relu") != "relu"
-    grid = preset_grid(preset, shape, 1.0 if preset != "quick" or given_l1 else data_scale(source))
+    grid = preset_grid(preset, shape, 1.0 if preset == "paper" or given_l1 else data_scale(source))
     wants_bias = source.kind not in NO_OFFSET_KINDS and data.get("sae", {}).get("decoder_bias") is not False
     offset = OFFSET_SAE if wants_bias else {}
     merged = {
@@ -190,6 +213,16 @@ def preset_config(preset: str, overrides: list[str] = ()) -> Config:
     extra = set(data) - {"source", "sae", "train"}
     merged.update({k: data[k] for k in extra})
     return parse_config(merged)
+
+
+def synth_source(source: dict[str, Any]) -> dict[str, Any]:
+    """The synth preset's source keys: `kind: synth` unless given (another kind is refused in one line)."""
+    from saekit.errors import InputError
+
+    kind = source.get("kind", "synth")
+    if kind != "synth":
+        raise InputError(f"the synth preset generates SynthSAEBench-shaped data (source.kind synth), not {kind!r}; use --preset quick")
+    return {**source, "kind": "synth"}
 
 
 def describe(preset: str, cfg: Config) -> str:
@@ -207,7 +240,7 @@ def describe(preset: str, cfg: Config) -> str:
     sizes = sorted({s.dict_size for s in specs})
     values = ", ".join(f"{a:.3g}" for a in sorted({s.sparsity for s in specs}))
     bias = "the SAEs have a decoder bias started at the data's geometric median; " if cfg.sae.decoder_bias else ""
-    if preset == "quick" and cfg.source.kind not in NO_OFFSET_KINDS and cfg.sae.arch == "relu":
+    if preset in ("quick", "synth") and cfg.source.kind not in NO_OFFSET_KINDS and cfg.sae.arch == "relu":
         bias += f"the data's centred RMS norm is {data_scale(cfg.source):.2f} x the toy data's, and the L1 values follow it; "
     return (
         f"saekit reproduce --preset {preset}: {len(specs)} SAEs, sizes {sizes}, {cfg.sae.knob} values [{values}], "
