@@ -135,6 +135,36 @@ def test_count_that_still_moves_late_in_training_is_not_stable():
     assert "at 80% of training it was 10" in result["signals"][0]["note"]
 
 
+def test_a_count_still_growing_with_size_is_a_lower_bound():
+    # 20 true features; at 40 latents (room for 20) both seeds learned only the first 10 of them, at 80 all 20:
+    # the count doubled between the two sizes trained with two seeds, so it has not settled with size.
+    sweep = _truth_sweep()
+    g = torch.Generator().manual_seed(1)
+    for run in sweep.select(dict_size=40):
+        junk = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
+        sweep._directions[(run["run_id"], False)] = torch.cat([sweep.live_directions(run)[:10], junk])
+    result = estimate(sweep)
+    assert result["n_features"] == 20 and result["lower_bound"] is True and result["stable"] is False
+    assert "it grew from 10 at 40 latents to 20 at 80" in result["summary"]
+    # The same when the seeds agree best at the smaller size (each seed's 80-latent dictionary gets its own junk):
+    # the count is read at 40 latents, and the larger dictionaries count twice as many.
+    for run in sweep.select(dict_size=80):
+        junk = torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=1)
+        sweep._directions[(run["run_id"], False)] = torch.cat([sweep.live_directions(run), junk])
+    for run in sweep.select(dict_size=40):
+        sweep._directions[(run["run_id"], False)] = sweep.live_directions(run)[:10]
+    result = estimate(sweep)
+    assert "at 40 latents" in result["signals"][0]["note"] and result["lower_bound"] is True
+    assert "it grew from 10 at 40 latents to 20 at 80" in result["summary"]
+    # 15% growth is within the tolerance: 17 shared at 40 latents, 20 at 80 (20 <= 1.15 x 17 = 19.55 is false: grows);
+    # 18 shared (20 <= 20.7): settled.
+    for shared, grows in ((17, True), (18, False)):
+        sweep = _truth_sweep()
+        for run in sweep.select(dict_size=40):
+            sweep._directions[(run["run_id"], False)] = sweep.live_directions(run)[:shared]
+        assert estimate(sweep)["lower_bound"] is grows
+
+
 def test_a_count_without_room_is_a_lower_bound():
     # 20 true features, but the largest dictionaries (the ones with two seeds) have only 30 latents: 2 x 20 > 30.
     sweep = _truth_sweep(sizes=(10, 20, 30), seeds_at=(30,))

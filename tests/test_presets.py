@@ -57,7 +57,7 @@ def _file_sets(path: Path) -> list[str]:
 def test_quick_follows_the_width_of_generated_data(sets: list[str], d: int) -> None:
     cfg = preset_config("quick", sets)
     assert cfg.sae.dict_size == geometric_sizes(d / 2, 8 * d)
-    assert cfg.train.seeds_min_size == 8 * d
+    assert cfg.train.seeds_min_size == 4 * d  # two seeds at the two largest sizes
     assert f"width d = {d} (from the config)" in describe("quick", cfg)
 
 
@@ -82,7 +82,7 @@ def test_the_config_width_of_generated_kinds_is_the_built_sources_width(kind: st
 def test_a_width_160_file_gives_grids_scaled_from_160_not_256(tmp_path: Path, writer) -> None:
     path = writer(tmp_path / ("acts.safetensors" if writer is _safetensors else "acts.npy"))
     quick = preset_config("quick", _file_sets(path))
-    assert quick.sae.dict_size == QUICK_160 and quick.train.seeds_min_size == 1280
+    assert quick.sae.dict_size == QUICK_160 and quick.train.seeds_min_size == 640
     paper = preset_config("paper", _file_sets(path))
     assert paper.sae.dict_size == PAPER_160 and paper.train.seeds_min_size == 8 * 320
     text = describe("paper", paper)
@@ -242,13 +242,13 @@ def test_the_synth_preset_is_quick_on_synthsaebench_shaped_data() -> None:
     # width (128 .. 2048), a decoder bias (the data has one) and quick's L1 values times the data's measured scale.
     cfg = preset_config("synth")
     assert cfg.source.kind == "synth" and (cfg.source.n_features, cfg.source.d) == (4096, 256)
-    assert cfg.sae.dict_size == geometric_sizes(128, 2048) and cfg.train.seeds_min_size == 2048
+    assert cfg.sae.dict_size == geometric_sizes(128, 2048) and cfg.train.seeds_min_size == 1024
     assert cfg.sae.decoder_bias is True and cfg.sae.decoder_bias_init == "geometric_median"
     quick = preset_config("quick").sae.l1
     ratios = [a / b for a, b in zip(cfg.sae.l1, quick)]
     assert all(r == pytest.approx(ratios[0], rel=1e-2) for r in ratios) and ratios[0] > 3  # synth data is far larger than toy data
     text = describe("synth", cfg)
-    assert text.startswith("saekit reproduce --preset synth: 24 SAEs") and "L1 values follow it" in text
+    assert text.startswith("saekit reproduce --preset synth: 28 SAEs") and "L1 values follow it" in text
     # Source keys change the synth data; the width sets the sizes.
     small = preset_config("synth", ["source.d=48", "source.n_features=192"])
     assert small.sae.dict_size == [24, 48, 96, 192, 384] and small.source.n_features == 192

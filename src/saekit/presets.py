@@ -24,10 +24,12 @@ if TYPE_CHECKING:
 PRESETS = ("quick", "paper", "synth", "lm")
 
 # The quick preset (calibrated on toy data, see docs/results.md, "Estimating the number of features"): sizes d/2 .. 8 d, a second init seed
-# at the largest size only (the seed-consensus count needs two seeds where the dictionary has room for
-# twice the features, so quick counts up to about 4 d features). 16 d would not fit in 10 minutes on
-# 2 CPU cores at d = 256; `--set sae.dict_size=[...]` or the paper preset go further.
+# at the two largest sizes (the seed-consensus count needs two seeds where the dictionary has room for twice the
+# features, so quick counts up to about 4 d features; the count at 4 d beside the one at 8 d shows whether it still
+# grows with size, which makes it a lower bound). 16 d would not fit in 10 minutes on 2 CPU cores at d = 256;
+# `--set sae.dict_size=[...]` or the paper preset go further.
 QUICK_MAX_SIZE_PER_D = 8
+QUICK_SEEDS_FROM_PER_D = 4
 QUICK_L1 = [0.3, 0.6, 1.2, 2.4]
 QUICK_SAMPLES = 1_000_000
 QUICK_LR = 3e-3
@@ -175,7 +177,7 @@ def preset_grid(preset: str, shape: DataShape, scale: float = 1.0) -> dict[str, 
         l1 = QUICK_L1 if scale == 1.0 else [float(f"{a * scale:.3g}") for a in QUICK_L1]
         return {
             "sae": {"dict_size": geometric_sizes(d / 2, QUICK_MAX_SIZE_PER_D * d), "l1": l1},
-            "train": {"samples": QUICK_SAMPLES, "lr": QUICK_LR, "seeds": [0, 1], "seeds_min_size": QUICK_MAX_SIZE_PER_D * d},
+            "train": {"samples": QUICK_SAMPLES, "lr": QUICK_LR, "seeds": [0, 1], "seeds_min_size": QUICK_SEEDS_FROM_PER_D * d},
         }
     g, _ = grid_features(shape)
     return {

@@ -2,7 +2,8 @@
 
 The count comes from seed consensus (features two SAEs with different init seeds both learned), read at
 the (size, knob value) where the two seeds agree best among the dictionaries with at least twice as many latents
-as the features they share. The report's own
+as the features they share. Where two seeds were trained at neighbouring sizes, a count that still grows with
+size is reported as a lower bound. The report's own
 heuristics are computed alongside and reported as signals that agree or not with that count.
 """
 
@@ -41,10 +42,16 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     top, n_features, late = best["dict_size"], int(round(statistics.median(near))), best.get("count_late")
     settled = late is None or abs(late - best["count"]) <= tolerance * max(best["count"], 1)
     roomy_enough = 2 * best["count"] <= best["dict_size"]  # else the largest dictionaries had no room: a lower bound
+    growth = _growth(consensus, best, tolerance)
     consistent = all(abs(c - n_features) <= tolerance * n_features for c in near)
-    stable = settled and roomy_enough and consistent
+    stable = settled and roomy_enough and growth is None and consistent
     low, high = min(near), max(near)
     caveats = _caveats(best, settled, roomy_enough, consistent, sweep.spec.knob_name, tolerance)
+    if growth is not None:
+        caveats.append(
+            f"count is a lower bound: it grew from {growth[0]['count']} at {growth[0]['dict_size']} latents to "
+            f"{growth[1]['count']} at {growth[1]['dict_size']}, so it has not settled with size; train larger dictionaries"
+        )
 
     dict_size, value = recommend(sweep, n_features, top)
     knob = sweep.spec.knob_name  # "L1 coefficient α" for relu and gated sweeps, "k" for topk, ...
@@ -81,7 +88,7 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
         sweep.knob: sweep.spec.knob_number(value),
         "knob": sweep.knob,
         "stable": stable,
-        "lower_bound": not roomy_enough,
+        "lower_bound": not roomy_enough or growth is not None,
         "seed_agreement": best["agreement"],
         "caveats": caveats,
         "signals": signals,
@@ -100,6 +107,20 @@ def _counting_point(consensus: list[dict[str, Any]]) -> tuple[dict[str, Any], li
     at_top = sorted((r for r in consensus if r["dict_size"] == best["dict_size"]), key=lambda r: r["knob_value"])
     grid = [r["knob_value"] for r in at_top]
     return best, [r["count"] for r in at_top if r["knob_value"] in _neighbours(grid, best["knob_value"])]
+
+
+def _growth(consensus: list[dict[str, Any]], best: dict[str, Any], tolerance: float) -> tuple[dict, dict] | None:
+    """(smaller, larger) consensus rows at the counting knob value whose counts show the count still growing with
+    size, or None. The next smaller size counts fewer by more than `tolerance` although it had room (at least twice
+    the latents of its count: so the features were not there to find, rather than squeezed out), or the next larger
+    size counts more by more than `tolerance`."""
+    rows = sorted((r for r in consensus if r["knob_value"] == best["knob_value"]), key=lambda r: r["dict_size"])
+    i = next(j for j, r in enumerate(rows) if r is best)
+    if i > 0 and 2 * rows[i - 1]["count"] <= rows[i - 1]["dict_size"] and best["count"] > (1 + tolerance) * rows[i - 1]["count"]:
+        return rows[i - 1], best
+    if i + 1 < len(rows) and rows[i + 1]["count"] > (1 + tolerance) * best["count"]:
+        return best, rows[i + 1]
+    return None
 
 
 def _caveats(
