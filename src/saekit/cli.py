@@ -54,6 +54,7 @@ def train(
     max_memory: Annotated[
         Optional[str], typer.Option("--max-memory", help="refuse sweeps estimated to need more, e.g. 12G (default: 80% of available RAM)")
     ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="if another saekit process is using --out, wait for it instead of refusing")] = False,
 ) -> None:
     """Train every SAE the config describes (one, or a grid from lists), sizes as ensembles in lockstep.
 
@@ -66,7 +67,7 @@ def train(
     cfg = load_config(config, set_ or [])
     limit = _memory_limit(max_memory)
     on_result = None if as_json else _print_summary
-    results, errors = run_config(cfg, out, progress=progress, on_result=on_result, max_memory=limit, dist_env=env)
+    results, errors = run_config(cfg, out, progress=progress, on_result=on_result, max_memory=limit, dist_env=env, wait=wait)
     if as_json and env.is_main:
         _print_json(results)
     for e in errors if env.is_main else []:
@@ -157,20 +158,24 @@ def reproduce(
     as_json: Annotated[bool, typer.Option("--json", help="print the estimate and the runs as one JSON document on stdout")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="refuse sweeps estimated to need more, e.g. 12G")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="if another saekit process is using --out, wait for it instead of refusing")] = False,
 ) -> None:
     """The report's toy experiment end to end: a sweep over size and L1, the estimate, and OUT/report.html."""
+    from saekit.outlock import hold_out_dir
     from saekit.pipeline import analyse_and_report
     from saekit.presets import describe, preset_config
     from saekit.train.run import run_config
 
     if preset == "lm":
-        _reproduce_lm(out, set_ or [], as_json=as_json, progress=progress, max_memory=max_memory)
+        with hold_out_dir(out, wait=wait):
+            _reproduce_lm(out, set_ or [], as_json=as_json, progress=progress, max_memory=max_memory)
         return
     cfg = preset_config(preset, set_ or [])
     limit = _memory_limit(max_memory)
-    print(describe(preset, cfg), file=sys.stderr, flush=True)
-    results, errors = run_config(cfg, out, progress=progress, max_memory=limit)
-    result, path = analyse_and_report(out)
+    with hold_out_dir(out, wait=wait):
+        print(describe(preset, cfg), file=sys.stderr, flush=True)
+        results, errors = run_config(cfg, out, progress=progress, max_memory=limit)
+        result, path = analyse_and_report(out)
     if as_json:
         _print_json({"estimate": result, "report": str(path), "runs": results, "errors": errors})
     else:
@@ -205,6 +210,7 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="print the table and every SAE trained as one JSON document")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="refuse sweeps estimated to need more, e.g. 12G")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="if another saekit process is using --out, wait for it instead of refusing")] = False,
 ) -> None:
     """Train every architecture on the same ground-truth data at a matched L0 and tabulate MMCS, recovery, FVU, L0, dead latents."""
     from saekit.compare import run_compare
@@ -216,6 +222,7 @@ def compare(
         target_l0=l0,
         preset=preset,
         progress=progress,
+        wait=wait,
         max_memory=_memory_limit(max_memory),
         log=lambda text: print(text, file=sys.stderr, flush=True),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from saekit.archspec import ARCH_SPECS
 from saekit.atomic import atomic_write_bytes
 from saekit.config import KNOWN_ARCHS, SPARSITY_KNOBS, Config, load_config
 from saekit.errors import InputError
+from saekit.outlock import hold_out_dir
 
 # Coefficients tried for a penalty architecture: its default times these factors.
 PENALTY_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -131,6 +133,7 @@ def run_compare(
     progress: bool = True,
     max_memory: int | None = None,
     log: Any = None,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Train every architecture (default: all) on the source and train config of `overrides` (on the preset's
     data: the toy defaults, or `synth`'s SynthSAEBench-shaped source) into OUT/ARCH/, pick each one's SAE
@@ -139,19 +142,26 @@ def run_compare(
     sae.dict_size, when not given, is sized from the data (`compare_base`).
     Returns {"target_l0", "dict_size", "rows" (one per arch, the table), "candidates" (every SAE trained), "table" (markdown)}.
     """
-    from saekit.train.run import run_config
-
     say = log or (lambda text: None)
     archs = list(archs or KNOWN_ARCHS)
     unknown = [a for a in archs if a not in KNOWN_ARCHS]
     if unknown:
         raise InputError(f"unknown architecture {unknown[0]!r}; known: {', '.join(KNOWN_ARCHS)}")
-    base, basis = compare_base(overrides, preset)
-    say(f"compare: {basis}")
-    target_l0 = default_target_l0(base) if target_l0 is None else target_l0
-    if target_l0 <= 0:
-        raise InputError(f"target L0 must be positive, got {target_l0}")
-    out = Path(out_dir)
+    with hold_out_dir(out_dir, wait=wait):
+        base, basis = compare_base(overrides, preset)
+        say(f"compare: {basis}")
+        target_l0 = default_target_l0(base) if target_l0 is None else target_l0
+        if target_l0 <= 0:
+            raise InputError(f"target L0 must be positive, got {target_l0}")
+        return _compare_archs(archs, base, target_l0, Path(out_dir), progress, max_memory, say)
+
+
+def _compare_archs(
+    archs: list[str], base: Config, target_l0: int, out: Path, progress: bool, max_memory: int | None, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Train each architecture into OUT/ARCH, pick its SAE nearest the target L0, write compare.json and compare.md."""
+    from saekit.train.run import run_config
+
     rows, candidates = [], []
     for arch in archs:
         cfg = compare_config(arch, base, target_l0)

@@ -9,7 +9,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from saekit.distributed import (
 from saekit.errors import InputError
 from saekit.io import load_optimizer_state, load_sae, read_cfg, save_checkpoint
 from saekit.metrics import first_reaching, mmcs_members
+from saekit.outlock import hold_out_dir
 from saekit.sae import ARCHITECTURES, SparseAutoencoder
 from saekit.sae.geometric_median import geometric_median
 from saekit.sources import Stream, make_source
@@ -79,6 +80,7 @@ def run_config(
     on_result: Callable[[Row], None] | None = None,
     max_memory: int | None = None,
     dist_env: DistEnv | None = None,
+    wait: bool = False,
 ) -> tuple[list[Row], list[str]]:
     """Train every SAE the config describes into `out_dir`; returns (result rows, errors of failed runs).
 
@@ -90,9 +92,12 @@ def run_config(
     `dist_env` (`saekit.distributed.distributed_env()` under torchrun) shares the work among its ranks as
     `cfg.train.parallel` says (`saekit.train.role`); every rank calls this alike, on an OUT every rank sees. Rank 0
     returns every SAE's row (and calls `on_result`), the others none; every rank returns every rank's errors.
-    Without `dist_env` a process torchrun started among several is refused; `DistEnv()` runs it alone anyway."""
+    Without `dist_env` a process torchrun started among several is refused; `DistEnv()` runs it alone anyway.
+
+    OUT is held for the call (`saekit.outlock`): another process on it is refused in one line, or, with `wait`,
+    waited for."""
     role, device = _launch(cfg, dist_env)
-    with process_group(role.env, device):
+    with process_group(role.env, device), _exclusive(Path(out_dir), role, wait):
         sweep = _plan(cfg, Path(out_dir), role, device, max_memory)
         errors: list[str] = []
         with _session(sweep.out, role) as (store, states):
@@ -103,6 +108,20 @@ def run_config(
 
 
 # -- plan -------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _exclusive(out: Path, role: Role, wait: bool) -> Iterator[None]:
+    """OUT held by the main process of this command; a refusal there stops every rank alike."""
+    with ExitStack() as held:
+        message = None
+        if role.env.is_main:
+            try:
+                held.enter_context(hold_out_dir(out, wait=wait))
+            except InputError as err:
+                message = str(err)
+        raise_if_any(message, role.env)
+        yield
 
 
 def _launch(cfg: Config, dist_env: DistEnv | None) -> tuple[Role, torch.device]:
