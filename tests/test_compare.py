@@ -154,3 +154,27 @@ def test_compare_synth_preset_end_to_end_has_absorption_for_hierarchical_data(tm
     assert [r["arch"] for r in doc["rows"]] == ["batchtopk", "matryoshka"]
     assert all(0.0 <= r["absorption"] <= 1.0 and 0.0 <= r["mcc"] <= 1.0 for r in doc["rows"])
     assert "| absorption |" in doc["table"].splitlines()[0]
+
+
+def test_penalties_and_thresholds_follow_the_datas_scale():
+    """Data 10 times the toy data's scale: an L1 coefficient x 10 (it weighs activations, ∝ s, against a squared
+    error, ∝ s²), JumpReLU's L0 coefficient x 100 (a count against the squared error), its bandwidth and initial
+    threshold x 10 (activations); k is a count and stays. At scale 1 (the toy data) nothing changes."""
+    from saekit.archspec import ARCH_SPECS
+    from saekit.compare import compare_config
+    from saekit.config import load_config
+
+    assert knob_grid("relu", 8, 1024, 10.0) == pytest.approx([3.0 * f for f in PENALTY_FACTORS])
+    assert knob_grid("jumprelu", 8, 1024, 10.0) == pytest.approx([3e-3 * f for f in PENALTY_FACTORS])
+    assert knob_grid("gated", 8, 1024, 10.0) == pytest.approx([5e-3 * f for f in PENALTY_FACTORS])
+    assert knob_grid("topk", 8, 1024, 10.0) == [8]
+    assert ARCH_SPECS["jumprelu"].scaled_defaults(10.0) == {"l0_coef": 3e-3, "jump_bandwidth": 0.3, "jump_init_threshold": 0.5}
+    toy = load_config(None, ["sae.dict_size=64"])
+    jump = compare_config("jumprelu", toy, 5)
+    assert (jump.sae.jump_bandwidth, jump.sae.jump_init_threshold) == (0.03, 0.05) and jump.sae.l0_coef == knob_grid("jumprelu", 5, 64)
+    assert compare_config("relu", toy, 5).sae.decoder_bias is False  # the report's SAE on the report's offset-free data
+    synth = load_config(None, ["source.kind=synth", "source.d=16", "source.n_features=32", "sae.dict_size=64"])
+    scaled = compare_config("jumprelu", synth, 5, 10.0)
+    assert (scaled.sae.jump_bandwidth, scaled.sae.jump_init_threshold) == (0.3, 0.5)
+    relu = compare_config("relu", synth, 5, 10.0)  # data that may carry an offset: a decoder bias, as the presets give
+    assert relu.sae.decoder_bias is True and relu.sae.decoder_bias_init == "geometric_median"

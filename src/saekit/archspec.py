@@ -27,7 +27,10 @@ class ArchSpec:
     `sparsity_term` says what the loss's sparsity term measures and what multiplies it (figure labels).
     `defaults`: every config key (`sae.KEY`) the architecture reads besides arch, dict_size, decoder_bias and
     decoder_bias_init, knob first, with its default. `params` names the constructor argument of a key where the
-    two differ. `impl` is where the class lives, "module:Class"."""
+    two differ. `impl` is where the class lives, "module:Class". `data_units`: the keys whose values are in units
+    of the data's scale, with the power: the defaults were tuned on the report's toy data, and on data s times
+    its scale a key of power p takes default · s^p (an L1 coefficient weighs activations, ∝ s, against a squared
+    error, ∝ s²: power 1; an L0 coefficient weighs a count against it: power 2; thresholds are activations: 1)."""
 
     name: str
     knob: str
@@ -39,12 +42,20 @@ class ArchSpec:
     description: str
     impl: str
     params: Mapping[str, str] = field(default_factory=dict)
+    data_units: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if next(iter(self.defaults), None) != self.knob:
             raise ValueError(f"{self.name}: the knob {self.knob!r} must be the first of the defaults")
+        if not set(self.data_units) <= set(self.defaults):
+            raise ValueError(f"{self.name}: data_units names keys that are not in the defaults")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+        object.__setattr__(self, "data_units", MappingProxyType(dict(self.data_units)))
+
+    def scaled_defaults(self, scale: float) -> dict[str, Any]:
+        """The `data_units` keys' defaults for data `scale` times the toy data's scale (3 significant figures)."""
+        return {key: float(f"{self.defaults[key] * scale**power:.3g}") for key, power in self.data_units.items()}
 
     @property
     def knob_name(self) -> str:
@@ -94,6 +105,7 @@ RELU = ArchSpec(
     decoder_bias=False,
     description="the report's SAE: c = ReLU(W_e x + b_e), x_hat = W_d c, loss MSE + α·L1 (Sharkey et al. 2022)",
     impl="saekit.sae.relu:ReluSAE",
+    data_units={"l1": 1},
 )
 TOPK = ArchSpec(
     name="topk",
@@ -137,6 +149,7 @@ JUMPRELU = ArchSpec(
     description="c = z·H(z − θ) with a learned threshold per latent, loss MSE + λ·L0 (Rajamanoharan et al. 2024b)",
     impl="saekit.sae.jumprelu:JumpReLUSAE",
     params={"jump_bandwidth": "bandwidth", "jump_init_threshold": "init_threshold"},
+    data_units={"l0_coef": 2, "jump_bandwidth": 1, "jump_init_threshold": 1},
 )
 GATED = ArchSpec(
     name="gated",
@@ -147,6 +160,7 @@ GATED = ArchSpec(
     decoder_bias=True,
     description="a gate path picks the latents, a magnitude path sharing its directions sizes them (Rajamanoharan et al. 2024a)",
     impl="saekit.sae.gated:GatedSAE",
+    data_units={"l1": 1},
 )
 
 ARCH_SPECS: dict[str, ArchSpec] = {spec.name: spec for spec in (RELU, TOPK, BATCHTOPK, JUMPRELU, GATED, MATRYOSHKA)}

@@ -23,6 +23,7 @@ from saekit.atomic import atomic_write_bytes
 from saekit.config import KNOWN_ARCHS, SPARSITY_KNOBS, Config, load_config
 from saekit.errors import InputError
 from saekit.outlock import hold_out_dir
+from saekit.presets import NO_OFFSET_KINDS, OFFSET_SAE, data_scale
 
 # Coefficients tried for a penalty architecture: its default times these factors.
 PENALTY_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -38,14 +39,15 @@ COLUMNS = ("arch", "knob", "value", "l0", "mmcs", "recovered_0_9", "fvu", "dead_
 TRUTH_COLUMNS = ("mcc", "f1", "absorption", "split", "shrinkage")  # after COLUMNS; absorption only where the run has it
 
 
-def knob_grid(arch: str, target_l0: int, dict_size: int) -> list[int | float]:
-    """The values of the architecture's sparsity knob to train: [target_l0] for k, else the default times PENALTY_FACTORS."""
+def knob_grid(arch: str, target_l0: int, dict_size: int, scale: float = 1.0) -> list[int | float]:
+    """The values of the architecture's sparsity knob to train: [target_l0] for k, else the default (for data `scale`
+    times the toy data's scale, `ArchSpec.scaled_defaults`) times PENALTY_FACTORS."""
     spec = ARCH_SPECS[arch]
     if spec.integer_knob:
         if target_l0 > dict_size:
             raise InputError(f"target L0 {target_l0} is larger than dict_size {dict_size}")
         return [target_l0]
-    default = spec.defaults[spec.knob]
+    default = {**spec.defaults, **spec.scaled_defaults(scale)}[spec.knob]
     return [float(f"{default * f:.4g}") for f in PENALTY_FACTORS]
 
 
@@ -57,14 +59,18 @@ def nearest_l0(rows: list[dict[str, Any]], target_l0: float) -> dict[str, Any]:
     return min(done, key=lambda r: abs(math.log(r["l0"] / target_l0)))
 
 
-def compare_config(arch: str, base: Config, target_l0: int) -> Config:
-    """`base` with the architecture and its knob grid set (other sae keys take the architecture's defaults)."""
+def compare_config(arch: str, base: Config, target_l0: int, scale: float = 1.0) -> Config:
+    """`base` with the architecture and its knob grid set; its other keys in units of the data (`ArchSpec.data_units`)
+    follow the data's `scale`, and on data other than the in-house offset-free sources every architecture has a decoder
+    bias started at the geometric median (as in the presets); the rest take the architecture's defaults."""
     data = base.model_dump()
     dict_size = data["sae"]["dict_size"]
     if isinstance(dict_size, list):
         raise InputError("compare trains one dictionary size; give sae.dict_size a single value")
     knob = SPARSITY_KNOBS[arch]
-    data["sae"] = {"arch": arch, "dict_size": dict_size, knob: knob_grid(arch, target_l0, dict_size)}
+    offset = {} if base.source.kind in NO_OFFSET_KINDS else OFFSET_SAE  # data that may have an offset, as the presets do
+    data["sae"] = {"arch": arch, "dict_size": dict_size, **offset, **ARCH_SPECS[arch].scaled_defaults(scale)}
+    data["sae"][knob] = knob_grid(arch, target_l0, dict_size, scale)
     data["train"]["seeds"] = None
     return Config.model_validate(data)
 
@@ -153,19 +159,29 @@ def run_compare(
         target_l0 = default_target_l0(base) if target_l0 is None else target_l0
         if target_l0 <= 0:
             raise InputError(f"target L0 must be positive, got {target_l0}")
-        return _compare_archs(archs, base, target_l0, Path(out_dir), progress, max_memory, say)
+        scale = data_scale(base.source)
+        if scale != 1.0:
+            say(f"compare: the data's centred RMS norm is {scale:.2f} x the toy data's; the penalties and thresholds follow it")
+        return _compare_archs(archs, base, target_l0, scale, Path(out_dir), progress, max_memory, say)
 
 
 def _compare_archs(
-    archs: list[str], base: Config, target_l0: int, out: Path, progress: bool, max_memory: int | None, say: Callable[[str], None]
+    archs: list[str],
+    base: Config,
+    target_l0: int,
+    scale: float,
+    out: Path,
+    progress: bool,
+    max_memory: int | None,
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
     """Train each architecture into OUT/ARCH, pick its SAE nearest the target L0, write compare.json and compare.md."""
     from saekit.train.run import run_config
 
     rows, candidates = [], []
     for arch in archs:
-        cfg = compare_config(arch, base, target_l0)
-        values = knob_grid(arch, target_l0, int(cfg.sae.dict_size))
+        cfg = compare_config(arch, base, target_l0, scale)
+        values = knob_grid(arch, target_l0, int(cfg.sae.dict_size), scale)
         say(f"compare: {arch}, {cfg.sae.knob} in {values}, {cfg.train.samples:,} samples each")
         results, errors = run_config(cfg, out / arch, progress=progress, max_memory=max_memory)
         for e in errors:
@@ -178,7 +194,8 @@ def _compare_archs(
             | {c: chosen.get(c) for c in TRUTH_COLUMNS if c != "absorption" or c in chosen}
         )
     table = markdown_table(rows)
-    doc = {"target_l0": target_l0, "dict_size": base.sae.dict_size, "rows": rows, "candidates": candidates, "table": table}
+    doc = {"target_l0": target_l0, "dict_size": base.sae.dict_size, "data_scale": scale, "rows": rows, "candidates": candidates}
+    doc["table"] = table
     atomic_write_bytes(out / "compare.json", json.dumps(doc, indent=2).encode())
     atomic_write_bytes(out / "compare.md", (table + "\n").encode())
     return doc
