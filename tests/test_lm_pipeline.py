@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from lm_fixtures import make_tiny_bert, make_tiny_llama  # noqa: E402
 from saekit.config import parse_config  # noqa: E402
 from saekit.io import read_cfg  # noqa: E402
-from saekit.lm.downstream import loss_recovered, next_token_loss  # noqa: E402
+from saekit.lm.downstream import loss_recovered, next_token_loss, spliced_losses  # noqa: E402
 from saekit.lm.extract import extract_activations  # noqa: E402
 from saekit.lm.models import load_model  # noqa: E402
 from saekit.train.run import run_config  # noqa: E402
@@ -71,6 +71,34 @@ def test_next_token_loss_with_identity_and_zero_splices(tiny: dict[str, Path]) -
     zero_by_hand = torch.nn.functional.cross_entropy(zl[:, 1:-1].reshape(-1, zl.shape[-1]), windows[:, 2:].reshape(-1)).item()
     assert zero == pytest.approx(zero_by_hand, rel=1e-5)
     assert abs(zero - clean) > 1e-5
+
+
+def test_spliced_losses_give_the_cross_entropy_and_the_kl_to_the_clean_predictions(tiny: dict[str, Path]) -> None:
+    lm = load_model(str(tiny["model"]))
+    g = torch.Generator().manual_seed(1)
+    windows = torch.randint(0, lm.model.config.vocab_size, (5, 16), generator=g)
+    kw = {"layer": 1, "site": "resid", "skip_positions": 2, "batch_windows": 2}  # 3 batches, the last one short
+    halve = lambda x: 0.5 * x  # noqa: E731
+    (ce_same, kl_same), (ce_half, kl_half) = spliced_losses(lm, windows, [lambda x: x, halve], **kw)
+    assert ce_same == pytest.approx(next_token_loss(lm, windows, **kw), rel=1e-5) and abs(kl_same) < 1e-6
+    assert ce_half == pytest.approx(next_token_loss(lm, windows, splice=halve, **kw), rel=1e-5)
+    # by hand: KL(P_clean || P_half) = sum_v p_clean (log p_clean - log p_half), mean over positions 2..14 of 5 windows
+
+    def halve_from_2(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[:, 2:] *= 0.5
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    with torch.no_grad():
+        clean = torch.log_softmax(lm.model(input_ids=windows).logits[:, 2:-1].float(), dim=-1)
+        handle = lm.layers()[1].register_forward_hook(halve_from_2)
+        try:
+            half = torch.log_softmax(lm.model(input_ids=windows).logits[:, 2:-1].float(), dim=-1)
+        finally:
+            handle.remove()
+    by_hand = (clean.exp() * (clean - half)).sum(-1).mean().item()
+    assert by_hand > 1e-4 and kl_half == pytest.approx(by_hand, rel=1e-4)
 
 
 def test_training_on_extracted_activations_records_scale_and_downstream_loss(tiny: dict[str, Path]) -> None:

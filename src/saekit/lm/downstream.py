@@ -2,7 +2,10 @@
 
 The fraction of loss recovered, (CE_zero - CE_sae) / (CE_zero - CE_clean), is the field's usual
 measure (SAELens, SAEBench, dictionary_learning): 1 when splicing the SAE's reconstruction into the
-forward pass costs nothing, 0 when it is as bad as zeroing the site. Positions before
+forward pass costs nothing, 0 when it is as bad as zeroing the site. It compares losses on the true next
+tokens, so a reconstruction can score above 1 on a sample where its change happens to lower the loss; the KL
+divergence KL(P_clean || P_sae) of the next-token distributions, averaged over the scored positions, is 0 only
+when the model's predictions are unchanged. Positions before
 `skip_positions` are left clean (they were not trained on) and are not scored; every other position p
 predicts token p + 1. Tokens whose activation norm exceeds the source's norm threshold (massive
 activations, left out of training) are left clean too, in the SAE's pass and in the zero-ablated one.
@@ -40,25 +43,64 @@ def next_token_loss(
     """
     device = next(lm.model.parameters()).device
     total, count = 0.0, 0
-
-    def patched(act: torch.Tensor) -> torch.Tensor:  # (B, T, d)
-        out = act.clone()
-        kept = act[:, skip_positions:]
-        out[:, skip_positions:] = splice(kept.reshape(-1, act.shape[-1])).reshape(kept.shape).to(act.dtype)
-        return out
-
     for i in range(0, windows.shape[0], batch_windows):
         ids = windows[i : i + batch_windows].to(device)
         if splice is None:
             logits = lm.model(input_ids=ids, use_cache=False).logits
         else:
-            with replace(lm, layer, site, patched):
+            with replace(lm, layer, site, _patch(splice, skip_positions)):
                 logits = lm.model(input_ids=ids, use_cache=False).logits
         pred = logits[:, skip_positions:-1].float()
         target = ids[:, skip_positions + 1 :]
         total += F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum").item()
         count += target.numel()
     return total / max(count, 1)
+
+
+@torch.inference_mode()
+def spliced_losses(
+    lm: LanguageModel,
+    windows: torch.Tensor,
+    splices: list[Splice],
+    *,
+    layer: int,
+    site: str,
+    skip_positions: int = 1,
+    batch_windows: int = 8,
+) -> list[tuple[float, float]]:
+    """Per splice: (mean next-token cross-entropy, mean KL(P_clean || P_spliced)) in nats over the positions
+    `next_token_loss` scores. The clean forward pass runs once per batch of windows, shared by every splice."""
+    device = next(lm.model.parameters()).device
+    ce_sums, kl_sums, count = [0.0] * len(splices), [0.0] * len(splices), 0
+    for i in range(0, windows.shape[0], batch_windows):
+        ids = windows[i : i + batch_windows].to(device)
+        target = ids[:, skip_positions + 1 :].reshape(-1)
+        clean = _log_probs(lm.model(input_ids=ids, use_cache=False).logits, skip_positions)
+        for j, splice in enumerate(splices):
+            with replace(lm, layer, site, _patch(splice, skip_positions)):
+                spliced = _log_probs(lm.model(input_ids=ids, use_cache=False).logits, skip_positions)
+            ce_sums[j] += F.nll_loss(spliced, target, reduction="sum").item()
+            kl_sums[j] += F.kl_div(spliced, clean, reduction="sum", log_target=True).item()
+        count += target.numel()
+    return [(ce / max(count, 1), kl / max(count, 1)) for ce, kl in zip(ce_sums, kl_sums)]
+
+
+def _log_probs(logits: torch.Tensor, skip_positions: int) -> torch.Tensor:
+    """(B·P, V) float32 next-token log-probabilities at the scored positions skip_positions .. T-2."""
+    pred = logits[:, skip_positions:-1].float()
+    return F.log_softmax(pred.reshape(-1, pred.shape[-1]), dim=-1)
+
+
+def _patch(splice: Splice, skip_positions: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A site replacement: positions >= skip_positions of (B, T, d) activations go through `splice`."""
+
+    def patched(act: torch.Tensor) -> torch.Tensor:
+        out = act.clone()
+        kept = act[:, skip_positions:]
+        out[:, skip_positions:] = splice(kept.reshape(-1, act.shape[-1])).reshape(kept.shape).to(act.dtype)
+        return out
+
+    return patched
 
 
 def loss_recovered(ce_clean: float, ce_zero: float, ce_sae: float) -> float:
@@ -98,23 +140,23 @@ class DownstreamEvaluator:
         return torch.where((x.norm(dim=1) > self.norm_threshold)[:, None], x, torch.zeros_like(x))
 
     def evaluate(self, sae: Any, input_scale: float) -> list[dict[str, float]]:
-        """Per member: ce_clean, ce_zero, ce_sae, ce_loss_recovered, ce_delta (CE_sae - CE_clean), ce_eval_tokens."""
-        rows = []
-        for k in range(sae.n_members):
-            # member k alone: the ensemble's forward would reconstruct every member at every spliced pass
-            single = sae.member(k)
-            ce = next_token_loss(self.lm, self.windows, splice=sae_splice(single, 0, input_scale, self.norm_threshold), **self.kw)
-            rows.append(
-                {
-                    "ce_clean": self.ce_clean,
-                    "ce_zero": self.ce_zero,
-                    "ce_sae": ce,
-                    "ce_delta": ce - self.ce_clean,
-                    "ce_loss_recovered": loss_recovered(self.ce_clean, self.ce_zero, ce),
-                    "ce_eval_tokens": int(self.windows.shape[0] * (self.windows.shape[1] - 1 - self.kw["skip_positions"])),
-                }
-            )
-        return rows
+        """Per member: ce_clean, ce_zero, ce_sae, ce_loss_recovered, ce_delta (CE_sae - CE_clean), ce_eval_tokens and
+        kl_div (mean KL(P_clean || P_sae) per scored token, nats)."""
+        # each member alone: the ensemble's forward would reconstruct every member at every spliced pass
+        splices = [sae_splice(sae.member(k), 0, input_scale, self.norm_threshold) for k in range(sae.n_members)]
+        tokens = int(self.windows.shape[0] * (self.windows.shape[1] - 1 - self.kw["skip_positions"]))
+        return [
+            {
+                "ce_clean": self.ce_clean,
+                "ce_zero": self.ce_zero,
+                "ce_sae": ce,
+                "ce_delta": ce - self.ce_clean,
+                "ce_loss_recovered": loss_recovered(self.ce_clean, self.ce_zero, ce),
+                "ce_eval_tokens": tokens,
+                "kl_div": kl,
+            }
+            for ce, kl in spliced_losses(self.lm, self.windows, splices, **self.kw)
+        ]
 
 
 def downstream_evaluator(source: Any, n_tokens: int) -> DownstreamEvaluator | None:

@@ -38,11 +38,12 @@ RUN_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("split", "split", True),
     ("shrinkage", "shrinkage", True),
     ("ce_loss_recovered", "ce_loss_recovered", True),
+    ("kl_div", "kl_div", True),
 )
 # Shown only when some run has a value (ground truth metrics for generated data, absorption only where the data has
 # parent features, downstream loss for a language model).
 OPTIONAL_COLUMNS = frozenset(
-    {"dense_fraction", "mmcs", "recovered_0_9", "mcc", "f1", "absorption", "split", "shrinkage", "ce_loss_recovered"}
+    {"dense_fraction", "mmcs", "recovered_0_9", "mcc", "f1", "absorption", "split", "shrinkage", "ce_loss_recovered", "kl_div"}
 )
 
 SECTIONS: tuple[tuple[str, str, str], ...] = (
