@@ -146,15 +146,15 @@ def test_a_count_still_growing_with_size_is_a_lower_bound():
     result = estimate(sweep)
     assert result["n_features"] == 20 and result["lower_bound"] is True and result["stable"] is False
     assert "it grew from 10 at 40 latents to 20 at 80" in result["summary"]
-    # The same when the seeds agree best at the smaller size (each seed's 80-latent dictionary gets its own junk):
-    # the count is read at 40 latents, and the larger dictionaries count twice as many.
+    # The same when the seeds agree better at the smaller size (each seed's 80-latent dictionary gets its own junk):
+    # the count is still read at the largest size with room, 80 latents.
     for run in sweep.select(dict_size=80):
         junk = torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=1)
         sweep._directions[(run["run_id"], False)] = torch.cat([sweep.live_directions(run), junk])
     for run in sweep.select(dict_size=40):
         sweep._directions[(run["run_id"], False)] = sweep.live_directions(run)[:10]
     result = estimate(sweep)
-    assert "at 40 latents" in result["signals"][0]["note"] and result["lower_bound"] is True
+    assert "at 80 latents" in result["signals"][0]["note"] and result["lower_bound"] is True
     assert "it grew from 10 at 40 latents to 20 at 80" in result["summary"]
     # 15% growth is within the tolerance: 17 shared at 40 latents, 20 at 80 (20 <= 1.15 x 17 = 19.55 is false: grows);
     # 18 shared (20 <= 20.7): settled.
@@ -163,6 +163,18 @@ def test_a_count_still_growing_with_size_is_a_lower_bound():
         for run in sweep.select(dict_size=40):
             sweep._directions[(run["run_id"], False)] = sweep.live_directions(run)[:shared]
         assert estimate(sweep)["lower_bound"] is grows
+
+
+def test_a_count_that_grew_from_a_size_without_room_is_unconfirmed_not_a_lower_bound():
+    # 30 true features, sizes 40 and 80 with two seeds: at 40 latents the seeds share 24 (no room: 2 x 24 > 40), at 80
+    # all 30 (room). 30 > 1.15 x 24: the count grew with size, but 40 latents were too few to show all the features,
+    # so the count is not stable and not called a lower bound.
+    sweep = _truth_sweep(n_true=30)
+    for run in sweep.select(dict_size=40):
+        sweep._directions[(run["run_id"], False)] = sweep.live_directions(run)[:24]
+    result = estimate(sweep)
+    assert result["n_features"] == 30 and result["stable"] is False and result["lower_bound"] is False
+    assert "count not settled with size: it grew from 24 at 40 latents to 30 at 80" in result["summary"]
 
 
 def test_a_count_without_room_is_a_lower_bound():

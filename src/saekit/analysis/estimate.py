@@ -43,14 +43,18 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     settled = late is None or abs(late - best["count"]) <= tolerance * max(best["count"], 1)
     roomy_enough = 2 * best["count"] <= best["dict_size"]  # else the largest dictionaries had no room: a lower bound
     growth = _growth(consensus, best, tolerance)
+    growing = growth is not None and 2 * growth[0]["count"] <= growth[0]["dict_size"]  # room, yet fewer: a lower bound
     consistent = all(abs(c - n_features) <= tolerance * n_features for c in near)
     stable = settled and roomy_enough and growth is None and consistent
     low, high = min(near), max(near)
     caveats = _caveats(best, settled, roomy_enough, consistent, sweep.spec.knob_name, tolerance)
     if growth is not None:
+        smaller, larger = growth
+        said = f"it grew from {smaller['count']} at {smaller['dict_size']} latents to {larger['count']} at {larger['dict_size']}"
         caveats.append(
-            f"count is a lower bound: it grew from {growth[0]['count']} at {growth[0]['dict_size']} latents to "
-            f"{growth[1]['count']} at {growth[1]['dict_size']}, so it has not settled with size; train larger dictionaries"
+            f"count is a lower bound: {said}, so it has not settled with size; train larger dictionaries"
+            if growing
+            else f"count not settled with size: {said}; train larger dictionaries to see where it levels off"
         )
 
     dict_size, value = recommend(sweep, n_features, top)
@@ -88,7 +92,7 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
         sweep.knob: sweep.spec.knob_number(value),
         "knob": sweep.knob,
         "stable": stable,
-        "lower_bound": not roomy_enough or growth is not None,
+        "lower_bound": not roomy_enough or growing,
         "seed_agreement": best["agreement"],
         "caveats": caveats,
         "signals": signals,
@@ -100,23 +104,26 @@ def _counting_point(consensus: list[dict[str, Any]]) -> tuple[dict[str, Any], li
     """The consensus row the count is read at, and the counts at its knob value and its neighbours in the grid.
 
     Trust only dictionaries with room for every feature they count (at least twice as many latents): smaller ones
-    merge features and under-count. Among those, take the (size, knob value) whose seeds agree best. The count is
-    the median over that knob value and its neighbours, so one odd value cannot move it."""
-    roomy = [r for r in consensus if 2 * r["count"] <= r["dict_size"] and r["count"] > 0] or consensus
-    best = max(roomy, key=lambda r: (r["agreement"], r["dict_size"]))
+    merge features and under-count. Among those, at the largest size that has any, take the knob value whose seeds
+    agree best. The count is the median over that knob value and its neighbours, so one odd value cannot move it."""
+    roomy = [r for r in consensus if 2 * r["count"] <= r["dict_size"] and r["count"] > 0]
+    if roomy:  # the largest size with room: smaller ones agree better but count fewer (no room to tell features apart)
+        roomy = [r for r in roomy if r["dict_size"] == max(r["dict_size"] for r in roomy)]
+    best = max(roomy or consensus, key=lambda r: (r["agreement"], r["dict_size"]))
     at_top = sorted((r for r in consensus if r["dict_size"] == best["dict_size"]), key=lambda r: r["knob_value"])
     grid = [r["knob_value"] for r in at_top]
     return best, [r["count"] for r in at_top if r["knob_value"] in _neighbours(grid, best["knob_value"])]
 
 
 def _growth(consensus: list[dict[str, Any]], best: dict[str, Any], tolerance: float) -> tuple[dict, dict] | None:
-    """(smaller, larger) consensus rows at the counting knob value whose counts show the count still growing with
-    size, or None. The next smaller size counts fewer by more than `tolerance` although it had room (at least twice
-    the latents of its count: so the features were not there to find, rather than squeezed out), or the next larger
-    size counts more by more than `tolerance`."""
+    """(smaller, larger) consensus rows at the counting knob value whose counts differ by more than `tolerance`: the
+    count has not settled with size, or None. The next smaller and the next larger size trained with two seeds are
+    compared. Where the smaller had room for its count (at least twice the latents), the features were not there to
+    find at that size, so the count is a lower bound; where it had none, the growth may be features squeezed out
+    there or splits counted at the larger size, so the count is only unconfirmed."""
     rows = sorted((r for r in consensus if r["knob_value"] == best["knob_value"]), key=lambda r: r["dict_size"])
     i = next(j for j, r in enumerate(rows) if r is best)
-    if i > 0 and 2 * rows[i - 1]["count"] <= rows[i - 1]["dict_size"] and best["count"] > (1 + tolerance) * rows[i - 1]["count"]:
+    if i > 0 and best["count"] > (1 + tolerance) * rows[i - 1]["count"]:
         return rows[i - 1], best
     if i + 1 < len(rows) and rows[i + 1]["count"] > (1 + tolerance) * best["count"]:
         return best, rows[i + 1]
