@@ -47,15 +47,7 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     consistent = all(abs(c - n_features) <= tolerance * n_features for c in near)
     stable = settled and roomy_enough and growth is None and consistent
     low, high = min(near), max(near)
-    caveats = _caveats(best, settled, roomy_enough, consistent, sweep.spec.knob_name, tolerance)
-    if growth is not None:
-        smaller, larger = growth
-        said = f"it grew from {smaller['count']} at {smaller['dict_size']} latents to {larger['count']} at {larger['dict_size']}"
-        caveats.append(
-            f"count is a lower bound: {said}, so it has not settled with size; train larger dictionaries"
-            if growing
-            else f"count not settled with size: {said}; train larger dictionaries to see where it levels off"
-        )
+    caveats = _caveats(best, settled, roomy_enough, consistent, sweep.spec.knob_name, tolerance) + _growth_caveat(growth, growing)
 
     dict_size, value = recommend(sweep, n_features, top)
     knob = sweep.spec.knob_name  # "L1 coefficient α" for relu and gated sweeps, "k" for topk, ...
@@ -128,6 +120,17 @@ def _growth(consensus: list[dict[str, Any]], best: dict[str, Any], tolerance: fl
     if i + 1 < len(rows) and rows[i + 1]["count"] > (1 + tolerance) * best["count"]:
         return best, rows[i + 1]
     return None
+
+
+def _growth_caveat(growth: tuple[dict, dict] | None, lower_bound: bool) -> list[str]:
+    """The clause saying the count still grew with size (a lower bound, or only unconfirmed), or none."""
+    if growth is None:
+        return []
+    smaller, larger = growth
+    said = f"it grew from {smaller['count']} at {smaller['dict_size']} latents to {larger['count']} at {larger['dict_size']}"
+    if lower_bound:
+        return [f"count is a lower bound: {said}, so it has not settled with size; train larger dictionaries"]
+    return [f"count not settled with size: {said}; train larger dictionaries to see where it levels off"]
 
 
 def _caveats(
