@@ -177,6 +177,18 @@ def test_a_count_that_grew_from_a_size_without_room_is_unconfirmed_not_a_lower_b
     assert "count not settled with size: it grew from 24 at 40 latents to 30 at 80" in result["summary"]
 
 
+def test_seeds_that_share_nothing_give_no_stable_count():
+    # Two seeds whose dictionaries hold only their own random directions (undertrained): a count of 0 at every size,
+    # consistent with itself, must not be called stable.
+    sweep = _truth_sweep()
+    g = torch.Generator().manual_seed(2)
+    for run in sweep.runs:
+        sweep._directions[(run["run_id"], False)] = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    result = estimate(sweep)
+    assert result["n_features"] == 0 and result["stable"] is False
+    assert "the two seeds share no feature" in result["summary"]
+
+
 def test_a_count_without_room_is_a_lower_bound():
     # 20 true features, but the largest dictionaries (the ones with two seeds) have only 30 latents: 2 x 20 > 30.
     sweep = _truth_sweep(sizes=(10, 20, 30), seeds_at=(30,))

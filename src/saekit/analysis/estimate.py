@@ -45,7 +45,7 @@ def estimate(sweep: Sweep, analysis: dict[str, Any] | None = None, tolerance: fl
     growth = _growth(consensus, best, tolerance)
     growing = growth is not None and 2 * growth[0]["count"] <= growth[0]["dict_size"]  # room, yet fewer: a lower bound
     consistent = all(abs(c - n_features) <= tolerance * n_features for c in near)
-    stable = settled and roomy_enough and growth is None and consistent
+    stable = settled and roomy_enough and growth is None and consistent and n_features > 0
     low, high = min(near), max(near)
     caveats = _caveats(best, settled, roomy_enough, consistent, sweep.spec.knob_name, tolerance) + _growth_caveat(growth, growing)
 
@@ -138,6 +138,8 @@ def _caveats(
 ) -> list[str]:
     """Why the count is not trusted, one clause each (empty when nothing speaks against it)."""
     caveats = []
+    if best["count"] == 0:
+        caveats.append("the two seeds share no feature: train longer, or the data has none the SAEs can find")
     if not consistent:
         caveats.append(f"neighbouring {knob} values give counts more than {tolerance:.0%} apart")
     if not roomy_enough:
