@@ -23,7 +23,7 @@ from saekit.atomic import atomic_write_bytes
 from saekit.config import KNOWN_ARCHS, SPARSITY_KNOBS, Config, load_config
 from saekit.errors import InputError
 from saekit.outlock import hold_out_dir
-from saekit.presets import NO_OFFSET_KINDS, OFFSET_SAE, data_scale
+from saekit.presets import NO_OFFSET_KINDS, OFFSET_SAE, TOY_FEATURES_PER_D, data_scale, grid_features, overrides_dict, synth_source
 
 # Coefficients tried for a penalty architecture: its default times these factors.
 PENALTY_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -79,7 +79,6 @@ def compare_base(overrides: list[str], preset: str = "toy") -> tuple[Config, str
     """The config `overrides` describe (the preset's data: toy defaults, or source.kind synth), with sae.dict_size,
     when not given, sized from the data (SIZE_PER_FEATURE x G; synth: SYNTH_LATENTS_PER_FEATURE x G); and one
     sentence saying where the size came from. Other sae keys are refused."""
-    from saekit.presets import TOY_FEATURES_PER_D, grid_features
     from saekit.sources.shape import data_shape
 
     if preset not in PRESETS:
@@ -106,10 +105,7 @@ def compare_base(overrides: list[str], preset: str = "toy") -> tuple[Config, str
 
 def synth_overrides(overrides: list[str]) -> list[str]:
     """`overrides` with source.kind=synth first (another source kind is refused in one line)."""
-    from saekit.presets import synth_source
-
-    kinds = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "source.kind"]
-    synth_source({"kind": kinds[-1]} if kinds else {})
+    synth_source(overrides_dict(overrides).get("source", {}))
     return ["source.kind=synth", *overrides]
 
 
