@@ -187,6 +187,36 @@ def reproduce(
 
 
 @app.command()
+def count(
+    target: Annotated[Path, typer.Argument(help="a YAML config, an activations folder, a SAELens synthetic-model folder or a tensor file")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key, e.g. --set sae.arch=topk")] = None,
+    out: Annotated[Path, typer.Option("--out", help="output folder: runs.sqlite, probes/, count.json, report.html")] = Path("saekit-count"),
+    budget: Annotated[Optional[str], typer.Option("--budget", help="stop before a size that would pass this much time, e.g. 15m")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the curve and its verdict as one JSON document on stdout")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars on stderr")] = True,
+    max_memory: Annotated[
+        Optional[str], typer.Option("--max-memory", help="largest ensemble to train, e.g. 12G (default: 80% of available RAM)")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="if another saekit process is using --out, wait for it instead of refusing")] = False,
+) -> None:
+    """How many features the data holds: an adaptive search over dictionary size (seed pairs at doubling sizes, the
+    sparsity knob calibrated by probes) that stops when the count curve saturates, and its verdict in one sentence."""
+    from saekit.count import count_config, count_features, parse_duration
+
+    cfg = count_config(target, set_ or [])
+    seconds = None if budget is None else parse_duration(budget)
+    log = lambda text: print(f"saekit count: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    result = count_features(cfg, out, budget_seconds=seconds, progress=progress, max_memory=_memory_limit(max_memory), wait=wait, log=log)
+    if as_json:
+        _print_json(result)
+    else:
+        print(result["sentence"])
+        print(f"curve: {out / 'count.json'}")
+    if result["errors"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def compare(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a source or train key, e.g. --set source.seed=7")] = None,
     out: Annotated[Path, typer.Option("--out", help="output folder: one sweep per architecture, compare.json and compare.md")] = Path(

@@ -14,6 +14,7 @@ import torch
 
 from saekit.archspec import RELU
 from saekit.sae.base import SparseAutoencoder
+from saekit.sae.precision import bmm
 
 DEFAULTS = RELU.constructor_defaults()
 
@@ -33,8 +34,8 @@ class _FusedReluLoss(torch.autograd.Function):
         K, d, m = W_enc.shape
         xc = (x if b_dec is None else x - b_dec[:, None, :]).expand(K, -1, d)  # (K, B, d)
         B = xc.shape[1]
-        c = torch.bmm(xc, W_enc).add_(b_enc[:, None, :]).relu_()  # (K, B, m)
-        err = torch.bmm(c, W_dec).sub_(xc)  # x_hat - x: (K, B, d)
+        c = bmm(xc, W_enc).add_(b_enc[:, None, :]).relu_()  # (K, B, m)
+        err = bmm(c, W_dec).sub_(xc)  # x_hat - x: (K, B, d)
         reconstruction = err.pow(2).mean(dim=(1, 2))
         sparsity = c.sum(dim=(1, 2)) / (B if sum_over_latents else B * m)
         ctx.save_for_backward(xc, c, err, W_enc, W_dec)
@@ -51,18 +52,18 @@ class _FusedReluLoss(torch.autograd.Function):
         g_rec = torch.zeros(K, device=c.device) if g_rec is None else g_rec
         g_sp = torch.zeros(K, device=c.device) if g_sp is None else g_sp
         g_err = err * (g_rec * (2.0 / (B * d)))[:, None, None]  # dLoss/dx_hat: (K, B, d)
-        g_W_dec = torch.bmm(c.transpose(1, 2), g_err)
+        g_W_dec = bmm(c.transpose(1, 2), g_err)
         # dLoss/dc = g_err W_dec^T + g_sp * l1_scale (|c| = c on the ReLU's support), then the ReLU mask.
-        g_c = torch.bmm(g_err, W_dec.transpose(1, 2)).add_((g_sp * ctx.l1_scale)[:, None, None])
+        g_c = bmm(g_err, W_dec.transpose(1, 2)).add_((g_sp * ctx.l1_scale)[:, None, None])
         g_pre = torch.ops.aten.threshold_backward.grad_input(g_c, c, 0.0, grad_input=g_c)  # in place: (K, B, m)
-        g_W_enc = torch.bmm(xc.transpose(1, 2), g_pre)  # (K, d, m)
+        g_W_enc = bmm(xc.transpose(1, 2), g_pre)  # (K, d, m)
         g_b_enc = g_pre.sum(dim=1)
         g_b_dec = None
         if ctx.has_b_dec:
-            g_b_dec = g_err.sum(dim=1) - torch.bmm(g_b_enc[:, None, :], W_enc.transpose(1, 2))[:, 0]
+            g_b_dec = g_err.sum(dim=1) - bmm(g_b_enc[:, None, :], W_enc.transpose(1, 2))[:, 0]
         g_x = None
         if ctx.needs_input_grad[0]:
-            g_x = torch.bmm(g_pre, W_enc.transpose(1, 2)) - g_err
+            g_x = bmm(g_pre, W_enc.transpose(1, 2)) - g_err
             if ctx.x_shared:
                 g_x = g_x.sum(dim=0)
         return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None

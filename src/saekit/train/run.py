@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from saekit.atomic import atomic_write_bytes
-from saekit.config import SPARSITY_KNOBS, Config
+from saekit.config import SPARSITY_KNOBS, Config, RunSpec
 from saekit.device import resolve_device
 from saekit.distributed import (
     DistEnv,
@@ -39,7 +39,7 @@ from saekit.sources import Stream, make_source
 from saekit.store import RunStore, done_run_ids, merge_rank_stores
 from saekit.train.data_parallel import DataParallel, RankBatches, check_data_parallel
 from saekit.train.evaluate import LATER_KEYS, eval_batch_size, evaluate_window
-from saekit.train.identity import grid_runs, run_config_dict
+from saekit.train.identity import grid_runs, run_config_dict, run_id_for
 from saekit.train.loop import TrainState, make_state, train_lockstep
 from saekit.train.plan import EnsemblePlan, memory_limit, memory_refusal
 from saekit.train.role import Role, role_for
@@ -81,8 +81,11 @@ def run_config(
     max_memory: int | None = None,
     dist_env: DistEnv | None = None,
     wait: bool = False,
+    specs: list[RunSpec] | None = None,
 ) -> tuple[list[Row], list[str]]:
     """Train every SAE the config describes into `out_dir`; returns (result rows, errors of failed runs).
+    `specs` replaces the config's grid by these SAEs (each with the config's other settings): a set that is not a
+    product of axes, as the feature-count search trains.
 
     SAEs of one size form an ensemble (one stacked model, one batched step), all ensembles train in lockstep on
     one data stream. Finished SAEs in `out_dir` are skipped, unfinished ensembles resume from their checkpoint.
@@ -98,7 +101,7 @@ def run_config(
     waited for."""
     role, device = _launch(cfg, dist_env)
     with process_group(role.env, device), _exclusive(Path(out_dir), role, wait):
-        sweep = _plan(cfg, Path(out_dir), role, device, max_memory)
+        sweep = _plan(cfg, Path(out_dir), role, device, max_memory, specs)
         errors: list[str] = []
         with _session(sweep.out, role) as (store, states):
             states += _start(cfg, sweep, store, role)
@@ -137,11 +140,13 @@ def _launch(cfg: Config, dist_env: DistEnv | None) -> tuple[Role, torch.device]:
     return role, device
 
 
-def _plan(cfg: Config, out: Path, role: Role, device: torch.device, max_memory: int | None) -> SweepPlan:
+def _plan(
+    cfg: Config, out: Path, role: Role, device: torch.device, max_memory: int | None, specs: list[RunSpec] | None = None
+) -> SweepPlan:
     """The source and this process's ensembles, checked on every rank (source, memory, the language model of
     the downstream loss) before anything is written."""
     source = _make_source_on_ranks(cfg, out, device, role)
-    specs, run_ids = grid_runs(cfg)
+    specs, run_ids = grid_runs(cfg) if specs is None else (specs, [run_id_for(cfg, spec) for spec in specs])
     plans = role.plans(specs, run_ids, skip=_done_runs(out, role))
     eval_batch = eval_batch_size(cfg.train.batch_size) if role.writes else 0
     limit = memory_limit(max_memory, device, role.env)

@@ -1,0 +1,150 @@
+"""The adaptive feature-count search (`saekit count`): from data or a config to the count curve and its verdict.
+
+The data and the architecture come from the config (or a data path); the training recipe is the search's own
+(`COUNT_TRAIN`), with any `--set train.KEY=VALUE` on top. Which knob values and sizes to train the search decides.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from saekit.config import Config, load_config
+from saekit.count.search import RESULT_FILE, SearchContext, SearchSettings, read_result, search
+from saekit.errors import InputError
+
+__all__ = ["COUNT_TRAIN", "RESULT_FILE", "count_config", "count_features", "default_settings", "parse_duration", "read_result"]
+
+# The search's training recipe (docs/guides/count.md, "The recipe"): the report's batch, a 3x larger lr with a linear
+# decay over the last 20%, and fewer samples than one SAE of `saekit train` (the search trains several per size).
+COUNT_TRAIN: dict[str, Any] = {
+    "batch_size": 256,
+    "lr": 3e-3,
+    "lr_decay": "linear",
+    "samples": 600_000,
+    "seeds": None,
+    "matmul_precision": "medium",
+}
+PROBE_FRACTION = 0.25  # a probe trains this share of an SAE's samples
+MIN_PROBE_SAMPLES = 50_000
+MAX_SIZE_PER_D = 64  # the largest size tried: 64 d (counts up to about 32 d features)
+# Recipe keys the config's own train section does not set (they are the search's); any other train key it keeps.
+RECIPE_KEYS = ("batch_size", "lr", "lr_decay", "lr_decay_fraction", "lr_warmup", "samples", "seed", "seeds", "seeds_min_size")
+# The sae keys the search chooses itself (a config's values are ignored).
+CHOSEN_SAE_KEYS = ("dict_size",)
+
+
+def count_config(target: str | Path, overrides: list[str] = ()) -> Config:
+    """The config a search runs on: `target` is a YAML config, an activations folder (with manifest.json), a folder
+    holding a SAELens synthetic model, or a tensor file; `overrides` (`section.key=value`) apply on top. The config's
+    train recipe keys give way to COUNT_TRAIN unless set in `overrides`."""
+    from saekit.presets import overrides_dict
+
+    path = Path(target)
+    if not path.exists():
+        raise InputError(f"{target}: no such file or folder")
+    given = overrides_dict(list(overrides))
+    data: dict[str, Any] = {}
+    if path.suffix in (".yaml", ".yml"):
+        data = load_config(path).model_dump(exclude_unset=True)
+        data["train"] = {k: v for k, v in data.get("train", {}).items() if k not in RECIPE_KEYS}
+        data["sae"] = {k: v for k, v in data.get("sae", {}).items() if k not in CHOSEN_SAE_KEYS}
+    elif path.is_dir():
+        kind = "activations" if (path / "manifest.json").is_file() else "synth"
+        data = {"source": {"kind": kind, "path": str(path)}}
+    else:
+        data = {"source": {"kind": "file", "path": str(path)}}
+    return _merge(data, given)
+
+
+def _merge(data: dict[str, Any], given: dict[str, Any]) -> Config:
+    """The config of `data` with the search's recipe, the offset handling of the sweep presets, and `given` on top."""
+    from saekit.config import parse_config
+    from saekit.presets import NO_OFFSET_KINDS, OFFSET_SAE
+
+    source = {**data.get("source", {}), **given.get("source", {})}
+    kind = source.get("kind", "toy")
+    sae = {**data.get("sae", {}), **given.get("sae", {})}
+    if kind not in NO_OFFSET_KINDS and sae.get("decoder_bias") is not False:
+        sae = {**OFFSET_SAE, **sae}
+    train = {**COUNT_TRAIN, **data.get("train", {}), **given.get("train", {})}
+    merged = {"source": source, "sae": sae, "train": train}
+    merged.update({k: v for k, v in given.items() if k not in merged})
+    return parse_config(merged)
+
+
+def default_settings(cfg: Config, d: int, budget_seconds: float | None = None) -> SearchSettings:
+    """Sizes from d/2 up to MAX_SIZE_PER_D x d by doubling; each SAE trains cfg.train.samples (bounded by the rows a
+    finite source holds), each probe PROBE_FRACTION of that."""
+    start = max(2, int(round(d / 2)))
+    samples = cfg.train.samples
+    return SearchSettings(
+        samples=samples,
+        probe_samples=max(MIN_PROBE_SAMPLES, int(PROBE_FRACTION * samples)),
+        start_size=start,
+        max_size=start * 2 ** int(math.log2(MAX_SIZE_PER_D * d / start)),
+        budget_seconds=budget_seconds,
+    )
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '1.5h' -> seconds (InputError for anything else, or a duration that is not positive)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*", text or "")
+    if not match:
+        raise InputError(f"--budget: cannot read a duration from {text!r} (use e.g. 300s, 15m or 1.5h)")
+    value = float(match.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1}[match.group(2)]
+    if value <= 0:
+        raise InputError(f"--budget must be positive, got {text!r}")
+    return value
+
+
+def count_features(
+    cfg: Config,
+    out: str | Path,
+    *,
+    budget_seconds: float | None = None,
+    settings: SearchSettings | None = None,
+    progress: bool = True,
+    max_memory: int | None = None,
+    wait: bool = False,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Run (or resume) the search on `cfg`'s data into `out`; returns the result `saekit count --json` prints."""
+    from saekit.archspec import ARCH_SPECS
+    from saekit.count.knob import size_power
+    from saekit.outlock import hold_out_dir
+    from saekit.sources.shape import data_shape
+    from saekit.train.run import run_config
+
+    say = log or (lambda text: None)
+    out = Path(out)
+    d = data_shape(cfg.source).d
+    settings = settings or default_settings(cfg, d, budget_seconds)
+
+    def train(run_cfg: Config, folder: Path, specs: list) -> tuple[list[dict[str, Any]], list[str]]:
+        return run_config(run_cfg, folder, progress=progress, max_memory=max_memory, specs=specs)
+
+    with hold_out_dir(out, wait=wait):
+        spec = ARCH_SPECS[cfg.sae.arch]
+        power = size_power(spec.name, getattr(cfg.sae, "l1_reduction", "mean"))
+        fits = _memory_check(cfg, d, max_memory)
+        return search(SearchContext(cfg, out, d, spec, power, settings, train, say, fits))
+
+
+def _memory_check(cfg: Config, d: int, max_memory: int | None) -> Any:
+    """fits(n_members, dict_size) -> whether one size's ensemble fits the memory limit (as `saekit train` checks it)."""
+    from saekit.device import resolve_device
+    from saekit.distributed import DistEnv
+    from saekit.train.evaluate import eval_batch_size
+    from saekit.train.plan import ensemble_memory_bytes, memory_limit
+
+    limit = memory_limit(max_memory, resolve_device(cfg.train.device, "train.device"), DistEnv())
+    batch = cfg.train.batch_size
+
+    def fits(n_members: int, dict_size: int) -> bool:
+        evaluation = 4 * n_members * eval_batch_size(batch) * (dict_size + 2 * d)
+        return ensemble_memory_bytes(n_members, d, dict_size, batch) + evaluation <= limit
+
+    return fits

@@ -1,0 +1,220 @@
+"""`saekit count`: the adaptive feature-count search.
+
+It calibrates the sparsity knob with short probes (OUT/probes), then trains, at doubling dictionary sizes, one
+ensemble per size: two init seeds at the chosen knob value and one more seed at each neighbouring value. After each
+size it computes the seed-consensus count (`saekit.analysis.curve`) and stops when the curve has saturated (the last
+two sizes had room for their counts and agree, across the knob's neighbours and since 80% of training), or when
+the next size would pass the time budget, the memory limit or the largest size. Every SAE lives in OUT's run store,
+so a killed search resumes: sizes already trained are read back, and the choices made from them come out the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from saekit.analysis.curve import TOLERANCE, CurvePoint, describe_curve
+from saekit.archspec import ArchSpec
+from saekit.atomic import atomic_write_bytes
+from saekit.config import Config, RunSpec
+from saekit.count.knob import best_value, default_value, extend_grid, mean_l0, neighbours, probe_grid, value_at_size, value_for_l0
+from saekit.errors import InputError
+
+RESULT_FILE = "count.json"
+PROBE_DIR = "probes"
+PROBE_SIZE_PER_D = 1  # probes train d latents
+PROBE_ROUNDS = 3  # the probe grid is extended past its edge at most this many times
+SEEDS = (0, 1)  # the pair at the chosen value; each neighbour trains one more seed, paired with one of these
+NEIGHBOUR_SEED = 2
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How far and how long the search may go."""
+
+    samples: int  # training samples of each SAE
+    probe_samples: int  # training samples of each probe
+    start_size: int
+    max_size: int
+    budget_seconds: float | None = None
+    tolerance: float = TOLERANCE
+
+
+@dataclass
+class SearchContext:
+    """What every step of the search reads: the config, where it writes, and how to train and report."""
+
+    cfg: Config
+    out: Path
+    d: int
+    spec: ArchSpec
+    power: int  # how the knob scales with size (saekit.count.knob.size_power)
+    settings: SearchSettings
+    train: Callable[[Config, Path, list[RunSpec]], tuple[list[dict[str, Any]], list[str]]]  # run_config on these SAEs
+    say: Callable[[str], None]
+    fits: Callable[[int, int], bool] = lambda n_members, dict_size: True  # whether an ensemble fits in memory
+
+
+def search(ctx: SearchContext) -> dict[str, Any]:
+    """Calibrate, then train size after size until the curve saturates or a limit is reached; returns the result
+    (also written to OUT/count.json after every size)."""
+    started = time.perf_counter()
+    s = ctx.settings
+    probe_size, value, target_l0, probes = calibrate(ctx)
+    value = value_at_size(ctx.spec, value, ctx.power, probe_size, s.start_size)
+    points: list[CurvePoint] = []
+    stop, size, errors = "max_size", s.start_size, []
+    while True:
+        if size > s.max_size or not ctx.fits(len(size_specs(ctx.spec, size, value)), size):
+            stop = "max_size" if size > s.max_size else "memory"
+            break
+        ctx.say(f"training {size} latents at {ctx.spec.knob} = {value:g} and its neighbours")
+        rows, errs = train_size(ctx, size, value)
+        errors += errs
+        points.append(curve_point(ctx, size, value, rows))
+        verdict = describe_curve(points, s.tolerance)
+        ctx.say(f"{size} latents: {points[-1].count} features ({points[-1].low}-{points[-1].high}); {verdict['sentence']}")
+        _write(ctx, _result(ctx, points, probes, verdict, "running", time.perf_counter() - started, errors))
+        if verdict["state"] == "saturated":
+            stop = "saturated"
+            break
+        done = [r for r in rows if r.get("status") == "done"]
+        hit = value_for_l0(done, ctx.spec.knob, target_l0, ctx.spec.integer_knob) or value
+        value = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size)
+        if s.budget_seconds is not None and time.perf_counter() - started + 2 * points[-1].seconds > s.budget_seconds:
+            stop = "budget"
+            break
+        size *= 2
+    result = _result(ctx, points, probes, describe_curve(points, s.tolerance), stop, time.perf_counter() - started, errors)
+    result["target_l0"] = target_l0
+    _write(ctx, result)
+    return result
+
+
+def calibrate(ctx: SearchContext) -> tuple[int, float, float, list[dict[str, Any]]]:
+    """(probe size, chosen knob value, its L0: the target, probe rows as {value, l0, fvu, dead_fraction}) from probes of
+    one seed at PROBE_SIZE_PER_D x d latents (within the search's sizes), extended past the grid's edge while the
+    best value lies there."""
+    spec, s = ctx.spec, ctx.settings
+    size = min(max(s.start_size, PROBE_SIZE_PER_D * ctx.d), s.max_size)
+    centre = default_value(spec, size, ctx.power, _scale(ctx.cfg))
+    values, rows = probe_grid(spec, size, ctx.d, centre), []
+    probe_cfg = ctx.cfg.model_copy(update={"train": ctx.cfg.train.model_copy(update={"samples": s.probe_samples})})
+    for _ in range(PROBE_ROUNDS):
+        specs = [RunSpec(arch=spec.name, dict_size=size, sparsity=v, seed=SEEDS[0]) for v in values]
+        new_rows, _errors = ctx.train(probe_cfg, ctx.out / PROBE_DIR, specs)
+        rows += [r for r in new_rows if r.get("status") == "done"]
+        best = best_value(rows, spec.knob, ctx.d)
+        if best is None:
+            raise InputError("every probe of the sparsity knob failed (NaN or Inf losses): check the data, or set train.lr lower")
+        values = [v for v in extend_grid(spec, sorted({float(r[spec.knob]) for r in rows}), best, size) if v not in values]
+        if not values:
+            break
+    ctx.say(f"probes at {size} latents chose {spec.knob} = {best:g}, L0 {mean_l0(rows, spec.knob, best):.1f}: the target at every size")
+    table = [
+        {"value": float(r[spec.knob]), "l0": r.get("l0"), "fvu": r.get("fvu"), "dead_fraction": r.get("dead_fraction")}
+        for r in sorted(rows, key=lambda r: float(r[spec.knob]))
+    ]
+    return size, best, mean_l0(rows, spec.knob, best), table
+
+
+def size_specs(spec: ArchSpec, size: int, value: float) -> list[RunSpec]:
+    """One size's SAEs: SEEDS at `value`, NEIGHBOUR_SEED at each neighbouring value."""
+    lower, upper = neighbours(spec, value, size)
+    runs = [RunSpec(arch=spec.name, dict_size=size, sparsity=value, seed=seed) for seed in SEEDS]
+    return runs + [RunSpec(arch=spec.name, dict_size=size, sparsity=v, seed=NEIGHBOUR_SEED) for v in (lower, upper) if v != value]
+
+
+def train_size(ctx: SearchContext, size: int, value: float) -> tuple[list[dict[str, Any]], list[str]]:
+    """Train (or read back) one size's ensemble."""
+    return ctx.train(ctx.cfg, ctx.out, size_specs(ctx.spec, size, value))
+
+
+def curve_point(ctx: SearchContext, size: int, value: float, rows: list[dict[str, Any]]) -> CurvePoint:
+    """The consensus count at one size: the pair at `value`, and each neighbour against one of that pair."""
+    from saekit.analysis.consensus import consensus_count
+    from saekit.analysis.sweep import load_sweep
+
+    sweep = load_sweep(ctx.out)
+    ids = {r["run_id"] for r in rows if r.get("status") == "done"}
+    runs = {(r["knob_value"], r["seed"]): r for r in sweep.select(dict_size=size) if r["run_id"] in ids}
+    knob_values = sorted({v for v, _ in runs})
+    centre = [runs.get((value, seed)) for seed in SEEDS]
+    if any(r is None for r in centre):
+        return CurvePoint(size, 0, 0, 0, value, None, _seconds(rows))
+    a, b = (sweep.live_directions(r) for r in centre)
+    counts = [consensus_count(a, b)]
+    for v, partner in zip([v for v in knob_values if v != value], (a, b)):
+        if (v, NEIGHBOUR_SEED) in runs:
+            counts.append(consensus_count(sweep.live_directions(runs[(v, NEIGHBOUR_SEED)]), partner))
+    a_late, b_late = (sweep.live_directions(r, late=True) for r in centre)
+    late = None if a_late is None or b_late is None else consensus_count(a_late, b_late)
+    ordered = sorted(counts)
+    return CurvePoint(size, ordered[len(ordered) // 2], ordered[0], ordered[-1], value, late, _seconds(rows))
+
+
+def _seconds(rows: list[dict[str, Any]]) -> float:
+    """Training time of one size's ensemble (its members share it)."""
+    return max((float(r.get("seconds") or 0.0) for r in rows), default=0.0)
+
+
+def _scale(cfg: Config) -> float:
+    from saekit.presets import data_scale
+
+    return data_scale(cfg.source)
+
+
+def _result(
+    ctx: SearchContext,
+    points: list[CurvePoint],
+    probes: list[dict[str, Any]],
+    verdict: dict[str, Any],
+    stop: str,
+    seconds: float,
+    errors: list[str],
+) -> dict[str, Any]:
+    """The search's JSON document: the curve, its verdict, and the estimate fields `saekit estimate` gives."""
+    best = points[-1] if points else None
+    return {
+        "n_features": verdict["n_features"],
+        "low": verdict["low"],
+        "high": verdict["high"],
+        "dict_size": verdict["dict_size"],
+        "knob": ctx.spec.knob,
+        ctx.spec.knob: None if best is None else ctx.spec.knob_number(best.knob_value),
+        "l1": best.knob_value if best is not None and ctx.spec.knob == "l1" else None,
+        "state": verdict["state"],
+        "stable": verdict["state"] == "saturated",
+        "lower_bound": verdict["state"] != "saturated",
+        "sentence": verdict["sentence"],
+        "reasons": verdict.get("reasons", []),
+        "fit": verdict["fit"],
+        "beta": verdict["beta"],
+        "next_size": verdict["next_size"],
+        "next_seconds": verdict["next_seconds"],
+        "curve": [asdict(p) for p in points],
+        "probes": probes,
+        "stopped": stop,
+        "seconds": seconds,
+        "settings": asdict(ctx.settings),
+        "errors": errors,
+    }
+
+
+def _write(ctx: SearchContext, result: dict[str, Any]) -> None:
+    atomic_write_bytes(ctx.out / RESULT_FILE, json.dumps(result, indent=2, default=float).encode())
+
+
+def read_result(out: str | Path) -> dict[str, Any] | None:
+    """OUT/count.json of a search, or None where there is none."""
+    path = Path(out) / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read {path}: {err}") from None
