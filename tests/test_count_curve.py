@@ -137,3 +137,11 @@ def test_neighbours():
     assert neighbours(ARCH_SPECS["relu"], 0.3, 1024) == (0.15, 0.6)
     assert neighbours(ARCH_SPECS["topk"], 16, 1024) == (11, 24)
     assert neighbours(ARCH_SPECS["topk"], 2, 1024) == (1, 3)
+
+
+def test_best_value_takes_the_sparsest_value_near_the_minimum():
+    # d = 100: 0.1 -> 0.10 + 0.10 = 0.20 (the minimum); 0.2 -> 0.15 + 0.06 = 0.21 (within 10%); 0.4 -> 0.25 + 0.04 = 0.29
+    table = rows((0.1, 10, 0.10), (0.2, 6, 0.15), (0.4, 4, 0.25))
+    assert best_value(table, "l1", 100) == 0.2
+    # for k the sparsest is the smallest: k=8 -> 0.10 + 0.08 = 0.18; k=4 -> 0.15 + 0.04 = 0.19 (within 10%); k=2 -> 0.42
+    assert best_value(rows((8, 8, 0.10), (4, 4, 0.15), (2, 2, 0.40), arch="topk", knob="k"), "k", 100) == 4

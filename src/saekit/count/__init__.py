@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from saekit.config import Config, load_config
-from saekit.count.search import RESULT_FILE, SearchContext, SearchSettings, read_result, search
+from saekit.count.search import RESULT_FILE, SearchContext, SearchSettings, read_result, run_search
 from saekit.errors import InputError
 
 __all__ = ["COUNT_TRAIN", "RESULT_FILE", "count_config", "count_features", "default_settings", "parse_duration", "read_result"]
@@ -23,15 +23,28 @@ COUNT_TRAIN: dict[str, Any] = {
     "batch_size": 256,
     "lr": 3e-3,
     "lr_decay": "linear",
-    "samples": 600_000,
+    "samples": 1_000_000,
     "seeds": None,
     "matmul_precision": "medium",
+    "eval_samples": 50_000,
 }
 PROBE_FRACTION = 0.25  # a probe trains this share of an SAE's samples
 MIN_PROBE_SAMPLES = 50_000
 MAX_SIZE_PER_D = 64  # the largest size tried: 64 d (counts up to about 32 d features)
 # Recipe keys the config's own train section does not set (they are the search's); any other train key it keeps.
-RECIPE_KEYS = ("batch_size", "lr", "lr_decay", "lr_decay_fraction", "lr_warmup", "samples", "seed", "seeds", "seeds_min_size")
+RECIPE_KEYS = (
+    "batch_size",
+    "lr",
+    "lr_decay",
+    "lr_decay_fraction",
+    "lr_warmup",
+    "samples",
+    "seed",
+    "seeds",
+    "seeds_min_size",
+    "matmul_precision",
+    "eval_samples",
+)
 # The sae keys the search chooses itself (a config's values are ignored).
 CHOSEN_SAE_KEYS = ("dict_size",)
 
@@ -76,9 +89,9 @@ def _merge(data: dict[str, Any], given: dict[str, Any]) -> Config:
 
 
 def default_settings(cfg: Config, d: int, budget_seconds: float | None = None) -> SearchSettings:
-    """Sizes from d/2 up to MAX_SIZE_PER_D x d by doubling; each SAE trains cfg.train.samples (bounded by the rows a
-    finite source holds), each probe PROBE_FRACTION of that."""
-    start = max(2, int(round(d / 2)))
+    """Sizes from d up to MAX_SIZE_PER_D x d by doubling; each SAE trains cfg.train.samples, each probe PROBE_FRACTION
+    of that."""
+    start = max(2, d)
     samples = cfg.train.samples
     return SearchSettings(
         samples=samples,
@@ -130,7 +143,7 @@ def count_features(
         spec = ARCH_SPECS[cfg.sae.arch]
         power = size_power(spec.name, getattr(cfg.sae, "l1_reduction", "mean"))
         fits = _memory_check(cfg, d, max_memory)
-        return search(SearchContext(cfg, out, d, spec, power, settings, train, say, fits))
+        return run_search(SearchContext(cfg, out, d, spec, power, settings, train, say, fits))
 
 
 def _memory_check(cfg: Config, d: int, max_memory: int | None) -> Any:

@@ -3,7 +3,8 @@ neighbours, and how a value carries over to another dictionary size.
 
 The probes choose by the trade-off FVU + L0/d: the fraction of variance left unexplained plus the fraction of the
 data's dimensions a sample uses, among the values whose reconstruction has not collapsed (FVU at most
-COLLAPSED_FVU). It is large where codes are dense and where reconstruction fails, and smallest between the two;
+COLLAPSED_FVU). It is large where codes are dense and where reconstruction fails, and smallest between the two,
+where it is flat: the sparsest value within NEAR_BEST of its minimum is taken;
 on the report's toy data the value it picks is the one whose dictionaries recover the true features best. The L0
 of that choice is then the search's target at every size: the knob is moved so that L0 stays there, since the
 number of features a sample holds does not change with the dictionary that reads it.
@@ -19,7 +20,8 @@ from saekit.archspec import ARCH_SPECS, ArchSpec
 
 DEFAULTS_SIZE = 1024  # the architectures' default knob values were tuned on 1024 latents (configs/toy.yaml)
 PROBE_STEPS = range(-4, 4)  # a penalty probe grid: the default x 2^j; k: powers of two
-COLLAPSED_FVU = 0.5  # a probe explaining less than half the variance has lost its reconstruction
+COLLAPSED_FVU = 0.5
+NEAR_BEST = 0.1  # the trade-off's minimum is flat: of the values within 10% of it, the sparsest is chosen  # a probe explaining less than half the variance has lost its reconstruction
 PENALTY_STEP = 2.0  # neighbouring penalty values differ by this factor
 K_STEP = 1.5  # neighbouring k values differ by about this factor
 
@@ -85,15 +87,16 @@ def _by_value(rows: Sequence[dict[str, Any]], knob: str, key: Any) -> dict[float
 
 
 def best_value(rows: Sequence[dict[str, Any]], knob: str, d: int) -> float | None:
-    """The knob value of the lowest trade-off among those whose mean FVU is at most COLLAPSED_FVU (all of them when
-    none is); ties go to the sparser value. None when no row has finite metrics."""
+    """The sparsest knob value (largest penalty, smallest k) whose trade-off is within NEAR_BEST of the lowest, among
+    those whose mean FVU is at most COLLAPSED_FVU (all of them when none is). None when no row has finite metrics."""
     scores = _by_value(rows, knob, lambda r: tradeoff(r, d))
     if not scores:
         return None
     fvu = _by_value(rows, knob, lambda r: float(r["fvu"]))
     healthy = {v: x for v, x in scores.items() if fvu.get(v, math.inf) <= COLLAPSED_FVU} or scores
-    integer = ARCH_SPECS[rows[0]["arch"]].integer_knob
-    return min(healthy, key=lambda v: (healthy[v], v if integer else -v))
+    lowest = min(healthy.values())
+    near = [v for v, x in healthy.items() if x <= lowest * (1 + NEAR_BEST)]
+    return min(near) if ARCH_SPECS[rows[0]["arch"]].integer_knob else max(near)
 
 
 def mean_l0(rows: Sequence[dict[str, Any]], knob: str, value: float) -> float | None:
@@ -101,26 +104,42 @@ def mean_l0(rows: Sequence[dict[str, Any]], knob: str, value: float) -> float | 
     return _by_value([r for r in rows if float(r[knob]) == value], knob, lambda r: float(r["l0"])).get(value)
 
 
-def value_for_l0(rows: Sequence[dict[str, Any]], knob: str, target: float, integer: bool) -> float | None:
+def l0_slope(rows: Sequence[dict[str, Any]], knob: str) -> float | None:
+    """d log L0 / d log value, least squares over the values with L0 > 0 (None with fewer than two)."""
+    l0 = {v: x for v, x in _by_value(rows, knob, lambda r: float(r["l0"])).items() if x > 0 and v > 0}
+    if len(l0) < 2:
+        return None
+    xs, ys = [math.log(v) for v in l0], [math.log(x) for x in l0.values()]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return None if var == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+
+
+def value_for_l0(rows: Sequence[dict[str, Any]], knob: str, target: float, integer: bool, slope: float | None = None) -> float | None:
     """The knob value at which L0 would be `target`, from the rows of one size: for k, the target itself; for a
     penalty, interpolated in log-log between the two values whose mean L0 bracket the target, or extrapolated past
-    the grid's edge along its end slope, at most PENALTY_STEP^2 beyond it. None without two finite values."""
+    the grid's edge along its end slope (with one value only, along `slope`, e.g. the probes'), at most
+    PENALTY_STEP^2 beyond it. None when it cannot be told."""
     if integer:
         return float(max(1, int(round(target))))
     l0 = {v: x for v, x in _by_value(rows, knob, lambda r: float(r["l0"])).items() if x > 0 and v > 0}
-    if len(l0) < 2 or target <= 0:
+    if not l0 or target <= 0:
         return None
     pts = sorted((math.log(v), math.log(x)) for v, x in l0.items())
     goal = math.log(target)
+    if len(pts) == 1:
+        if slope is None or slope >= 0:
+            return None
+        pts = [pts[0], (pts[0][0] + 1.0, pts[0][1] + slope)]
     pairs = list(zip(pts, pts[1:]))
     chosen = next(((a, b) for a, b in pairs if min(a[1], b[1]) <= goal <= max(a[1], b[1]) and a[1] != b[1]), None)
     if chosen is None:  # outside the grid: the end nearer the target in L0, along that end's slope
         chosen = pairs[0] if goal > max(p[1] for p in pts[:2]) else pairs[-1]
     (v0, y0), (v1, y1) = chosen
-    slope = (y1 - y0) / (v1 - v0) if v1 != v0 else 0.0
-    if slope >= 0:  # L0 did not fall with the penalty (noise): stay at the nearer value
+    fitted = (y1 - y0) / (v1 - v0) if v1 != v0 else 0.0
+    if fitted >= 0:  # L0 did not fall with the penalty (noise): stay at the nearer value
         return float(math.exp(v0 if abs(y0 - goal) < abs(y1 - goal) else v1))
-    guess = v0 + (goal - y0) / slope
+    guess = v0 + (goal - y0) / fitted
     edge = math.log(PENALTY_STEP) * 2
     guess = min(max(guess, pts[0][0] - edge), pts[-1][0] + edge)
     return float(f"{math.exp(guess):.4g}")

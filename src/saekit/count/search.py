@@ -21,13 +21,14 @@ from saekit.analysis.curve import TOLERANCE, CurvePoint, describe_curve
 from saekit.archspec import ArchSpec
 from saekit.atomic import atomic_write_bytes
 from saekit.config import Config, RunSpec
-from saekit.count.knob import best_value, default_value, extend_grid, mean_l0, neighbours, probe_grid, value_at_size, value_for_l0
+from saekit.count.knob import best_value, default_value, extend_grid, l0_slope, mean_l0, neighbours, probe_grid, value_at_size, value_for_l0
 from saekit.errors import InputError
 
 RESULT_FILE = "count.json"
 PROBE_DIR = "probes"
 PROBE_SIZE_PER_D = 1  # probes train d latents
-PROBE_ROUNDS = 3  # the probe grid is extended past its edge at most this many times
+PROBE_ROUNDS = 3
+NEIGHBOURS_FROM_FILL = 0.75  # the probe grid is extended past its edge at most this many times
 SEEDS = (0, 1)  # the pair at the chosen value; each neighbour trains one more seed, paired with one of these
 NEIGHBOUR_SEED = 2
 
@@ -59,50 +60,69 @@ class SearchContext:
     fits: Callable[[int, int], bool] = lambda n_members, dict_size: True  # whether an ensemble fits in memory
 
 
-def search(ctx: SearchContext) -> dict[str, Any]:
+def run_search(ctx: SearchContext) -> dict[str, Any]:
     """Calibrate, then train size after size until the curve saturates or a limit is reached; returns the result
     (also written to OUT/count.json after every size)."""
     started = time.perf_counter()
     s = ctx.settings
-    probe_size, value, target_l0, probes = calibrate(ctx)
-    value = value_at_size(ctx.spec, value, ctx.power, probe_size, s.start_size)
+    cal = calibrate(ctx)
+    value = value_at_size(ctx.spec, cal.value, ctx.power, cal.size, s.start_size)
     points: list[CurvePoint] = []
-    stop, size, errors = "max_size", s.start_size, []
+    stop, size, errors, last_members = "max_size", s.start_size, [], 1
     while True:
-        if size > s.max_size or not ctx.fits(len(size_specs(ctx.spec, size, value)), size):
-            stop = "max_size" if size > s.max_size else "memory"
+        specs = size_specs(ctx.spec, size, value, with_neighbours=wants_neighbours(points))
+        stop = _limit(ctx, size, specs, points, last_members, time.perf_counter() - started)
+        if stop is not None:
             break
-        ctx.say(f"training {size} latents at {ctx.spec.knob} = {value:g} and its neighbours")
-        rows, errs = train_size(ctx, size, value)
+        ctx.say(f"training {size} latents: {len(specs)} SAEs around {ctx.spec.knob} = {value:g}")
+        rows, errs = ctx.train(ctx.cfg, ctx.out, specs)
         errors += errs
         points.append(curve_point(ctx, size, value, rows))
         verdict = describe_curve(points, s.tolerance)
         ctx.say(f"{size} latents: {points[-1].count} features ({points[-1].low}-{points[-1].high}); {verdict['sentence']}")
-        _write(ctx, _result(ctx, points, probes, verdict, "running", time.perf_counter() - started, errors))
+        _write(ctx, _result(ctx, points, cal, verdict, "running", time.perf_counter() - started, errors))
         if verdict["state"] == "saturated":
             stop = "saturated"
             break
         done = [r for r in rows if r.get("status") == "done"]
-        hit = value_for_l0(done, ctx.spec.knob, target_l0, ctx.spec.integer_knob) or value
-        value = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size)
-        if s.budget_seconds is not None and time.perf_counter() - started + 2 * points[-1].seconds > s.budget_seconds:
-            stop = "budget"
-            break
-        size *= 2
-    result = _result(ctx, points, probes, describe_curve(points, s.tolerance), stop, time.perf_counter() - started, errors)
-    result["target_l0"] = target_l0
+        hit = value_for_l0(done, ctx.spec.knob, cal.target_l0, ctx.spec.integer_knob, cal.slope) or value
+        value, size, last_members = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size), 2 * size, len(specs)
+    result = _result(ctx, points, cal, describe_curve(points, s.tolerance), stop, time.perf_counter() - started, errors)
     _write(ctx, result)
     return result
 
 
-def calibrate(ctx: SearchContext) -> tuple[int, float, float, list[dict[str, Any]]]:
-    """(probe size, chosen knob value, its L0: the target, probe rows as {value, l0, fvu, dead_fraction}) from probes of
-    one seed at PROBE_SIZE_PER_D x d latents (within the search's sizes), extended past the grid's edge while the
-    best value lies there."""
+def _limit(ctx: SearchContext, size: int, specs: list[RunSpec], points: list[CurvePoint], last_members: int, elapsed: float) -> str | None:
+    """Why the search cannot train `specs` at `size` (max_size, memory, budget), or None. The next size's time is
+    guessed from the last one's: twice the latents, times the change in SAEs."""
+    if size > ctx.settings.max_size:
+        return "max_size"
+    if not ctx.fits(len(specs), size):
+        return "memory"
+    budget = ctx.settings.budget_seconds
+    if budget is not None and points and elapsed + 2 * points[-1].seconds * len(specs) / last_members > budget:
+        return "budget"
+    return None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the probes decided: the knob's value at `size`, its L0 (the target at every size), how L0 falls with the
+    value (d log L0 / d log value), and the probes' table."""
+
+    size: int
+    value: float
+    target_l0: float
+    slope: float | None
+    probes: list[dict[str, Any]]
+
+
+def calibrate(ctx: SearchContext) -> Calibration:
+    """Probes of one seed at PROBE_SIZE_PER_D x d latents (within the search's sizes) over the knob's probe grid,
+    extended past the grid's edge while the best value lies there."""
     spec, s = ctx.spec, ctx.settings
     size = min(max(s.start_size, PROBE_SIZE_PER_D * ctx.d), s.max_size)
-    centre = default_value(spec, size, ctx.power, _scale(ctx.cfg))
-    values, rows = probe_grid(spec, size, ctx.d, centre), []
+    values, rows = probe_grid(spec, size, ctx.d, default_value(spec, size, ctx.power, _scale(ctx.cfg))), []
     probe_cfg = ctx.cfg.model_copy(update={"train": ctx.cfg.train.model_copy(update={"samples": s.probe_samples})})
     for _ in range(PROBE_ROUNDS):
         specs = [RunSpec(arch=spec.name, dict_size=size, sparsity=v, seed=SEEDS[0]) for v in values]
@@ -114,24 +134,28 @@ def calibrate(ctx: SearchContext) -> tuple[int, float, float, list[dict[str, Any
         values = [v for v in extend_grid(spec, sorted({float(r[spec.knob]) for r in rows}), best, size) if v not in values]
         if not values:
             break
-    ctx.say(f"probes at {size} latents chose {spec.knob} = {best:g}, L0 {mean_l0(rows, spec.knob, best):.1f}: the target at every size")
+    target = mean_l0(rows, spec.knob, best)
+    ctx.say(f"probes at {size} latents chose {spec.knob} = {best:g}, L0 {target:.1f}: the target at every size")
     table = [
         {"value": float(r[spec.knob]), "l0": r.get("l0"), "fvu": r.get("fvu"), "dead_fraction": r.get("dead_fraction")}
         for r in sorted(rows, key=lambda r: float(r[spec.knob]))
     ]
-    return size, best, mean_l0(rows, spec.knob, best), table
+    return Calibration(size, best, target, l0_slope(rows, spec.knob), table)
 
 
-def size_specs(spec: ArchSpec, size: int, value: float) -> list[RunSpec]:
-    """One size's SAEs: SEEDS at `value`, NEIGHBOUR_SEED at each neighbouring value."""
-    lower, upper = neighbours(spec, value, size)
+def wants_neighbours(points: list[CurvePoint]) -> bool:
+    """Neighbouring knob values are trained where the count may settle: from the size after one whose dictionary was
+    at most NEIGHBOURS_FROM_FILL full (counted features per latent); a fuller one leaves no room at twice its size."""
+    return bool(points) and points[-1].count <= NEIGHBOURS_FROM_FILL * points[-1].dict_size
+
+
+def size_specs(spec: ArchSpec, size: int, value: float, with_neighbours: bool = True) -> list[RunSpec]:
+    """One size's SAEs: SEEDS at `value`, and with neighbours NEIGHBOUR_SEED at each neighbouring value."""
     runs = [RunSpec(arch=spec.name, dict_size=size, sparsity=value, seed=seed) for seed in SEEDS]
+    if not with_neighbours:
+        return runs
+    lower, upper = neighbours(spec, value, size)
     return runs + [RunSpec(arch=spec.name, dict_size=size, sparsity=v, seed=NEIGHBOUR_SEED) for v in (lower, upper) if v != value]
-
-
-def train_size(ctx: SearchContext, size: int, value: float) -> tuple[list[dict[str, Any]], list[str]]:
-    """Train (or read back) one size's ensemble."""
-    return ctx.train(ctx.cfg, ctx.out, size_specs(ctx.spec, size, value))
 
 
 def curve_point(ctx: SearchContext, size: int, value: float, rows: list[dict[str, Any]]) -> CurvePoint:
@@ -171,7 +195,7 @@ def _scale(cfg: Config) -> float:
 def _result(
     ctx: SearchContext,
     points: list[CurvePoint],
-    probes: list[dict[str, Any]],
+    cal: Calibration,
     verdict: dict[str, Any],
     stop: str,
     seconds: float,
@@ -197,7 +221,8 @@ def _result(
         "next_size": verdict["next_size"],
         "next_seconds": verdict["next_seconds"],
         "curve": [asdict(p) for p in points],
-        "probes": probes,
+        "target_l0": cal.target_l0,
+        "probes": cal.probes,
         "stopped": stop,
         "seconds": seconds,
         "settings": asdict(ctx.settings),

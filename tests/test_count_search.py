@@ -1,0 +1,119 @@
+"""The search's control flow (saekit.count.search) with a stand-in for training: which sizes and knob values it
+trains, and where it stops. One end-to-end search on tiny toy data checks it against real training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import saekit.count.search as search_module
+from saekit.analysis.curve import CurvePoint
+from saekit.archspec import ARCH_SPECS
+from saekit.config import parse_config
+from saekit.count import count_config, default_settings, parse_duration
+from saekit.count.search import SearchContext, SearchSettings, run_search, size_specs
+from saekit.errors import InputError
+
+
+class FakeTraining:
+    """Stands in for run_config: L0 = 4 / (l1 per latent x 1000), so L0 = 8 at l1 = 0.5 m / 1000; FVU = 0.1 unless
+    the L1 is so large that L0 < 1 (collapsed). The count at size m comes from `counts`."""
+
+    def __init__(self, counts: dict[int, int], seconds: float = 1.0) -> None:
+        self.counts, self.seconds, self.calls = counts, seconds, []
+
+    def __call__(self, cfg, folder, specs):
+        self.calls.append((Path(folder).name, [(s.dict_size, s.sparsity, s.seed) for s in specs]))
+        rows = []
+        for s in specs:
+            l0 = 4.0 / (s.sparsity / s.dict_size * 1000)
+            rows.append(
+                {
+                    "run_id": f"{s.dict_size}-{s.sparsity}-{s.seed}",
+                    "arch": "relu",
+                    "l1": s.sparsity,
+                    "l0": l0,
+                    "fvu": 0.1 if l0 >= 1 else 1.0,
+                    "dead_fraction": 0.0,
+                    "status": "done",
+                    "seconds": self.seconds,
+                }
+            )
+        return rows, []
+
+    def point(self, ctx, size, value, rows):
+        n = self.counts[size]
+        return CurvePoint(size, n, n, n, value, n, self.seconds)
+
+
+def run(tmp_path, monkeypatch, counts, budget=None, max_size=4096, seconds=1.0):
+    fake = FakeTraining(counts, seconds)
+    monkeypatch.setattr(search_module, "curve_point", fake.point)
+    cfg = parse_config({"source": {"kind": "toy", "d": 64, "n_features": 128}})
+    settings = SearchSettings(samples=1000, probe_samples=500, start_size=32, max_size=max_size, budget_seconds=budget)
+    ctx = SearchContext(cfg, tmp_path, 64, ARCH_SPECS["relu"], 1, settings, fake, lambda text: None)
+    return run_search(ctx), fake
+
+
+def test_the_search_stops_when_two_sizes_with_room_agree(tmp_path, monkeypatch):
+    result, fake = run(tmp_path, monkeypatch, {32: 30, 64: 60, 128: 100, 256: 126, 512: 130, 1024: 131})
+    assert result["state"] == "saturated" and result["stopped"] == "saturated"
+    assert [p["dict_size"] for p in result["curve"]] == [32, 64, 128, 256, 512]  # 256 (126) and 512 (130) agree
+    assert result["n_features"] == 130 and result["dict_size"] == 512
+    assert json.loads((tmp_path / "count.json").read_text())["n_features"] == 130
+    assert fake.calls[0][0] == "probes"
+
+
+def test_the_knob_follows_the_l0_target_at_every_size(tmp_path, monkeypatch):
+    result, fake = run(tmp_path, monkeypatch, {32: 30, 64: 60, 128: 100, 256: 126, 512: 130})
+    # the fake's L0 = 4 / (l1 per latent x 1000); the probes' best trade-off at d = 64 ... whatever it chose, each size's
+    # centre value must give the same L0 there: l1 / m constant
+    centres = [(p["dict_size"], p["knob_value"]) for p in result["curve"]]
+    per_latent = [v / m for m, v in centres[1:]]  # from the second size on, set by the previous size's rows
+    assert max(per_latent) == pytest.approx(min(per_latent), rel=1e-3)
+    sizes_trained = [c for c in fake.calls if c[0] != "probes"]
+    seeds = [sorted(seed for _, _, seed in specs) for _, specs in sizes_trained]
+    # the first size and those after a size more than 75% full (30/32, 60/64, 100/128) train the pair only; after
+    # 126/256 the pair and one more seed at each neighbouring value
+    assert seeds == [[0, 1], [0, 1], [0, 1], [0, 1], [0, 1, 2, 2]]
+
+
+def test_the_search_stops_at_the_largest_size_with_a_lower_bound(tmp_path, monkeypatch):
+    counts = {m: m for m in (32, 64, 128, 256, 512)}
+    result, _ = run(tmp_path, monkeypatch, counts, max_size=512)
+    assert result["stopped"] == "max_size" and result["state"] == "growing" and result["lower_bound"]
+    assert "still growing as m^1.00 at m = 512" in result["sentence"] and "train 1024 latents next" in result["sentence"]
+
+
+def test_the_search_stops_before_a_size_that_would_pass_the_budget(tmp_path, monkeypatch):
+    counts = {m: m for m in (32, 64, 128, 256, 512, 1024, 2048, 4096)}
+    result, _ = run(tmp_path, monkeypatch, counts, budget=1e-6, seconds=1.0)
+    assert result["stopped"] == "budget" and [p["dict_size"] for p in result["curve"]] == [32]
+
+
+def test_a_size_trains_the_pair_and_where_asked_two_neighbours():
+    specs = size_specs(ARCH_SPECS["topk"], 256, 16.0)
+    assert [(s.sparsity, s.seed) for s in specs] == [(16, 0), (16, 1), (11, 2), (24, 2)]
+    assert [(s.sparsity, s.seed) for s in size_specs(ARCH_SPECS["topk"], 256, 16.0, with_neighbours=False)] == [(16, 0), (16, 1)]
+
+
+def test_count_config_takes_the_data_and_architecture_but_not_the_recipe(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "source: {kind: toy, d: 32, n_features: 64}\nsae: {arch: topk, dict_size: 999}\ntrain: {lr: 0.1, samples: 7, device: cpu}\n"
+    )
+    cfg = count_config(path, ["train.batch_size=128"])
+    assert (cfg.source.d, cfg.sae.arch, cfg.train.device, cfg.train.batch_size) == (32, "topk", "cpu", 128)
+    assert cfg.train.lr == 3e-3 and cfg.train.samples == 1_000_000  # the search's recipe, not the file's
+    assert default_settings(cfg, 32).start_size == 32 and default_settings(cfg, 32).max_size == 2048
+
+
+def test_bad_targets_and_budgets_are_refused_in_one_line(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        count_config(tmp_path / "missing.yaml")
+    assert parse_duration("90") == 90 and parse_duration("15m") == 900 and parse_duration("1.5h") == 5400
+    for bad in ("soon", "-3m", "0"):
+        with pytest.raises(InputError, match="--budget"):
+            parse_duration(bad)
