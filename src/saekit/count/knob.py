@@ -20,8 +20,8 @@ from saekit.archspec import ARCH_SPECS, ArchSpec
 
 DEFAULTS_SIZE = 1024  # the architectures' default knob values were tuned on 1024 latents (configs/toy.yaml)
 PROBE_STEPS = range(-4, 4)  # a penalty probe grid: the default x 2^j; k: powers of two
-COLLAPSED_FVU = 0.5
-NEAR_BEST = 0.1  # the trade-off's minimum is flat: of the values within 10% of it, the sparsest is chosen  # a probe explaining less than half the variance has lost its reconstruction
+COLLAPSED_FVU = 0.5  # a probe explaining less than half the variance has lost its reconstruction
+NEAR_BEST = 0.1  # the trade-off's minimum is flat: of the values within 10% of it, the sparsest is chosen
 PENALTY_STEP = 2.0  # neighbouring penalty values differ by this factor
 K_STEP = 1.5  # neighbouring k values differ by about this factor
 
