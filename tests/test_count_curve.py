@@ -23,9 +23,16 @@ from saekit.count.knob import (
 
 
 def point(
-    size: int, count: int, low: int | None = None, high: int | None = None, late: int | None = None, seconds: float = 10.0
+    size: int,
+    count: int,
+    low: int | None = None,
+    high: int | None = None,
+    late: int | None = None,
+    seconds: float = 10.0,
+    n_saes: int = 4,
 ) -> CurvePoint:
-    return CurvePoint(size, count, count if low is None else low, count if high is None else high, 0.3, late, seconds)
+    """A curve point; by default trained with both neighbouring knob values (4 SAEs)."""
+    return CurvePoint(size, count, count if low is None else low, count if high is None else high, 0.3, late, seconds, n_saes)
 
 
 def test_a_point_has_room_when_its_size_is_at_least_twice_its_count():
@@ -83,6 +90,13 @@ def test_describe_curve_gives_a_lower_bound_the_exponent_and_the_next_size_while
     assert "still growing as m^1.00 at m = 1024" in verdict["sentence"]
     assert "lower bound" in verdict["sentence"] and "train 2048 latents next, about 2 min" in verdict["sentence"]
     assert describe_curve([])["state"] == "empty"
+
+
+def test_a_saturated_curve_needs_one_of_its_two_sizes_checked_at_neighbouring_knob_values():
+    assert describe_curve([point(1024, 500, n_saes=2), point(2048, 510, n_saes=4)])["state"] == "saturated"
+    assert describe_curve([point(1024, 500, n_saes=4), point(2048, 510, n_saes=2)])["state"] == "saturated"
+    verdict = describe_curve([point(1024, 500, n_saes=2), point(2048, 510, n_saes=2)])
+    assert verdict["state"] == "growing" and any("neighbouring knob values" in r for r in verdict["reasons"])
 
 
 def test_a_saturated_curve_whose_last_count_moved_late_is_still_growing():

@@ -30,6 +30,7 @@ class CurvePoint:
     knob_value: float  # the knob's value the count was centred on
     count_late: int | None = None  # the centre pair's count at 80% of training
     seconds: float = 0.0  # what training this size took
+    n_saes: int = 2  # SAEs trained at this size: the seed pair, plus one per neighbouring knob value
 
     @property
     def roomy(self) -> bool:
@@ -69,6 +70,14 @@ def saturated(points: list[CurvePoint], tolerance: float = TOLERANCE) -> bool:
     return a.roomy and b.roomy and abs(b.count - a.count) <= tolerance * max(b.count, a.count)
 
 
+def _settled_pair(a: CurvePoint, b: CurvePoint, tolerance: float) -> tuple[bool, list[str]]:
+    """Both sizes' counts settled (`point_settled`), and at least one of them checked at neighbouring knob values."""
+    reasons = point_settled(a, tolerance)[1] + point_settled(b, tolerance)[1]
+    if a.n_saes <= 2 and b.n_saes <= 2:
+        reasons.append(f"neither {a.dict_size} nor {b.dict_size} latents was trained at neighbouring knob values")
+    return not reasons, reasons
+
+
 def point_settled(point: CurvePoint, tolerance: float = TOLERANCE) -> tuple[bool, list[str]]:
     """Whether one size's count holds across the knob's neighbouring values and since 80% of training, and why not."""
     reasons = []
@@ -101,7 +110,7 @@ def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> di
         }
     last = points[-1]
     fit = saturating_fit([p.dict_size for p in points], [p.count for p in points])
-    settled, reasons = point_settled(last, tolerance)
+    settled, reasons = _settled_pair(points[-2], last, tolerance) if len(points) >= 2 else point_settled(last, tolerance)
     if saturated(points, tolerance) and settled:
         a, b = points[-2], points[-1]
         low, high = min(a.low, b.low), max(a.high, b.high)

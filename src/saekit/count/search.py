@@ -28,7 +28,7 @@ RESULT_FILE = "count.json"
 PROBE_DIR = "probes"
 PROBE_SIZE_PER_D = 1  # probes train d latents
 PROBE_ROUNDS = 3
-NEIGHBOURS_FROM_FILL = 0.75  # the probe grid is extended past its edge at most this many times
+NEIGHBOURS_FROM_FILL = 0.8  # the probe grid is extended past its edge at most this many times
 SEEDS = (0, 1)  # the pair at the chosen value; each neighbour trains one more seed, paired with one of these
 NEIGHBOUR_SEED = 2
 
@@ -144,9 +144,13 @@ def calibrate(ctx: SearchContext) -> Calibration:
 
 
 def wants_neighbours(points: list[CurvePoint]) -> bool:
-    """Neighbouring knob values are trained where the count may settle: from the size after one whose dictionary was
-    at most NEIGHBOURS_FROM_FILL full (counted features per latent); a fuller one leaves no room at twice its size."""
-    return bool(points) and points[-1].count <= NEIGHBOURS_FROM_FILL * points[-1].dict_size
+    """Neighbouring knob values are trained where the count may settle (after a size whose dictionary was at most
+    NEIGHBOURS_FROM_FILL full: counted features per latent), at every other size: the curve saturates on two sizes,
+    and one of them checked at neighbouring values is enough."""
+    if not points:
+        return False
+    last = points[-1]
+    return last.count <= NEIGHBOURS_FROM_FILL * last.dict_size and last.n_saes <= len(SEEDS)
 
 
 def size_specs(spec: ArchSpec, size: int, value: float, with_neighbours: bool = True) -> list[RunSpec]:
@@ -169,7 +173,7 @@ def curve_point(ctx: SearchContext, size: int, value: float, rows: list[dict[str
     knob_values = sorted({v for v, _ in runs})
     centre = [runs.get((value, seed)) for seed in SEEDS]
     if any(r is None for r in centre):
-        return CurvePoint(size, 0, 0, 0, value, None, _seconds(rows))
+        return CurvePoint(size, 0, 0, 0, value, None, _seconds(rows), len(rows))
     a, b = (sweep.live_directions(r) for r in centre)
     counts = [consensus_count(a, b)]
     for v, partner in zip([v for v in knob_values if v != value], (a, b)):
@@ -178,7 +182,7 @@ def curve_point(ctx: SearchContext, size: int, value: float, rows: list[dict[str
     a_late, b_late = (sweep.live_directions(r, late=True) for r in centre)
     late = None if a_late is None or b_late is None else consensus_count(a_late, b_late)
     ordered = sorted(counts)
-    return CurvePoint(size, ordered[len(ordered) // 2], ordered[0], ordered[-1], value, late, _seconds(rows))
+    return CurvePoint(size, ordered[len(ordered) // 2], ordered[0], ordered[-1], value, late, _seconds(rows), len(rows))
 
 
 def _seconds(rows: list[dict[str, Any]]) -> float:
