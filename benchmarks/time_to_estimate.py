@@ -45,7 +45,13 @@ def one_repeat(threads: int, with_quick: bool) -> dict[str, dict]:
         count_s, count = timed(["count", str(TOY), "--out", f"{tmp}/count"], threads)
         rows = {
             "train": {"seconds": train_s},
-            "count": {"seconds": count_s, "n_features": count["n_features"], "state": count["state"], "sentence": count["sentence"]},
+            "count": {
+                "seconds": count_s,
+                "n_features": count["n_features"],
+                "state": count["state"],
+                "sentence": count["sentence"],
+                "curve": [(p["dict_size"], p["count"], p["low"], p["high"]) for p in count["curve"]],
+            },
         }
         if with_quick:
             quick_s, quick = timed(["reproduce", "--preset", "quick", "--out", f"{tmp}/quick"], threads)

@@ -159,3 +159,11 @@ def test_best_value_takes_the_sparsest_value_near_the_minimum():
     assert best_value(table, "l1", 100) == 0.2
     # for k the sparsest is the smallest: k=8 -> 0.10 + 0.08 = 0.18; k=4 -> 0.15 + 0.04 = 0.19 (within 10%); k=2 -> 0.42
     assert best_value(rows((8, 8, 0.10), (4, 4, 0.15), (2, 2, 0.40), arch="topk", knob="k"), "k", 100) == 4
+
+
+def test_a_count_that_falls_with_size_is_not_called_growing():
+    # 164 at 256 latents, then 114 at 512: beta = log2(114 / 164) = -0.52; the most counted (164) is the lower bound
+    verdict = describe_curve([point(128, 106), point(256, 164), point(512, 114)])
+    assert verdict["state"] == "falling" and verdict["n_features"] == 164 and verdict["dict_size"] == 256
+    assert verdict["beta"] == pytest.approx(math.log2(114 / 164))
+    assert verdict["sentence"].startswith("not settled: the count falls with size (m^-0.52 at m = 512)")

@@ -117,3 +117,26 @@ def test_bad_targets_and_budgets_are_refused_in_one_line(tmp_path):
     for bad in ("soon", "-3m", "0"):
         with pytest.raises(InputError, match="--budget"):
             parse_duration(bad)
+
+
+@pytest.mark.slow
+def test_a_real_search_counts_the_toy_data_and_resumes_without_training_again(tmp_path):
+    """d = 16 with 24 true features (the report's generator): the curve saturates by 128 latents, within 15% of 24."""
+    from saekit.count import count_features
+
+    cfg = count_config(_toy_yaml(tmp_path, d=16, g=24), ["train.samples=150000"])
+    settings = SearchSettings(samples=150_000, probe_samples=50_000, start_size=16, max_size=256)
+    result = count_features(cfg, tmp_path / "out", settings=settings, progress=False)
+    assert result["state"] == "saturated", result["sentence"]
+    assert abs(result["n_features"] - 24) <= 0.15 * 24, result["curve"]
+    again = count_features(cfg, tmp_path / "out", settings=settings, progress=False)  # every SAE is read back
+    assert again["curve"] == result["curve"] and again["seconds"] < result["seconds"] / 3
+    import saekit
+
+    assert saekit.estimate(tmp_path / "out")["n_features"] == result["n_features"]  # the estimate of a count folder is its curve's
+
+
+def _toy_yaml(tmp_path: Path, d: int, g: int) -> Path:
+    path = tmp_path / "toy.yaml"
+    path.write_text(f"source: {{kind: toy, d: {d}, n_features: {g}}}\n")
+    return path

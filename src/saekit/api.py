@@ -68,7 +68,8 @@ def train(
 def estimate(out_dir: str | os.PathLike) -> dict[str, Any]:
     """The feature-count and hyperparameter estimate of a finished sweep, as `saekit estimate OUT --json` prints it.
 
-    It reads the run store and the checkpoints, never ground truth.
+    It reads the run store and the checkpoints, never ground truth. For a folder of `saekit count` it is the search's
+    result (OUT/count.json), whose count comes from the curve over dictionary size.
 
     Returns:
         A dict with at least `n_features` (the estimate), `low`, `high` (its range), `dict_size` and the
@@ -81,7 +82,11 @@ def estimate(out_dir: str | os.PathLike) -> dict[str, Any]:
     """
     from saekit.analysis import estimate as estimate_features
     from saekit.analysis import load_sweep
+    from saekit.count import read_result
 
+    counted = read_result(out_dir)  # a folder of `saekit count`: its curve gives the estimate
+    if counted is not None:
+        return counted
     return estimate_features(load_sweep(Path(out_dir)))
 
 

@@ -117,10 +117,9 @@ def estimate(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")] = False,
 ) -> None:
     """Estimate the number of true features and recommend (dict_size, l1) from a sweep, without ground truth."""
-    from saekit.analysis import estimate as estimate_features
-    from saekit.analysis import load_sweep
+    from saekit.api import estimate as estimate_features
 
-    result = estimate_features(load_sweep(out))
+    result = estimate_features(out)
     if as_json:
         _print_json(result)
         return

@@ -93,8 +93,8 @@ def point_settled(point: CurvePoint, tolerance: float = TOLERANCE) -> tuple[bool
 def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> dict[str, Any]:
     """{state, n_features, low, high, dict_size, fit, beta, next_size, next_seconds, sentence} for the curve so far.
 
-    state is "saturated" (the last two sizes with room agree, and the last one's count is settled), "growing" (a lower
-    bound) or "empty" (no size yet)."""
+    state is "saturated" (the last two sizes with room agree, and their counts are settled), "growing" (a lower
+    bound), "falling" (the last size counted fewer: the most counted is a lower bound) or "empty" (no size yet)."""
     if not points:
         return {
             "state": "empty",
@@ -128,6 +128,8 @@ def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> di
             "sentence": f"saturated at {b.count} features ({low}-{high}): the counts at {a.dict_size} and {b.dict_size} latents agree",
         }
     beta = growth_exponent(points[-2], last) if len(points) >= 2 else None
+    if beta is not None and beta < 0:
+        return _falling(points, fit, beta, reasons)
     next_size, next_seconds = 2 * last.dict_size, 2 * last.seconds
     shape = f"still growing as m^{beta:.2f}" if beta is not None else "not yet a curve (one size)"
     if not last.roomy:
@@ -147,6 +149,28 @@ def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> di
         "reasons": reasons,
         "sentence": f"{shape} at m = {last.dict_size}: {last.count} features is a lower bound; "
         f"train {next_size} latents next, about {format_seconds(next_seconds)} on this machine",
+    }
+
+
+def _falling(points: list[CurvePoint], fit: dict[str, float] | None, beta: float, reasons: list[str]) -> dict[str, Any]:
+    """The verdict when the count fell at the last size: the seeds of the larger dictionary share fewer features
+    (they are further from converged, or split features differently), so the most ever counted is the lower bound."""
+    top = max(points, key=lambda p: p.count)
+    last = points[-1]
+    reasons.insert(0, f"the count fell from {points[-2].count} at {points[-2].dict_size} latents to {last.count} at {last.dict_size}")
+    return {
+        "state": "falling",
+        "n_features": top.count,
+        "low": top.low,
+        "high": top.high,
+        "dict_size": top.dict_size,
+        "fit": fit,
+        "beta": beta,
+        "next_size": None,
+        "next_seconds": None,
+        "reasons": reasons,
+        "sentence": f"not settled: the count falls with size (m^{beta:.2f} at m = {last.dict_size}); the most counted, "
+        f"{top.count} features at {top.dict_size} latents, is a lower bound; train longer (train.samples) before going larger",
     }
 
 

@@ -28,7 +28,7 @@ COUNT_TRAIN: dict[str, Any] = {
     "matmul_precision": "medium",
     "eval_samples": 50_000,
 }
-PROBE_FRACTION = 0.25  # a probe trains this share of an SAE's samples
+PROBE_FRACTION = 0.15  # a probe trains this share of an SAE's samples
 MIN_PROBE_SAMPLES = 50_000
 MAX_SIZE_PER_D = 64  # the largest size tried: 64 d (counts up to about 32 d features)
 # Recipe keys the config's own train section does not set (they are the search's); any other train key it keeps.
