@@ -167,3 +167,9 @@ def test_a_count_that_falls_with_size_is_not_called_growing():
     assert verdict["state"] == "falling" and verdict["n_features"] == 164 and verdict["dict_size"] == 256
     assert verdict["beta"] == pytest.approx(math.log2(114 / 164))
     assert verdict["sentence"].startswith("not settled: the count falls with size (m^-0.52 at m = 512)")
+
+
+def test_a_small_drop_is_level_not_falling():
+    # 49 -> 48 (2%, within 15%) at sizes without room for the pair check: level but not settled, not "falling"
+    verdict = describe_curve([point(32, 30), point(64, 49), point(128, 48, late=30)])
+    assert verdict["state"] == "growing" and "level (m^-0.03) but not settled" in verdict["sentence"]

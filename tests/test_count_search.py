@@ -121,14 +121,15 @@ def test_bad_targets_and_budgets_are_refused_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_real_search_counts_the_toy_data_and_resumes_without_training_again(tmp_path):
-    """d = 16 with 24 true features (the report's generator): the curve saturates by 128 latents, within 15% of 24."""
+    """configs/small.yaml's data (d = 32, 48 true features, the report's generator): the curve saturates by 256
+    latents, within 15% of 48."""
     from saekit.count import count_features
 
-    cfg = count_config(_toy_yaml(tmp_path, d=16, g=24), ["train.samples=150000"])
-    settings = SearchSettings(samples=150_000, probe_samples=50_000, start_size=16, max_size=256)
+    cfg = count_config(_toy_yaml(tmp_path, d=32, g=48), ["train.samples=600000"])
+    settings = SearchSettings(samples=600_000, probe_samples=100_000, start_size=32, max_size=256)
     result = count_features(cfg, tmp_path / "out", settings=settings, progress=False)
     assert result["state"] == "saturated", result["sentence"]
-    assert abs(result["n_features"] - 24) <= 0.15 * 24, result["curve"]
+    assert abs(result["n_features"] - 48) <= 0.15 * 48, result["curve"]
     again = count_features(cfg, tmp_path / "out", settings=settings, progress=False)  # every SAE is read back
     assert again["curve"] == result["curve"] and again["seconds"] < result["seconds"] / 3
     import saekit
@@ -140,3 +141,24 @@ def _toy_yaml(tmp_path: Path, d: int, g: int) -> Path:
     path = tmp_path / "toy.yaml"
     path.write_text(f"source: {{kind: toy, d: {d}, n_features: {g}}}\n")
     return path
+
+
+@pytest.mark.slow
+def test_reproduce_quick_is_the_search_with_its_report(tmp_path):
+    """`saekit reproduce --preset quick` on configs/small.yaml's data: the search's JSON, a report page with the
+    count's curve, and `saekit estimate` on the folder gives the same count."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "q"
+    args = ["reproduce", "--preset", "quick", "--set", "source.d=32", "--set", "source.n_features=48", "--set", "train.samples=600000"]
+    done = subprocess.run(
+        [sys.executable, "-m", "saekit", *args, "--out", str(out), "--json", "--no-progress"], capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["estimate"]["curve"] and result["estimate"]["sentence"]
+    assert result["runs"] and all(r["status"] == "done" for r in result["runs"])
+    assert (out / "report.html").is_file() and (out / "count.json").is_file()
+    again = subprocess.run([sys.executable, "-m", "saekit", "estimate", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads(again.stdout)["n_features"] == result["estimate"]["n_features"]

@@ -49,7 +49,7 @@ class Holder:
     "command",
     [
         ["train", *with_sets(*TINY), "--no-progress"],
-        ["reproduce", "--preset", "quick", *with_sets(*TINY), "--no-progress"],
+        ["reproduce", "--preset", "grid", *with_sets(*TINY), "--no-progress"],
         ["compare", "--archs", "topk", *with_sets(*[s for s in TINY if not s.startswith("sae.l1")]), "--no-progress"],
     ],
     ids=["train", "reproduce", "compare"],

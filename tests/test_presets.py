@@ -55,10 +55,10 @@ def _file_sets(path: Path) -> list[str]:
     ],
 )
 def test_quick_follows_the_width_of_generated_data(sets: list[str], d: int) -> None:
-    cfg = preset_config("quick", sets)
+    cfg = preset_config("grid", sets)
     assert cfg.sae.dict_size == geometric_sizes(d / 2, 8 * d)
     assert cfg.train.seeds_min_size == 4 * d  # two seeds at the two largest sizes
-    assert f"width d = {d} (from the config)" in describe("quick", cfg)
+    assert f"width d = {d} (from the config)" in describe("grid", cfg)
 
 
 @pytest.mark.parametrize("sets, g", [([], 512), (["source.kind=tms"], 80), (["source.kind=compute", "source.n_features=40"], 40)])
@@ -81,7 +81,7 @@ def test_the_config_width_of_generated_kinds_is_the_built_sources_width(kind: st
 @pytest.mark.parametrize("writer", [_safetensors, _npy])
 def test_a_width_160_file_gives_grids_scaled_from_160_not_256(tmp_path: Path, writer) -> None:
     path = writer(tmp_path / ("acts.safetensors" if writer is _safetensors else "acts.npy"))
-    quick = preset_config("quick", _file_sets(path))
+    quick = preset_config("grid", _file_sets(path))
     assert quick.sae.dict_size == QUICK_160 and quick.train.seeds_min_size == 640
     paper = preset_config("paper", _file_sets(path))
     assert paper.sae.dict_size == PAPER_160 and paper.train.seeds_min_size == 8 * 320
@@ -99,7 +99,7 @@ def test_a_file_with_ground_truth_sizes_paper_from_its_feature_count(tmp_path: P
 def test_an_activations_folder_gives_grids_scaled_from_its_manifests_width(tmp_path: Path) -> None:
     folder = write_activations(tmp_path / "acts", n_windows=4, d=12)
     sets = ["source.kind=activations", f"source.path={folder}"]
-    quick = preset_config("quick", sets)
+    quick = preset_config("grid", sets)
     assert quick.sae.dict_size == [6, 12, 24, 48, 96]  # d/2 .. 8 d with d = 12
     paper = preset_config("paper", sets)
     assert paper.sae.dict_size == geometric_sizes(24 / 4, 32 * 24)  # G assumed 2 d = 24
@@ -109,8 +109,8 @@ def test_an_activations_folder_gives_grids_scaled_from_its_manifests_width(tmp_p
 def test_an_explicit_width_that_disagrees_with_the_data_is_refused(tmp_path: Path) -> None:
     path = _npy(tmp_path / "acts.npy")
     with pytest.raises(InputError, match="source.d is 256 but .*acts.npy has width 160"):
-        preset_config("quick", [*_file_sets(path), "source.d=256"])
-    assert preset_config("quick", [*_file_sets(path), "source.d=160"]).sae.dict_size == QUICK_160
+        preset_config("grid", [*_file_sets(path), "source.d=256"])
+    assert preset_config("grid", [*_file_sets(path), "source.d=160"]).sae.dict_size == QUICK_160
     folder = write_activations(tmp_path / "acts", n_windows=4, d=12)
     with pytest.raises(InputError, match="source.d is 8 but .* has width 12"):
         preset_config("paper", ["source.kind=activations", f"source.path={folder}", "source.d=8"])
@@ -118,7 +118,7 @@ def test_an_explicit_width_that_disagrees_with_the_data_is_refused(tmp_path: Pat
 
 def test_the_cli_refuses_a_width_mismatch_in_one_line(tmp_path: Path) -> None:
     path = _safetensors(tmp_path / "acts.safetensors")
-    r = saekit("reproduce", "--preset", "quick", *with_sets(*_file_sets(path), "source.d=256"), "--out", str(tmp_path / "o"))
+    r = saekit("reproduce", "--preset", "grid", *with_sets(*_file_sets(path), "source.d=256"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"saekit: error: source.d is 256 but {path} has width 160"]
 
@@ -129,7 +129,7 @@ def test_a_kind_without_a_cheaper_reader_is_built_and_asked(tmp_path: Path, monk
     monkeypatch.setattr(shape_module, "_READERS", {})
     shape = data_shape(load_config(None, _file_sets(path)).source)
     assert (shape.d, shape.n_features, shape.origin) == (20, 7, "source")
-    assert preset_config("quick", _file_sets(path)).sae.dict_size == [10, 20, 40, 80, 160]
+    assert preset_config("grid", _file_sets(path)).sae.dict_size == [10, 20, 40, 80, 160]
 
 
 def test_the_lm_preset_is_not_built_here() -> None:
@@ -198,7 +198,7 @@ def test_compare_sizes_its_dictionary_from_the_data(tmp_path: Path) -> None:
 def test_reproduce_quick_on_a_file_trains_the_sizes_of_its_width(tmp_path: Path) -> None:
     path = _npy(tmp_path / "acts.npy", n=512, d=12)
     sets = with_sets(*_file_sets(path), "sae.l1=[0.6]", "train.samples=1024", "train.eval_samples=512", "train.batch_size=128")
-    r = saekit("reproduce", "--preset", "quick", *sets, "--out", str(tmp_path / "o"), "--json", "--no-progress")
+    r = saekit("reproduce", "--preset", "grid", *sets, "--out", str(tmp_path / "o"), "--json", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "width d = 12 (from the file header)" in r.stderr
     runs = json.loads(r.stdout)["runs"]
@@ -209,16 +209,16 @@ def test_reproduce_quick_on_a_file_trains_the_sizes_of_its_width(tmp_path: Path)
 def test_sweep_presets_give_data_that_may_have_an_offset_a_decoder_bias(tmp_path: Path) -> None:
     # The in-house generators build data without an offset: the report's SAE (no decoder bias) stays. Files and
     # other data may be centred, biased or neither, so the SAEs get a decoder bias from the data's geometric median.
-    for preset in ("quick", "paper"):
+    for preset in ("grid", "paper"):
         assert preset_config(preset).sae.decoder_bias is False
         assert preset_config(preset, ["source.kind=tms"]).sae.decoder_bias is False
     path = tmp_path / "a.npy"
     np.save(path, np.random.default_rng(0).normal(size=(50, 12)).astype(np.float32) + 3.0)
-    cfg = preset_config("quick", ["source.kind=file", f"source.path={path}"])
+    cfg = preset_config("grid", ["source.kind=file", f"source.path={path}"])
     assert cfg.sae.decoder_bias is True and cfg.sae.decoder_bias_init == "geometric_median"
-    assert "decoder bias" in describe("quick", cfg)
+    assert "decoder bias" in describe("grid", cfg)
     # An explicit choice wins.
-    assert preset_config("quick", ["source.kind=file", f"source.path={path}", "sae.decoder_bias=false"]).sae.decoder_bias is False
+    assert preset_config("grid", ["source.kind=file", f"source.path={path}", "sae.decoder_bias=false"]).sae.decoder_bias is False
 
 
 def test_the_quick_l1_values_follow_the_datas_scale(tmp_path: Path) -> None:
@@ -228,13 +228,13 @@ def test_the_quick_l1_values_follow_the_datas_scale(tmp_path: Path) -> None:
     for factor in (1.0, 10.0):
         path = tmp_path / f"x{factor:g}.npy"
         np.save(path, (toy * factor).numpy())
-        cfg = preset_config("quick", ["source.kind=file", f"source.path={path}"])
-        ratios = [a / b for a, b in zip(cfg.sae.l1, preset_config("quick").sae.l1)]
+        cfg = preset_config("grid", ["source.kind=file", f"source.path={path}"])
+        ratios = [a / b for a, b in zip(cfg.sae.l1, preset_config("grid").sae.l1)]
         assert all(r == pytest.approx(ratios[0], rel=1e-2) for r in ratios)  # values rounded to 3 significant figures
         assert ratios[0] == pytest.approx(factor, rel=0.15)
-        assert "L1 values follow it" in describe("quick", cfg)
+        assert "L1 values follow it" in describe("grid", cfg)
     # Given L1 values are kept as given.
-    assert preset_config("quick", ["source.kind=file", f"source.path={path}", "sae.l1=[0.5]"]).sae.l1 == [0.5]
+    assert preset_config("grid", ["source.kind=file", f"source.path={path}", "sae.l1=[0.5]"]).sae.l1 == [0.5]
 
 
 def test_the_synth_preset_is_quick_on_synthsaebench_shaped_data() -> None:
@@ -244,7 +244,7 @@ def test_the_synth_preset_is_quick_on_synthsaebench_shaped_data() -> None:
     assert cfg.source.kind == "synth" and (cfg.source.n_features, cfg.source.d) == (4096, 256)
     assert cfg.sae.dict_size == geometric_sizes(128, 2048) and cfg.train.seeds_min_size == 1024
     assert cfg.sae.decoder_bias is True and cfg.sae.decoder_bias_init == "geometric_median"
-    quick = preset_config("quick").sae.l1
+    quick = preset_config("grid").sae.l1
     ratios = [a / b for a, b in zip(cfg.sae.l1, quick)]
     assert all(r == pytest.approx(ratios[0], rel=1e-2) for r in ratios) and ratios[0] > 3  # synth data is far larger than toy data
     text = describe("synth", cfg)
@@ -254,3 +254,17 @@ def test_the_synth_preset_is_quick_on_synthsaebench_shaped_data() -> None:
     assert small.sae.dict_size == [24, 48, 96, 192, 384] and small.source.n_features == 192
     with pytest.raises(InputError, match="synth preset"):
         preset_config("synth", ["source.kind=file", "source.path=x.npy"])
+
+
+def test_the_quick_preset_is_the_search_with_its_recipe_and_the_data_of_the_overrides(tmp_path: Path) -> None:
+    from saekit.count import COUNT_TRAIN
+    from saekit.presets import search_config
+
+    cfg = search_config(["source.d=32", "source.n_features=64"])
+    assert (cfg.source.kind, cfg.source.d, cfg.source.n_features, cfg.sae.decoder_bias) == ("toy", 32, 64, False)
+    assert (cfg.train.lr, cfg.train.samples) == (COUNT_TRAIN["lr"], COUNT_TRAIN["samples"])
+    path = tmp_path / "a.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(50, 12)).astype(np.float32) + 3.0)
+    assert search_config(["source.kind=file", f"source.path={path}"]).sae.decoder_bias is True  # data that may have an offset
+    with pytest.raises(InputError, match="adaptive search"):
+        preset_config("quick")

@@ -185,12 +185,14 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_reproduce_quick_end_to_end_small(tmp_path):
-    """`saekit reproduce` on a small toy (d=32, G=48): sweep, estimate within 15% of G, report page, JSON."""
+def test_reproduce_grid_end_to_end_small(tmp_path):
+    """`saekit reproduce --preset grid` on a small toy (d=32, G=48): sweep, estimate within 15% of G, report page, JSON."""
     out = tmp_path / "rep"
     proc = _saekit(
         [
             "reproduce",
+            "--preset",
+            "grid",
             "--set",
             "source.d=32",
             "--set",
@@ -209,7 +211,7 @@ def test_reproduce_quick_end_to_end_small(tmp_path):
     est = result["estimate"]
     for key in ("n_features", "low", "high", "dict_size", "l1"):
         assert key in est
-    # quick grid from d=32: sizes 16..256, 4 L1 values, a second seed at 128 and 256 -> 5*4 + 2*4 = 28 SAEs
+    # the grid from d=32: sizes 16..256, 4 L1 values, a second seed at 128 and 256 -> 5*4 + 2*4 = 28 SAEs
     assert len(result["runs"]) == 28 and all(r["status"] == "done" for r in result["runs"])
     assert abs(est["n_features"] - 48) <= 0.15 * 48, est["summary"]
     recommended = [r for r in result["runs"] if r["dict_size"] == est["dict_size"] and r["l1"] == est["l1"]]

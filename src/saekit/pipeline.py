@@ -13,19 +13,40 @@ if TYPE_CHECKING:
     from saekit.config import Config
 
 
-def analyse_and_report(out_dir: str | Path) -> tuple[dict[str, Any] | None, Path]:
-    """Compute the heuristics and (where the sweep allows it) the estimate, write OUT/report.html.
+def analyse_and_report(out_dir: str | Path, result: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, Path]:
+    """Compute the heuristics and (where the sweep allows it, unless `result` gives it, as the feature-count search
+    does) the estimate, write OUT/report.html.
 
     Returns (estimate or None, report path). A sweep without two seeds at any size gets a report
     without an estimate rather than an error.
     """
     sweep = load_sweep(out_dir)
     analysis = heuristics(sweep)
-    try:
-        result = estimate(sweep, analysis)
-    except InputError:
-        result = None
+    if result is None:
+        try:
+            result = estimate(sweep, analysis)
+        except InputError:
+            result = None
     return result, write_report(Path(out_dir), sweep.runs, analysis, result, read_source_info(out_dir))
+
+
+def reproduce_search(
+    out_dir: str | Path, overrides: list[str], *, progress: bool = True, max_memory: int | None = None, log: Any = None
+) -> dict[str, Any]:
+    """`saekit reproduce --preset quick`: the adaptive feature-count search (`saekit.count`) on the data the overrides
+    describe (the report's toy data by default), then OUT/report.html with its curve.
+    Returns {"estimate" (the search's result), "report", "runs", "errors"}."""
+    from saekit.count import count_features
+    from saekit.presets import search_config
+    from saekit.store import RunStore
+    from saekit.train.run import result_row
+
+    cfg = search_config(overrides)
+    result = count_features(cfg, out_dir, progress=progress, max_memory=max_memory, log=log)
+    _, report_path = analyse_and_report(out_dir, result)
+    with RunStore(out_dir) as store:
+        runs = [result_row(r) for r in store.runs()]
+    return {"estimate": result, "report": str(report_path), "runs": runs, "errors": result["errors"]}
 
 
 def _extract_lm(lm: dict[str, Any], out: Path, *, progress: bool, say: Any) -> dict[str, Any]:

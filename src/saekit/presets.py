@@ -1,12 +1,15 @@
 """Sweep presets for `saekit reproduce`: the grid is chosen from the width of the data actually given.
 
+`quick` is not a grid: it runs the adaptive feature-count search (`saekit.count`) on the data these overrides
+describe (`search_config`). The grids below are `grid`, `paper` and `synth`.
+
 The width d is read from the data (saekit.sources.data_shape: a file's header, an activations folder's
 manifest, a generated source's config), never from the config's defaults. The true feature count is unknown
-to a real user, so `quick`'s dictionary sizes run geometrically from d/2 to 8·d and its L1 values
+to a real user, so `grid`'s dictionary sizes run geometrically from d/2 to 8·d and its L1 values
 geometrically from the recommended default up; two init seeds are trained at the largest size for the
 seed-consensus count. `paper` is the report's full grid instead, sized from the true feature count G; where
 the data does not know G (a file without ground truth, activations) it assumes G = 2·d, the ratio of the
-report's toy data. `synth` is quick's grid on SynthSAEBench-shaped data (`source.kind: synth` with its defaults,
+report's toy data. `synth` is the `grid` preset on SynthSAEBench-shaped data (`source.kind: synth` with its defaults,
 4096 features in 256 dimensions, unless other source keys are given).
 """
 
@@ -21,7 +24,8 @@ from saekit.config import Config, SourceConfig, set_override
 if TYPE_CHECKING:
     from saekit.sources.shape import DataShape
 
-PRESETS = ("quick", "paper", "synth", "lm")
+PRESETS = ("quick", "grid", "paper", "synth", "lm")
+GRID_PRESETS = ("grid", "paper", "synth")
 
 # The quick preset (calibrated on toy data, see docs/results.md, "Estimating the number of features"): sizes d/2 .. 8 d, a second init seed
 # at the two largest sizes (the seed-consensus count needs two seeds where the dictionary has room for twice the
@@ -172,7 +176,7 @@ def _measured_scale(source_json: str, stamp: tuple[int, int] | None) -> float:
 
 def preset_grid(preset: str, shape: DataShape, scale: float = 1.0) -> dict[str, dict[str, Any]]:
     """The sae and train keys a sweep preset sets for data of this shape and scale (`data_scale`), before overrides."""
-    if preset in ("quick", "synth"):
+    if preset in ("grid", "synth"):
         d = shape.d
         l1 = QUICK_L1 if scale == 1.0 else [float(f"{a * scale:.3g}") for a in QUICK_L1]
         return {
@@ -196,6 +200,8 @@ def preset_config(preset: str, overrides: list[str] = ()) -> Config:
 
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    if preset == "quick":
+        raise InputError("the quick preset is the adaptive search, not a grid: saekit.presets.search_config builds its config")
     if preset == "lm":
         raise InputError("the lm preset extracts activations first: saekit.pipeline.reproduce_lm builds its config")
     data = overrides_dict(overrides)
@@ -223,7 +229,7 @@ def synth_source(source: dict[str, Any]) -> dict[str, Any]:
 
     kind = source.get("kind", "synth")
     if kind != "synth":
-        raise InputError(f"the synth preset generates SynthSAEBench-shaped data (source.kind synth), not {kind!r}; use --preset quick")
+        raise InputError(f"the synth preset generates SynthSAEBench-shaped data (source.kind synth), not {kind!r}; use --preset grid")
     return {**source, "kind": "synth"}
 
 
@@ -242,7 +248,7 @@ def describe(preset: str, cfg: Config) -> str:
     sizes = sorted({s.dict_size for s in specs})
     values = ", ".join(f"{a:.3g}" for a in sorted({s.sparsity for s in specs}))
     bias = "the SAEs have a decoder bias started at the data's geometric median; " if cfg.sae.decoder_bias else ""
-    if preset in ("quick", "synth") and cfg.source.kind not in NO_OFFSET_KINDS and cfg.sae.arch == "relu":
+    if preset in ("grid", "synth") and cfg.source.kind not in NO_OFFSET_KINDS and cfg.sae.arch == "relu":
         bias += f"the data's centred RMS norm is {data_scale(cfg.source):.2f} x the toy data's, and the L1 values follow it; "
     return (
         f"saekit reproduce --preset {preset}: {len(specs)} SAEs, sizes {sizes}, {cfg.sae.knob} values [{values}], "
@@ -264,3 +270,11 @@ def _grid_basis(preset: str, shape: DataShape) -> str:
         f"{basis}; the data does not say how many true features it has, so the grid assumes G = {TOY_FEATURES_PER_D}·d = {g}, "
         f"the ratio of the report's toy data (512 features in 256 dimensions)"
     )
+
+
+def search_config(overrides: list[str] = ()) -> Config:
+    """The quick preset's config: the data the `key=value` overrides describe (the report's toy data by default) and
+    the adaptive search's recipe (`saekit.count.COUNT_TRAIN`), overrides on top."""
+    from saekit.count import config_from_overrides
+
+    return config_from_overrides(list(overrides))

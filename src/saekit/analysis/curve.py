@@ -128,10 +128,13 @@ def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> di
             "sentence": f"saturated at {b.count} features ({low}-{high}): the counts at {a.dict_size} and {b.dict_size} latents agree",
         }
     beta = growth_exponent(points[-2], last) if len(points) >= 2 else None
-    if beta is not None and beta < 0:
+    if beta is not None and last.count < (1 - tolerance) * points[-2].count:
         return _falling(points, fit, beta, reasons)
     next_size, next_seconds = 2 * last.dict_size, 2 * last.seconds
-    shape = f"still growing as m^{beta:.2f}" if beta is not None else "not yet a curve (one size)"
+    if beta is None:
+        shape = "not yet a curve (one size)" if len(points) < 2 else "no count yet"
+    else:
+        shape = f"still growing as m^{beta:.2f}" if beta > 0 else f"level (m^{beta:.2f}) but not settled"
     if not last.roomy:
         reasons.insert(0, f"{last.dict_size} latents had no room for twice the {last.count} features counted")
     elif len(points) >= 2 and not saturated(points, tolerance):

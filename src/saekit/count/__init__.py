@@ -15,7 +15,16 @@ from saekit.config import Config, load_config
 from saekit.count.search import RESULT_FILE, SearchContext, SearchSettings, read_result, run_search
 from saekit.errors import InputError
 
-__all__ = ["COUNT_TRAIN", "RESULT_FILE", "count_config", "count_features", "default_settings", "parse_duration", "read_result"]
+__all__ = [
+    "config_from_overrides",
+    "COUNT_TRAIN",
+    "RESULT_FILE",
+    "count_config",
+    "count_features",
+    "default_settings",
+    "parse_duration",
+    "read_result",
+]
 
 # The search's training recipe (docs/guides/count.md, "The recipe"): the report's batch, a 3x larger lr with a linear
 # decay over the last 20%, and fewer samples than one SAE of `saekit train` (the search trains several per size).
@@ -70,6 +79,13 @@ def count_config(target: str | Path, overrides: list[str] = ()) -> Config:
     else:
         data = {"source": {"kind": "file", "path": str(path)}}
     return _merge(data, given)
+
+
+def config_from_overrides(overrides: list[str]) -> Config:
+    """The search's config of data described by `section.key=value` overrides alone (the toy source by default)."""
+    from saekit.presets import overrides_dict
+
+    return _merge({}, overrides_dict(list(overrides)))
 
 
 def _merge(data: dict[str, Any], given: dict[str, Any]) -> Config:

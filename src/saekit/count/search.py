@@ -27,8 +27,9 @@ from saekit.errors import InputError
 RESULT_FILE = "count.json"
 PROBE_DIR = "probes"
 PROBE_SIZE_PER_D = 1  # probes train d latents
-PROBE_ROUNDS = 3
-NEIGHBOURS_FROM_FILL = 0.8  # the probe grid is extended past its edge at most this many times
+PROBE_ROUNDS = 3  # the probe grid is extended past its edge at most this many times
+NEIGHBOURS_FROM_FILL = 0.8
+MAX_KNOB_MOVE = 2**0.5  # per size, the knob moves at most this factor beyond its scaling with size
 SEEDS = (0, 1)  # the pair at the chosen value; each neighbour trains one more seed, paired with one of these
 NEIGHBOUR_SEED = 2
 
@@ -85,11 +86,19 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
             stop = "saturated"
             break
         done = [r for r in rows if r.get("status") == "done"]
-        hit = value_for_l0(done, ctx.spec.knob, cal.target_l0, ctx.spec.integer_knob, cal.slope) or value
+        hit = _bounded(value_for_l0(done, ctx.spec.knob, cal.target_l0, ctx.spec.integer_knob, cal.slope), value)
         value, size, last_members = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size), 2 * size, len(specs)
     result = _result(ctx, points, cal, describe_curve(points, s.tolerance), stop, time.perf_counter() - started, errors)
     _write(ctx, result)
     return result
+
+
+def _bounded(hit: float | None, value: float) -> float:
+    """The value that gives the target L0, moved at most a factor MAX_KNOB_MOVE from the value trained (the size's own
+    scaling comes on top): a knob read off a size still far from converged cannot run away."""
+    if hit is None:
+        return value
+    return min(max(hit, value / MAX_KNOB_MOVE), value * MAX_KNOB_MOVE)
 
 
 def _limit(ctx: SearchContext, size: int, specs: list[RunSpec], points: list[CurvePoint], last_members: int, elapsed: float) -> str | None:

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from saekit.archspec import ARCH_SPECS, RELU, ArchSpec
+from saekit.archspec import ARCH_SPECS, RELU, ArchSpec, spec_for_knob
 from saekit.atomic import atomic_write_bytes
 from saekit.report import figures
 from saekit.report.html import render_page
@@ -67,6 +67,7 @@ def render_report(
     rates, skipped = load_latent_rates(runs, Path(out_dir) if out_dir is not None else None)
     knob = ARCH_SPECS.get(runs[0].get("arch"), RELU) if runs else RELU  # the sweep's architecture names its knob
     blocks = _figure_blocks(runs, analysis, rates, skipped, truth, n_est, knob)
+    blocks["count"] = _count_blocks(estimate, knob)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return render_page(runs=runs, estimate=estimate, figures=blocks, generated=generated, source_info=source_info)
 
@@ -83,6 +84,18 @@ def _figure_blocks(
         "cross": [figures.cross_size(analysis, knob=knob, true_features=truth, estimate=n_est)],
         "consensus": [figures.consensus(analysis, knob=knob, true_features=truth, estimate=n_est)],
     }
+
+
+def _count_blocks(estimate: dict[str, Any] | None, knob: ArchSpec) -> list:
+    """The count-curve figure of a `saekit count` result (an estimate with a non-empty `curve`); none otherwise."""
+    curve = (estimate or {}).get("curve")
+    if not isinstance(curve, list) or not curve:
+        return []
+    try:
+        knob = spec_for_knob(estimate["knob"]) if estimate.get("knob") not in (None, knob.knob) else knob
+    except KeyError:
+        pass
+    return [figures.count_curve(curve, fit=estimate.get("fit"), sentence=estimate.get("sentence"), knob=knob)]
 
 
 def write_report(

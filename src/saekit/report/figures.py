@@ -798,3 +798,103 @@ def _density_panel(ax: Any, by_value: dict[float, list[Any]], edges: np.ndarray,
     ax.legend(
         fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False, title="dead = never fired", title_fontsize=7
     )
+
+
+# -- 9. count curve (saekit count) -----------------------------------------------------------------
+
+COUNT_CAPTION = (
+    "Each point is the consensus count at one dictionary size (log₂ axis): the number of features two SAEs of that size, "
+    "trained from different init seeds at the same {name}, both learned; the bar spans the counts against SAEs at the "
+    "neighbouring values of {symbol} (low–high). Crosses are the seed pair's count at 80% of training. The grey line is "
+    "count = size/2: a dictionary on or below it has room for twice the features it counts. The count is read where it "
+    "stops growing with size while the dictionary still has that room."
+)
+FIT_CAPTION = " The dashed curve is the least-squares fit count = N·m/(m + h) over the trained sizes m."
+
+
+def fitted_counts(fit: dict[str, Any], sizes: Iterable[float]) -> list[float]:
+    """The saturating model N·m/(m + h) of `fit` ({"n_features": N, "half_size": h}) at each size m."""
+    n, h = float(fit["n_features"]), float(fit["half_size"])
+    return [n * m / (m + h) for m in sizes]
+
+
+def _curve_points(curve: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The curve's dict points with a positive size and a finite count, by size; low and high default to the count."""
+    points = []
+    for p in curve:
+        if not isinstance(p, dict):
+            continue
+        size, count = finite(p.get("dict_size")), finite(p.get("count"))
+        if size is None or size <= 0 or count is None:
+            continue
+        low, high = finite(p.get("low")), finite(p.get("high"))
+        points.append(
+            {
+                "dict_size": int(size),
+                "count": count,
+                "low": min(count, low if low is not None else count),
+                "high": max(count, high if high is not None else count),
+                "count_late": finite(p.get("count_late")),
+            }
+        )
+    return sorted(points, key=lambda p: p["dict_size"])
+
+
+def _usable_fit(fit: Any) -> dict[str, Any] | None:
+    """`fit` when it has a finite N and a finite, non-negative h, else None."""
+    if not isinstance(fit, dict):
+        return None
+    n, h = finite(fit.get("n_features")), finite(fit.get("half_size"))
+    return fit if n is not None and h is not None and h >= 0 else None
+
+
+def _plot_count_curve(ax: Any, points: list[dict[str, Any]], fit: dict[str, Any] | None) -> float:
+    """Counts with low–high bars, late counts, the size/2 line and the fit on `ax`; returns the highest count drawn."""
+    sizes = [p["dict_size"] for p in points]
+    grid = np.geomspace(min(sizes), max(sizes), 100) if len(sizes) > 1 else np.asarray(sizes, dtype=float)
+    ax.plot(grid, grid / 2, color="#aaaaaa", lw=1.2, zorder=0, label="count = size/2 (on or below it: room for twice the count)")
+    counts = [p["count"] for p in points]
+    yerr = [[c - p["low"] for c, p in zip(counts, points, strict=True)], [p["high"] - c for c, p in zip(counts, points, strict=True)]]
+    ax.errorbar(sizes, counts, yerr=yerr, fmt="o-", color="#0072B2", ms=6, lw=1.6, capsize=4, label="consensus count (bar: low–high)")
+    late = [(p["dict_size"], p["count_late"]) for p in points if p["count_late"] is not None]
+    if late:
+        ax.plot(*zip(*late, strict=True), "x", color="#E69F00", ms=7, mew=1.6, label="count at 80% of training")
+    top = max([p["high"] for p in points] + [v for _, v in late])
+    if fit is not None and len(sizes) > 1:
+        values = fitted_counts(fit, grid)
+        rms = finite(fit.get("rms_error"))
+        label = f"fit N·m/(m + h): N = {float(fit['n_features']):.4g}, h = {float(fit['half_size']):.4g}"
+        ax.plot(grid, values, "--", color="#D55E00", lw=1.5, label=label + (f", rms error {rms:.3g}" if rms is not None else ""))
+        top = max(top, max(values))
+    return top
+
+
+def count_curve(
+    curve: Sequence[dict[str, Any]], *, fit: dict[str, Any] | None = None, sentence: str | None = None, knob: ArchSpec = RELU
+) -> FigureBlock:
+    """Consensus count vs dictionary size (log₂ x) with its low–high range, the line count = size/2 and the saturating
+    fit when there is one (from the `curve` of `saekit count`'s result)."""
+    caption = _caption(COUNT_CAPTION, knob)
+    points = _curve_points(curve)
+    title = "Feature count against dictionary size" + (f": {sentence}" if sentence else "")
+    if not points:
+        return _skip("count-curve", title, caption, "No point of the curve has a dictionary size and a count: skipped.")
+    fit = _usable_fit(fit)
+    fig = Figure(figsize=(8.6, 4.6), layout="constrained")
+    ax = fig.subplots()
+    top = _plot_count_curve(ax, points, fit)
+    sizes = [p["dict_size"] for p in points]
+    _size_axis(ax, sizes)
+    ax.margins(x=0.08)
+    ax.set_ylim(0, max(1.0, 1.15 * top))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("dictionary size m (latents, log₂ axis)")
+    ax.set_ylabel("consensus features (count)")
+    ax.set_title("Features two seeds agree on, by dictionary size", fontsize=11)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: not labels[i].startswith("consensus count"))
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="best", frameon=False)
+    return FigureBlock(
+        key="count-curve", title=title, caption=caption + (FIT_CAPTION if fit and len(sizes) > 1 else ""), png=_to_data_uri(fig)
+    )

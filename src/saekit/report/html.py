@@ -268,8 +268,11 @@ def _header(runs: list[dict[str, Any]], estimate: dict[str, Any] | None, generat
     status = Counter(str(r.get("status")) for r in runs)
     status_text = ", ".join(f"{n} {esc(s)}" for s, n in sorted(status.items()))
     summary = f"<p>{esc(estimate.get('summary'))}</p>" if estimate and estimate.get("summary") else ""
+    count_link = '<a href="#count">Count curve</a>' if count_curve_points(estimate) else ""
     nav = (
-        "".join(f'<a href="#{sid}">{esc(h)}</a>' for _, sid, h in SECTIONS) + '<a href="#estimate">Estimate</a><a href="#runs">All runs</a>'
+        count_link
+        + "".join(f'<a href="#{sid}">{esc(h)}</a>' for _, sid, h in SECTIONS)
+        + '<a href="#estimate">Estimate</a><a href="#runs">All runs</a>'
     )
     return (
         "<header><h1>saekit sweep report</h1>"
@@ -297,6 +300,74 @@ def _signals_table(estimate: dict[str, Any] | None) -> str:
         )
     head = '<tr><th>signal</th><th class="num">value</th><th>agrees</th><th>note</th></tr>'
     return f'<table class="signals"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def count_curve_points(estimate: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The points of a `saekit count` result's curve (the dict entries of `estimate['curve']`); [] for other estimates."""
+    curve = (estimate or {}).get("curve")
+    return [p for p in curve if isinstance(p, dict)] if isinstance(curve, list) else []
+
+
+def _knob_label(knob: Any) -> str:
+    """The knob's name for a column header ('L1 coefficient α', 'k'), or the key as it is when no architecture has it."""
+    try:
+        return spec_for_knob(str(knob)).knob_name
+    except KeyError:
+        return str(knob or "knob value")
+
+
+COUNT_COLUMNS: tuple[tuple[str, str], ...] = (
+    # (key of a curve point, header)
+    ("dict_size", "dictionary size"),
+    ("count", "count"),
+    ("range", "range (low–high)"),
+    ("knob_value", "knob value"),
+    ("count_late", "count at 80% of training"),
+    ("n_saes", "SAEs trained"),
+    ("seconds", "seconds (s)"),
+)
+
+
+def _count_cell(point: dict[str, Any], key: str) -> str:
+    if key == "range":
+        low, high = point.get("low"), point.get("high")
+        text = "—" if low is None and high is None else f"{fmt_number(low)}–{fmt_number(high)}"
+        return f'<td class="num">{esc(text)}</td>'
+    return f'<td class="num">{esc(fmt_number(point.get(key)))}</td>'
+
+
+def _count_table(points: list[dict[str, Any]], knob: Any) -> str:
+    """One row per size of the curve: size, count, its range, the knob's value, the late count, SAEs trained, seconds."""
+    labels = {"knob_value": _knob_label(knob)}
+    head = "".join(f'<th scope="col" class="num">{esc(labels.get(key, label))}</th>' for key, label in COUNT_COLUMNS)
+    rows = "".join(f"<tr>{''.join(_count_cell(p, key) for key, _ in COUNT_COLUMNS)}</tr>" for p in points)
+    return f'<table class="signals count-curve" id="count-table"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _count_verdict(estimate: dict[str, Any]) -> str:
+    """The search's verdict sentence, the reasons it is not settled (if any), and the calibrated L0 and growth exponent."""
+    state = f" ({esc(estimate['state'])})" if estimate.get("state") else ""
+    sentence = f'<p class="verdict"><strong>Verdict{state}:</strong> {esc(estimate.get("sentence") or "none recorded")}</p>'
+    reasons = [r for r in estimate.get("reasons") or [] if r]
+    items = "".join(f"<li>{esc(r)}</li>" for r in reasons)
+    listed = f'<p>Reasons:</p><ul class="reasons">{items}</ul>' if reasons else ""
+    facts = []
+    if finite(estimate.get("target_l0")) is not None:
+        facts.append(f"SAEs calibrated to about {fmt_number(estimate['target_l0'])} active latents per sample (target L0)")
+    if finite(estimate.get("beta")) is not None:
+        facts.append(f"growth exponent between the last two sizes β = {float(estimate['beta']):.2f} (count ∝ m^β)")
+    meta = f'<p class="meta">{esc("; ".join(facts))}.</p>' if facts else ""
+    return sentence + listed + meta
+
+
+def _count_section(estimate: dict[str, Any], blocks: list[FigureBlock]) -> str:
+    """The count curve of `saekit count`: its verdict, figure and table, right after the header."""
+    points = count_curve_points(estimate)
+    figure = "".join(render_figure(b) for b in blocks)
+    return (
+        '<section id="count"><h2>Feature count against dictionary size</h2>'
+        f"{_count_verdict(estimate)}{figure}{_count_table(points, estimate.get('knob'))}</section>"
+    )
 
 
 def visible_columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
@@ -352,9 +423,12 @@ def render_page(
     generated: str,
     source_info: dict[str, Any] | None = None,
 ) -> str:
-    """The whole page as a string; `figures` maps a section key (recovery, sparsity, density, dead, loss, cross, consensus)
-    to its blocks; `source_info` is OUT/source.json (described in the header for a language model's activations)."""
+    """The whole page as a string; `figures` maps a section key (recovery, sparsity, density, dead, loss, cross, consensus,
+    count) to its blocks; the count curve's section appears only when `estimate` has a non-empty `curve`; `source_info` is
+    OUT/source.json (described in the header for a language model's activations)."""
     parts = [_header(runs, estimate, generated, source_info)]
+    if count_curve_points(estimate):
+        parts.append(_count_section(estimate or {}, figures.get("count") or []))
     for key, sid, heading in SECTIONS:
         blocks = figures.get(key) or []
         inner = "".join(render_figure(b) for b in blocks) or '<p class="note">Nothing to show.</p>'
