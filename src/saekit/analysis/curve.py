@@ -90,47 +90,55 @@ def point_settled(point: CurvePoint, tolerance: float = TOLERANCE) -> tuple[bool
     return not reasons, reasons
 
 
+def verdict(
+    state: str,
+    sentence: str,
+    point: CurvePoint | None = None,
+    low: int | None = None,
+    high: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A verdict dict: the count, range and size of `point` (range overridden by low/high), its state and sentence;
+    fit, beta, next_size, next_seconds and reasons from `extra` (None or empty when not given)."""
+    return {
+        "state": state,
+        "n_features": None if point is None else point.count,
+        "low": low if low is not None else None if point is None else point.low,
+        "high": high if high is not None else None if point is None else point.high,
+        "dict_size": None if point is None else point.dict_size,
+        "fit": extra.get("fit"),
+        "beta": extra.get("beta"),
+        "next_size": extra.get("next_size"),
+        "next_seconds": extra.get("next_seconds"),
+        "reasons": extra.get("reasons", []),
+        "sentence": sentence,
+    }
+
+
 def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> dict[str, Any]:
-    """{state, n_features, low, high, dict_size, fit, beta, next_size, next_seconds, sentence} for the curve so far.
+    """{state, n_features, low, high, dict_size, fit, beta, next_size, next_seconds, reasons, sentence} for the curve so far.
 
     state is "saturated" (the last two sizes with room agree, and their counts are settled), "growing" (a lower
     bound), "falling" (the last size counted fewer: the most counted is a lower bound) or "empty" (no size yet)."""
     if not points:
-        return {
-            "state": "empty",
-            "n_features": None,
-            "low": None,
-            "high": None,
-            "dict_size": None,
-            "fit": None,
-            "beta": None,
-            "next_size": None,
-            "next_seconds": None,
-            "sentence": "no dictionary trained yet",
-        }
+        return verdict("empty", "no dictionary trained yet")
     last = points[-1]
     fit = saturating_fit([p.dict_size for p in points], [p.count for p in points])
     settled, reasons = _settled_pair(points[-2], last, tolerance) if len(points) >= 2 else point_settled(last, tolerance)
-    if saturated(points, tolerance) and settled:
-        a, b = points[-2], points[-1]
-        low, high = min(a.low, b.low), max(a.high, b.high)
-        return {
-            "state": "saturated",
-            "n_features": b.count,
-            "low": low,
-            "high": high,
-            "dict_size": b.dict_size,
-            "fit": fit,
-            "beta": growth_exponent(a, b),
-            "next_size": None,
-            "next_seconds": None,
-            "reasons": [],
-            "sentence": f"saturated at {b.count} features ({low}-{high}): the counts at {a.dict_size} and {b.dict_size} latents agree",
-        }
     beta = growth_exponent(points[-2], last) if len(points) >= 2 else None
+    if saturated(points, tolerance) and settled:
+        a = points[-2]
+        low, high = min(a.low, last.low), max(a.high, last.high)
+        sentence = f"saturated at {last.count} features ({low}-{high}): the counts at {a.dict_size} and {last.dict_size} latents agree"
+        return verdict("saturated", sentence, last, low, high, fit=fit, beta=beta)
     if beta is not None and last.count < (1 - tolerance) * points[-2].count:
-        return _falling(points, fit, beta, reasons)
-    next_size, next_seconds = 2 * last.dict_size, 2 * last.seconds
+        top = max(points, key=lambda p: p.count)
+        reasons.insert(0, f"the count fell from {points[-2].count} at {points[-2].dict_size} latents to {last.count} at {last.dict_size}")
+        sentence = (
+            f"not settled: the count falls with size (m^{beta:.2f} at m = {last.dict_size}); the most counted, "
+            f"{top.count} features at {top.dict_size} latents, is a lower bound; train longer (train.samples) before going larger"
+        )
+        return verdict("falling", sentence, top, fit=fit, beta=beta, reasons=reasons)
     if beta is None:
         shape = "not yet a curve (one size)" if len(points) < 2 else "no count yet"
     else:
@@ -139,42 +147,12 @@ def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> di
         reasons.insert(0, f"{last.dict_size} latents had no room for twice the {last.count} features counted")
     elif len(points) >= 2 and not saturated(points, tolerance):
         reasons.insert(0, f"the count moved from {points[-2].count} at {points[-2].dict_size} latents to {last.count}")
-    return {
-        "state": "growing",
-        "n_features": last.count,
-        "low": last.low,
-        "high": last.high,
-        "dict_size": last.dict_size,
-        "fit": fit,
-        "beta": beta,
-        "next_size": next_size,
-        "next_seconds": next_seconds,
-        "reasons": reasons,
-        "sentence": f"{shape} at m = {last.dict_size}: {last.count} features is a lower bound; "
-        f"train {next_size} latents next, about {format_seconds(next_seconds)} on this machine",
-    }
-
-
-def _falling(points: list[CurvePoint], fit: dict[str, float] | None, beta: float, reasons: list[str]) -> dict[str, Any]:
-    """The verdict when the count fell at the last size: the seeds of the larger dictionary share fewer features
-    (they are further from converged, or split features differently), so the most ever counted is the lower bound."""
-    top = max(points, key=lambda p: p.count)
-    last = points[-1]
-    reasons.insert(0, f"the count fell from {points[-2].count} at {points[-2].dict_size} latents to {last.count} at {last.dict_size}")
-    return {
-        "state": "falling",
-        "n_features": top.count,
-        "low": top.low,
-        "high": top.high,
-        "dict_size": top.dict_size,
-        "fit": fit,
-        "beta": beta,
-        "next_size": None,
-        "next_seconds": None,
-        "reasons": reasons,
-        "sentence": f"not settled: the count falls with size (m^{beta:.2f} at m = {last.dict_size}); the most counted, "
-        f"{top.count} features at {top.dict_size} latents, is a lower bound; train longer (train.samples) before going larger",
-    }
+    next_size, next_seconds = 2 * last.dict_size, 2 * last.seconds
+    sentence = (
+        f"{shape} at m = {last.dict_size}: {last.count} features is a lower bound; "
+        f"train {next_size} latents next, about {format_seconds(next_seconds)} on this machine"
+    )
+    return verdict("growing", sentence, last, fit=fit, beta=beta, next_size=next_size, next_seconds=next_seconds, reasons=reasons)
 
 
 def format_seconds(seconds: float) -> str:
