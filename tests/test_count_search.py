@@ -162,3 +162,64 @@ def test_reproduce_quick_is_the_search_with_its_report(tmp_path):
     assert (out / "report.html").is_file() and (out / "count.json").is_file()
     again = subprocess.run([sys.executable, "-m", "saekit", "estimate", str(out), "--json"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads(again.stdout)["n_features"] == result["estimate"]["n_features"]
+
+
+def test_the_search_stops_at_the_memory_limit(tmp_path, monkeypatch):
+    counts = {m: m for m in (32, 64, 128, 256, 512)}
+    fake = FakeTraining(counts)
+    monkeypatch.setattr(search_module, "curve_point", fake.point)
+    cfg = parse_config({"source": {"kind": "toy", "d": 64, "n_features": 128}})
+    settings = SearchSettings(samples=1000, probe_samples=500, start_size=32, max_size=4096)
+    ctx = SearchContext(cfg, tmp_path, 64, ARCH_SPECS["relu"], 1, settings, fake, lambda text: None, lambda n, m: m < 128)
+    result = run_search(ctx)
+    assert result["stopped"] == "memory" and [p["dict_size"] for p in result["curve"]] == [32, 64]
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_to_the_curve_an_uninterrupted_one_gives(tmp_path):
+    """SIGKILL once the first size is in count.json, run again: the same sizes, knob values and counts as a search that
+    was never stopped (training is deterministic on one thread)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sets = ["source.d=8", "source.n_features=12", "source.mean_active=2", "train.samples=60000", "train.eval_samples=4000"]
+    args = [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start(out: Path) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "saekit",
+            "count",
+            str(_toy_yaml(tmp_path, d=8, g=12)),
+            *args,
+            "--out",
+            str(out),
+            "--json",
+            "--no-progress",
+        ]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    killed = start(tmp_path / "a")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and killed.poll() is None:
+        path = tmp_path / "a" / "count.json"
+        if path.is_file() and json.loads(path.read_text())["curve"]:
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, "the search ended before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    resumed, whole = start(tmp_path / "a"), start(tmp_path / "b")
+    out_a, err_a = resumed.communicate(timeout=900)
+    out_b, err_b = whole.communicate(timeout=900)
+    assert resumed.returncode == 0 and whole.returncode == 0, (err_a[-1500:], err_b[-1500:])
+
+    def shape(doc: bytes) -> list[tuple]:
+        return [(p["dict_size"], p["count"], p["knob_value"], p["n_saes"]) for p in json.loads(doc)["curve"]]
+
+    assert shape(out_a) == shape(out_b)

@@ -31,6 +31,7 @@ class CurvePoint:
     count_late: int | None = None  # the centre pair's count at 80% of training
     seconds: float = 0.0  # what training this size took
     n_saes: int = 2  # SAEs trained at this size: the seed pair, plus one per neighbouring knob value
+    most_value: float | None = None  # the knob value whose pair shared the most features (the centre on ties)
 
     @property
     def roomy(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,10 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
             break
         done = [r for r in rows if r.get("status") == "done"]
         hit = _bounded(value_for_l0(done, ctx.spec.knob, cal.target_l0, ctx.spec.integer_knob, cal.slope), value)
+        if points[-1].most_value not in (None, value):  # a neighbour shared more features: follow it, and its L0
+            hit = points[-1].most_value
+            cal = replace(cal, target_l0=mean_l0(done, ctx.spec.knob, hit) or cal.target_l0)
+            ctx.say(f"{ctx.spec.knob} = {hit:g} shared the most features: L0 {cal.target_l0:.1f} is the target now")
         value, size, last_members = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size), 2 * size, len(specs)
     result = _result(ctx, points, cal, describe_curve(points, s.tolerance), stop, time.perf_counter() - started, errors)
     _write(ctx, result)
@@ -184,14 +188,16 @@ def curve_point(ctx: SearchContext, size: int, value: float, rows: list[dict[str
     if any(r is None for r in centre):
         return CurvePoint(size, 0, 0, 0, value, None, _seconds(rows), len(rows))
     a, b = (sweep.live_directions(r) for r in centre)
-    counts = [consensus_count(a, b)]
+    by_value = {value: consensus_count(a, b)}
     for v, partner in zip([v for v in knob_values if v != value], (a, b)):
         if (v, NEIGHBOUR_SEED) in runs:
-            counts.append(consensus_count(sweep.live_directions(runs[(v, NEIGHBOUR_SEED)]), partner))
+            by_value[v] = consensus_count(sweep.live_directions(runs[(v, NEIGHBOUR_SEED)]), partner)
     a_late, b_late = (sweep.live_directions(r, late=True) for r in centre)
     late = None if a_late is None or b_late is None else consensus_count(a_late, b_late)
-    ordered = sorted(counts)
-    return CurvePoint(size, ordered[len(ordered) // 2], ordered[0], ordered[-1], value, late, _seconds(rows), len(rows))
+    ordered = sorted(by_value.values())
+    most = max(by_value, key=lambda v: (by_value[v], v == value))  # ties go to the centre
+    n = len(ordered)
+    return CurvePoint(size, ordered[n // 2], ordered[0], ordered[-1], value, late, _seconds(rows), len(rows), most)
 
 
 def _seconds(rows: list[dict[str, Any]]) -> float:
