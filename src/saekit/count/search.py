@@ -221,19 +221,21 @@ def _result(
     errors: list[str],
 ) -> dict[str, Any]:
     """The search's JSON document: the curve, its verdict, and the estimate fields `saekit estimate` gives (dict_size
-    and the knob's value are the recommended SAE's: the smallest trained size with at least twice the count)."""
+    and the knob's value are the recommended SAE's: the smallest trained size with at least twice the count, at the
+    knob value whose pair shared the most features there)."""
     n = verdict["n_features"] or 0
     best = next((p for p in points if p.dict_size >= 2 * n), points[-1]) if points else None
+    value = None if best is None else best.most_value if best.most_value is not None else best.knob_value
     knob = ctx.spec.knob_name
-    recommended = "" if best is None else f" Recommended SAE: {best.dict_size} latents at {knob} = {best.knob_value:g}."
+    recommended = "" if best is None else f" Recommended SAE: {best.dict_size} latents at {knob} = {value:g}."
     return {
         "n_features": verdict["n_features"],
         "low": verdict["low"],
         "high": verdict["high"],
         "dict_size": None if best is None else best.dict_size,
         "knob": ctx.spec.knob,
-        ctx.spec.knob: None if best is None else ctx.spec.knob_number(best.knob_value),
-        "l1": best.knob_value if best is not None and ctx.spec.knob == "l1" else None,
+        ctx.spec.knob: None if value is None else ctx.spec.knob_number(value),
+        "l1": value if ctx.spec.knob == "l1" else None,
         "count_size": verdict["dict_size"],
         "summary": verdict["sentence"] + "." + recommended,
         "signals": [],
