@@ -223,3 +223,13 @@ def test_a_killed_search_resumes_to_the_curve_an_uninterrupted_one_gives(tmp_pat
         return [(p["dict_size"], p["count"], p["knob_value"], p["n_saes"]) for p in json.loads(doc)["curve"]]
 
     assert shape(out_a) == shape(out_b)
+
+
+def test_a_penalty_never_rises_above_its_size_scaling_and_falls_at_most_sqrt_2():
+    from saekit.count.search import _bounded
+
+    assert _bounded(5.0, 1.0, integer=False) == 1.0  # larger dictionaries' early L0 must not push the penalty up
+    assert _bounded(0.9, 1.0, integer=False) == 0.9
+    assert _bounded(0.1, 1.0, integer=False) == pytest.approx(2**-0.5)
+    assert _bounded(None, 1.0, integer=False) == 1.0
+    assert _bounded(24.0, 16.0, integer=True) == 24.0  # k is the L0 target itself

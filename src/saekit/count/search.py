@@ -29,7 +29,7 @@ PROBE_DIR = "probes"
 PROBE_SIZE_PER_D = 1  # probes train d latents
 PROBE_ROUNDS = 3  # the probe grid is extended past its edge at most this many times
 NEIGHBOURS_FROM_FILL = 0.8
-MAX_KNOB_MOVE = 2**0.5  # per size, the knob moves at most this factor beyond its scaling with size
+MAX_KNOB_MOVE = 2**0.5  # per size, a penalty falls at most this factor below its scaling with size (and never rises above it)
 SEEDS = (0, 1)  # the pair at the chosen value; each neighbour trains one more seed, paired with one of these
 NEIGHBOUR_SEED = 2
 
@@ -86,7 +86,7 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
             stop = "saturated"
             break
         done = [r for r in rows if r.get("status") == "done"]
-        hit = _bounded(value_for_l0(done, ctx.spec.knob, cal.target_l0, ctx.spec.integer_knob, cal.slope), value)
+        hit = _bounded(value_for_l0(done, ctx.spec.knob, cal.target_l0, ctx.spec.integer_knob, cal.slope), value, ctx.spec.integer_knob)
         if points[-1].most_value not in (None, value):  # a neighbour shared more features: follow it, and its L0
             hit = points[-1].most_value
             cal = replace(cal, target_l0=mean_l0(done, ctx.spec.knob, hit) or cal.target_l0)
@@ -97,12 +97,14 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
     return result
 
 
-def _bounded(hit: float | None, value: float) -> float:
-    """The value that gives the target L0, moved at most a factor MAX_KNOB_MOVE from the value trained (the size's own
-    scaling comes on top): a knob read off a size still far from converged cannot run away."""
-    if hit is None:
-        return value
-    return min(max(hit, value / MAX_KNOB_MOVE), value * MAX_KNOB_MOVE)
+def _bounded(hit: float | None, value: float, integer: bool) -> float:
+    """The value that gives the target L0, moved from the value trained at most a factor MAX_KNOB_MOVE towards less
+    sparsity and not at all towards more (the size's own scaling comes on top): larger dictionaries fire more latents
+    early in training, and a penalty raised to hold their L0 down kills the features of the next size. k follows
+    its target exactly."""
+    if hit is None or integer:
+        return value if hit is None else hit
+    return min(max(hit, value / MAX_KNOB_MOVE), value)
 
 
 def _limit(ctx: SearchContext, size: int, specs: list[RunSpec], points: list[CurvePoint], last_members: int, elapsed: float) -> str | None:
