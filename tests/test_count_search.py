@@ -52,7 +52,7 @@ def run(tmp_path, monkeypatch, counts, budget=None, max_size=4096, seconds=1.0):
     fake = FakeTraining(counts, seconds)
     monkeypatch.setattr(search_module, "curve_point", fake.point)
     cfg = parse_config({"source": {"kind": "toy", "d": 64, "n_features": 128}})
-    settings = SearchSettings(samples=1000, probe_samples=500, start_size=32, max_size=max_size, budget_seconds=budget)
+    settings = SearchSettings(probe_samples=500, start_size=32, max_size=max_size, budget_seconds=budget)
     ctx = SearchContext(cfg, tmp_path, 64, ARCH_SPECS["relu"], 1, settings, fake, lambda text: None)
     return run_search(ctx), fake
 
@@ -126,7 +126,7 @@ def test_a_real_search_counts_the_toy_data_and_resumes_without_training_again(tm
     from saekit.count import count_features
 
     cfg = count_config(_toy_yaml(tmp_path, d=32, g=48), ["train.samples=600000"])
-    settings = SearchSettings(samples=600_000, probe_samples=100_000, start_size=32, max_size=256)
+    settings = SearchSettings(probe_samples=100_000, start_size=32, max_size=256)
     result = count_features(cfg, tmp_path / "out", settings=settings, progress=False)
     assert result["state"] == "saturated", result["sentence"]
     assert abs(result["n_features"] - 48) <= 0.15 * 48, result["curve"]
@@ -169,7 +169,7 @@ def test_the_search_stops_at_the_memory_limit(tmp_path, monkeypatch):
     fake = FakeTraining(counts)
     monkeypatch.setattr(search_module, "curve_point", fake.point)
     cfg = parse_config({"source": {"kind": "toy", "d": 64, "n_features": 128}})
-    settings = SearchSettings(samples=1000, probe_samples=500, start_size=32, max_size=4096)
+    settings = SearchSettings(probe_samples=500, start_size=32, max_size=4096)
     ctx = SearchContext(cfg, tmp_path, 64, ARCH_SPECS["relu"], 1, settings, fake, lambda text: None, lambda n, m: m < 128)
     result = run_search(ctx)
     assert result["stopped"] == "memory" and [p["dict_size"] for p in result["curve"]] == [32, 64]

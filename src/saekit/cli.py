@@ -39,6 +39,11 @@ def _memory_limit(text: str | None) -> int | None:
         raise InputError(f"--max-memory: {err}") from None
 
 
+def _stderr(prefix: str = "") -> Any:
+    """A log function: each line on stderr after `prefix`, flushed."""
+    return lambda text: print(f"{prefix}{text}", file=sys.stderr, flush=True)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=float) + "\n")
     sys.stdout.flush()
@@ -206,7 +211,7 @@ def count(
 
     cfg = count_config(target, set_ or [])
     seconds = None if budget is None else parse_duration(budget)
-    log = lambda text: print(f"saekit count: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    log = _stderr("saekit count: ")
     result = count_features(cfg, out, budget_seconds=seconds, progress=progress, max_memory=_memory_limit(max_memory), wait=wait, log=log)
     if as_json:
         _print_json(result)
@@ -255,7 +260,7 @@ def compare(
         progress=progress,
         wait=wait,
         max_memory=_memory_limit(max_memory),
-        log=lambda text: print(text, file=sys.stderr, flush=True),
+        log=_stderr(),
     )
     if as_json:
         _print_json(doc)
@@ -377,8 +382,8 @@ def _reproduce_search(out: Path, overrides: list[str], *, as_json: bool, progres
     """`reproduce --preset quick`: the search, its report, and the sentence (or the JSON document)."""
     from saekit.pipeline import reproduce_search
 
-    log = lambda text: print(f"saekit reproduce: {text}", file=sys.stderr, flush=True)  # noqa: E731
-    print("saekit reproduce --preset quick: the adaptive feature-count search (saekit count) on the data", file=sys.stderr, flush=True)
+    log = _stderr("saekit reproduce: ")
+    _stderr()("saekit reproduce --preset quick: the adaptive feature-count search (saekit count) on the data")
     done = reproduce_search(out, overrides, progress=progress, max_memory=_memory_limit(max_memory), log=log)
     if as_json:
         _print_json(done)
@@ -394,7 +399,7 @@ def _reproduce_lm(out: Path, overrides: list[str], *, as_json: bool, progress: b
     from saekit.pipeline import reproduce_lm
 
     limit = _memory_limit(max_memory)
-    result = reproduce_lm(out, overrides, progress=progress, max_memory=limit, log=lambda t: print(t, file=sys.stderr, flush=True))
+    result = reproduce_lm(out, overrides, progress=progress, max_memory=limit, log=_stderr())
     if as_json:
         _print_json({k: v for k, v in result.items() if k != "manifest"} | {"activations": result["manifest"].get("tokens")})
     else:

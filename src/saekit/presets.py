@@ -25,11 +25,11 @@ if TYPE_CHECKING:
     from saekit.sources.shape import DataShape
 
 PRESETS = ("quick", "grid", "paper", "synth", "lm")
-GRID_PRESETS = ("grid", "paper", "synth")
 
-# The quick preset (calibrated on toy data, see docs/results.md, "Estimating the number of features"): sizes d/2 .. 8 d, a second init seed
+# The grid preset, named quick until the adaptive search took that name (calibrated on toy data, see docs/results.md,
+# "The fixed grid on toy data"): sizes d/2 .. 8 d, a second init seed
 # at the two largest sizes (the seed-consensus count needs two seeds where the dictionary has room for twice the
-# features, so quick counts up to about 4 d features; the count at 4 d beside the one at 8 d shows whether it still
+# features, so the grid counts up to about 4 d features; the count at 4 d beside the one at 8 d shows whether it still
 # grows with size, which makes it a lower bound). 16 d would not fit in 10 minutes on 2 CPU cores at d = 256;
 # `--set sae.dict_size=[...]` or the paper preset go further.
 QUICK_MAX_SIZE_PER_D = 8
@@ -45,7 +45,7 @@ NO_OFFSET_KINDS = ("toy", "tms", "compute")
 OFFSET_SAE = {"decoder_bias": True, "decoder_bias_init": "geometric_median"}
 # QUICK_L1 was calibrated on those in-house sources, whose samples have an RMS norm about their mean near TOY_RMS
 # (the report's data: 5 active features on unit directions, E[c^2] = 1/3 each). The L1 term grows with the data's
-# scale and the MSE with its square, so for any other data the quick values are multiplied by the data's centred
+# scale and the MSE with its square, so for any other data the grid's values are multiplied by the data's centred
 # RMS norm over TOY_RMS (SynthSAEBench-shaped data, with values near 5, is about 7 times the toy data's scale).
 TOY_RMS = math.sqrt(5.0 / 3.0)
 SCALE_SAMPLES = 8192
@@ -191,7 +191,7 @@ def preset_grid(preset: str, shape: DataShape, scale: float = 1.0) -> dict[str, 
 
 
 def preset_config(preset: str, overrides: list[str] = ()) -> Config:
-    """The Config of a sweep preset (quick, paper) after `key=value` overrides (source.* keys change the data; any
+    """The Config of a sweep preset (grid, paper, synth) after `key=value` overrides (source.* keys change the data; any
     key may be set). The grid follows the data's width (`data_shape`); an explicit source.d that differs from a
     file's or folder's width is refused (InputError)."""
     from saekit.config import parse_config
@@ -242,7 +242,8 @@ def describe(preset: str, cfg: Config) -> str:
     shape = data_shape(cfg.source)
     specs = expand_grid(cfg)
     latent_samples = sum(s.dict_size for s in specs) * cfg.train.samples
-    # 10 d FLOPs per latent per sample; ~150 GFLOP/s is what sweeps sustained on 2 CPU cores (quick: 24 SAEs in 6.5 min).
+    # 10 d FLOPs per latent per sample; ~150 GFLOP/s is what sweeps sustained on 2 CPU cores (the grid, then called
+    # quick: 24 SAEs in 6.5 min).
     minutes = 10 * shape.d * latent_samples / 150e9 / 60
     duration = "under a minute" if minutes < 1 else f"about {minutes:.0f} min" if minutes < 120 else f"about {minutes / 60:.1f} h"
     sizes = sorted({s.dict_size for s in specs})
@@ -275,6 +276,6 @@ def _grid_basis(preset: str, shape: DataShape) -> str:
 def search_config(overrides: list[str] = ()) -> Config:
     """The quick preset's config: the data the `key=value` overrides describe (the report's toy data by default) and
     the adaptive search's recipe (`saekit.count.COUNT_TRAIN`), overrides on top."""
-    from saekit.count import config_from_overrides
+    from saekit.count import count_config
 
-    return config_from_overrides(list(overrides))
+    return count_config(None, overrides)

@@ -16,7 +16,6 @@ from saekit.count.search import RESULT_FILE, SearchContext, SearchSettings, read
 from saekit.errors import InputError
 
 __all__ = [
-    "config_from_overrides",
     "COUNT_TRAIN",
     "RESULT_FILE",
     "count_config",
@@ -58,34 +57,30 @@ RECIPE_KEYS = (
 CHOSEN_SAE_KEYS = ("dict_size",)
 
 
-def count_config(target: str | Path, overrides: list[str] = ()) -> Config:
+def count_config(target: str | Path | None, overrides: list[str] = ()) -> Config:
     """The config a search runs on: `target` is a YAML config, an activations folder (with manifest.json), a folder
-    holding a SAELens synthetic model, or a tensor file; `overrides` (`section.key=value`) apply on top. The config's
-    train recipe keys give way to COUNT_TRAIN unless set in `overrides`."""
+    holding a SAELens synthetic model, a tensor file, or None (the data the overrides describe, the toy source by
+    default); `overrides` (`section.key=value`) apply on top. The config's train recipe keys give way to COUNT_TRAIN
+    unless set in `overrides`."""
     from saekit.presets import overrides_dict
 
-    path = Path(target)
-    if not path.exists():
-        raise InputError(f"{target}: no such file or folder")
     given = overrides_dict(list(overrides))
-    data: dict[str, Any] = {}
+    return _merge({} if target is None else _target_data(Path(target)), given)
+
+
+def _target_data(path: Path) -> dict[str, Any]:
+    """The config sections `path` gives the search: a YAML config's source, sae (but dict_size) and train keys outside
+    the recipe; or a source reading the folder or file."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
     if path.suffix in (".yaml", ".yml"):
         data = load_config(path).model_dump(exclude_unset=True)
         data["train"] = {k: v for k, v in data.get("train", {}).items() if k not in RECIPE_KEYS}
         data["sae"] = {k: v for k, v in data.get("sae", {}).items() if k not in CHOSEN_SAE_KEYS}
-    elif path.is_dir():
-        kind = "activations" if (path / "manifest.json").is_file() else "synth"
-        data = {"source": {"kind": kind, "path": str(path)}}
-    else:
-        data = {"source": {"kind": "file", "path": str(path)}}
-    return _merge(data, given)
-
-
-def config_from_overrides(overrides: list[str]) -> Config:
-    """The search's config of data described by `section.key=value` overrides alone (the toy source by default)."""
-    from saekit.presets import overrides_dict
-
-    return _merge({}, overrides_dict(list(overrides)))
+        return data
+    if path.is_dir():
+        return {"source": {"kind": "activations" if (path / "manifest.json").is_file() else "synth", "path": str(path)}}
+    return {"source": {"kind": "file", "path": str(path)}}
 
 
 def _merge(data: dict[str, Any], given: dict[str, Any]) -> Config:
@@ -110,7 +105,6 @@ def default_settings(cfg: Config, d: int, budget_seconds: float | None = None) -
     start = max(2, d)
     samples = cfg.train.samples
     return SearchSettings(
-        samples=samples,
         probe_samples=max(MIN_PROBE_SAMPLES, int(PROBE_FRACTION * samples)),
         start_size=start,
         max_size=start * 2 ** int(math.log2(MAX_SIZE_PER_D * d / start)),
@@ -167,13 +161,13 @@ def _memory_check(cfg: Config, d: int, max_memory: int | None) -> Any:
     from saekit.device import resolve_device
     from saekit.distributed import DistEnv
     from saekit.train.evaluate import eval_batch_size
-    from saekit.train.plan import ensemble_memory_bytes, memory_limit
+    from saekit.train.plan import ensemble_memory_bytes, evaluation_memory_bytes, memory_limit
 
     limit = memory_limit(max_memory, resolve_device(cfg.train.device, "train.device"), DistEnv())
     batch = cfg.train.batch_size
 
     def fits(n_members: int, dict_size: int) -> bool:
-        evaluation = 4 * n_members * eval_batch_size(batch) * (dict_size + 2 * d)
+        evaluation = evaluation_memory_bytes(n_members, d, dict_size, eval_batch_size(batch))
         return ensemble_memory_bytes(n_members, d, dict_size, batch) + evaluation <= limit
 
     return fits

@@ -13,6 +13,7 @@ number of features a sample holds does not change with the dictionary that reads
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,11 @@ PENALTY_STEP = 2.0  # neighbouring penalty values differ by this factor
 K_STEP = 1.5  # neighbouring k values differ by about this factor
 
 
+def _round(value: float) -> float:
+    """A penalty value to 4 significant figures: the values the search trains, stores and reads back are these."""
+    return float(f"{value:.4g}")
+
+
 def size_power(arch: str, l1_reduction: str = "mean") -> int:
     """How the knob's value that gives the same per-latent penalty grows with size m: the ReLU SAE's L1 averaged over
     latents (the report's convention) penalises each latent by l1/m, so its value goes as m^1; every other knob
@@ -37,7 +43,7 @@ def value_at_size(spec: ArchSpec, value: float, power: int, from_size: int, to_s
     """A knob value chosen at `from_size` carried to `to_size` (k unchanged, a penalty scaled by (to/from)^power)."""
     if spec.integer_knob or power == 0:
         return value
-    return float(f"{value * (to_size / from_size) ** power:.4g}")
+    return _round(value * (to_size / from_size) ** power)
 
 
 def default_value(spec: ArchSpec, dict_size: int, power: int, scale: float) -> float:
@@ -52,7 +58,7 @@ def probe_grid(spec: ArchSpec, dict_size: int, d: int, centre: float) -> list[fl
     if spec.integer_knob:
         top = max(2, min(d, dict_size // 2))
         return [float(2**j) for j in range(1, int(math.log2(top)) + 1)]
-    return [float(f"{centre * PENALTY_STEP**j:.4g}") for j in PROBE_STEPS]
+    return [_round(centre * PENALTY_STEP**j) for j in PROBE_STEPS]
 
 
 def extend_grid(spec: ArchSpec, values: Sequence[float], best: float, dict_size: int) -> list[float]:
@@ -67,7 +73,7 @@ def extend_grid(spec: ArchSpec, values: Sequence[float], best: float, dict_size:
         nxt = [ordered[-1] * 2**j for j in range(1, 3)]
         return [float(v) for v in nxt if v <= dict_size // 2]
     sign = -1 if best == ordered[0] else 1
-    return [float(f"{best * PENALTY_STEP ** (sign * j):.4g}") for j in range(1, 5)]
+    return [_round(best * PENALTY_STEP ** (sign * j)) for j in range(1, 5)]
 
 
 def tradeoff(row: dict[str, Any], d: int) -> float:
@@ -104,15 +110,17 @@ def mean_l0(rows: Sequence[dict[str, Any]], knob: str, value: float) -> float | 
     return _by_value([r for r in rows if float(r[knob]) == value], knob, lambda r: float(r["l0"])).get(value)
 
 
+def _positive_l0(rows: Sequence[dict[str, Any]], knob: str) -> dict[float, float]:
+    """Mean L0 by knob value, for positive values with a positive L0 (what log-log fits can use)."""
+    return {v: x for v, x in _by_value(rows, knob, lambda r: float(r["l0"])).items() if x > 0 and v > 0}
+
+
 def l0_slope(rows: Sequence[dict[str, Any]], knob: str) -> float | None:
     """d log L0 / d log value, least squares over the values with L0 > 0 (None with fewer than two)."""
-    l0 = {v: x for v, x in _by_value(rows, knob, lambda r: float(r["l0"])).items() if x > 0 and v > 0}
+    l0 = _positive_l0(rows, knob)
     if len(l0) < 2:
         return None
-    xs, ys = [math.log(v) for v in l0], [math.log(x) for x in l0.values()]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return None if var == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+    return statistics.linear_regression([math.log(v) for v in l0], [math.log(x) for x in l0.values()]).slope
 
 
 def value_for_l0(rows: Sequence[dict[str, Any]], knob: str, target: float, integer: bool, slope: float | None = None) -> float | None:
@@ -122,7 +130,7 @@ def value_for_l0(rows: Sequence[dict[str, Any]], knob: str, target: float, integ
     PENALTY_STEP^2 beyond it. None when it cannot be told."""
     if integer:
         return float(max(1, int(round(target))))
-    l0 = {v: x for v, x in _by_value(rows, knob, lambda r: float(r["l0"])).items() if x > 0 and v > 0}
+    l0 = _positive_l0(rows, knob)
     if not l0 or target <= 0:
         return None
     pts = sorted((math.log(v), math.log(x)) for v, x in l0.items())
@@ -142,7 +150,7 @@ def value_for_l0(rows: Sequence[dict[str, Any]], knob: str, target: float, integ
     guess = v0 + (goal - y0) / fitted
     edge = math.log(PENALTY_STEP) * 2
     guess = min(max(guess, pts[0][0] - edge), pts[-1][0] + edge)
-    return float(f"{math.exp(guess):.4g}")
+    return _round(math.exp(guess))
 
 
 def neighbours(spec: ArchSpec, value: float, dict_size: int) -> tuple[float, float]:
@@ -152,4 +160,4 @@ def neighbours(spec: ArchSpec, value: float, dict_size: int) -> tuple[float, flo
         lower = max(1, min(k - 1, int(round(k / K_STEP))))
         upper = min(max(k + 1, int(round(k * K_STEP))), max(k + 1, dict_size - 1))
         return float(lower), float(upper)
-    return float(f"{value / PENALTY_STEP:.4g}"), float(f"{value * PENALTY_STEP:.4g}")
+    return _round(value / PENALTY_STEP), _round(value * PENALTY_STEP)

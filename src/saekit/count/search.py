@@ -38,8 +38,7 @@ NEIGHBOUR_SEED = 2
 class SearchSettings:
     """How far and how long the search may go."""
 
-    samples: int  # training samples of each SAE
-    probe_samples: int  # training samples of each probe
+    probe_samples: int  # training samples of each probe (each SAE of a size trains cfg.train.samples)
     start_size: int
     max_size: int
     budget_seconds: float | None = None
@@ -69,7 +68,7 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
     cal = calibrate(ctx)
     value = value_at_size(ctx.spec, cal.value, ctx.power, cal.size, s.start_size)
     points: list[CurvePoint] = []
-    stop, size, errors, last_members = "max_size", s.start_size, [], 1
+    verdict, size, errors, last_members = describe_curve(points, s.tolerance), s.start_size, [], 1
     while True:
         specs = size_specs(ctx.spec, size, value, with_neighbours=wants_neighbours(points))
         stop = _limit(ctx, size, specs, points, last_members, time.perf_counter() - started)
@@ -85,16 +84,25 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
         if verdict["state"] == "saturated":
             stop = "saturated"
             break
-        done = [r for r in rows if r.get("status") == "done"]
-        hit = _bounded(value_for_l0(done, ctx.spec.knob, cal.target_l0, ctx.spec.integer_knob, cal.slope), value, ctx.spec.integer_knob)
-        if points[-1].most_value not in (None, value):  # a neighbour shared more features: follow it, and its L0
-            hit = points[-1].most_value
-            cal = replace(cal, target_l0=mean_l0(done, ctx.spec.knob, hit) or cal.target_l0)
-            ctx.say(f"{ctx.spec.knob} = {hit:g} shared the most features: L0 {cal.target_l0:.1f} is the target now")
+        hit, cal = _next_value(ctx, cal, points[-1], value, [r for r in rows if r.get("status") == "done"])
         value, size, last_members = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size), 2 * size, len(specs)
-    result = _result(ctx, points, cal, describe_curve(points, s.tolerance), stop, time.perf_counter() - started, errors)
+    result = _result(ctx, points, cal, verdict, stop, time.perf_counter() - started, errors)
     _write(ctx, result)
     return result
+
+
+def _next_value(
+    ctx: SearchContext, cal: Calibration, point: CurvePoint, value: float, done: list[dict[str, Any]]
+) -> tuple[float, Calibration]:
+    """The knob value for the next size, before its size scaling, and the calibration to go on with: the neighbouring
+    value whose pair shared the most features (its L0 becomes the target), else the value that gives the target L0."""
+    knob = ctx.spec.knob
+    if point.most_value not in (None, value):
+        cal = replace(cal, target_l0=mean_l0(done, knob, point.most_value) or cal.target_l0)
+        ctx.say(f"{knob} = {point.most_value:g} shared the most features: L0 {cal.target_l0:.1f} is the target now")
+        return point.most_value, cal
+    hit = value_for_l0(done, knob, cal.target_l0, ctx.spec.integer_knob, cal.slope)
+    return _bounded(hit, value, ctx.spec.integer_knob), cal
 
 
 def _bounded(hit: float | None, value: float, integer: bool) -> float:
@@ -255,7 +263,7 @@ def _result(
         "probes": cal.probes,
         "stopped": stop,
         "seconds": seconds,
-        "settings": asdict(ctx.settings),
+        "settings": {"samples": ctx.cfg.train.samples, **asdict(ctx.settings)},
         "errors": errors,
     }
 

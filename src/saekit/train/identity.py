@@ -36,10 +36,10 @@ def run_id_for(cfg: Config, spec: RunSpec) -> str:
     return f"{spec.arch}-m{spec.dict_size}-{spec.knob}_{spec.sparsity:g}-s{spec.seed}-{digest}"
 
 
-def grid_runs(cfg: Config) -> tuple[list[RunSpec], list[str]]:
-    """Every SAE the config describes, once each: (specs, run ids) in grid order (a repeated grid value, which
-    gives a run id already seen, adds no run)."""
+def grid_runs(cfg: Config, specs: list[RunSpec] | None = None) -> tuple[list[RunSpec], list[str]]:
+    """Every SAE the config describes (or `specs`, each with the config's other settings), once each: (specs, run ids)
+    in order (a repeated value, which gives a run id already seen, adds no run)."""
     first: dict[str, RunSpec] = {}
-    for spec in expand_grid(cfg):
+    for spec in expand_grid(cfg) if specs is None else specs:
         first.setdefault(run_id_for(cfg, spec), spec)
     return list(first.values()), list(first)

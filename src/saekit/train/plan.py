@@ -53,10 +53,15 @@ def ensemble_memory_bytes(n_members: int, d: int, dict_size: int, batch_size: in
     return BYTES_PER_FLOAT * (4 * params + activations)
 
 
+def evaluation_memory_bytes(n_members: int, d: int, dict_size: int, eval_batch: int) -> int:
+    """Bytes an ensemble's evaluation adds: its codes, inputs and reconstructions for one evaluation batch."""
+    return BYTES_PER_FLOAT * n_members * eval_batch * (dict_size + 2 * d)
+
+
 def sweep_memory_bytes(plans: list[EnsemblePlan], d: int, batch_size: int, eval_batch: int) -> int:
     """All ensembles are alive at once (they train in lockstep); evaluation adds one ensemble's codes for its batch."""
     training = sum(ensemble_memory_bytes(len(p.specs), d, p.dict_size, batch_size) for p in plans)
-    evaluation = max((BYTES_PER_FLOAT * len(p.specs) * eval_batch * (p.dict_size + 2 * d) for p in plans), default=0)
+    evaluation = max((evaluation_memory_bytes(len(p.specs), d, p.dict_size, eval_batch) for p in plans), default=0)
     return training + evaluation
 
 

@@ -39,7 +39,7 @@ from saekit.sources import Stream, make_source
 from saekit.store import RunStore, done_run_ids, merge_rank_stores
 from saekit.train.data_parallel import DataParallel, RankBatches, check_data_parallel
 from saekit.train.evaluate import LATER_KEYS, eval_batch_size, evaluate_window
-from saekit.train.identity import grid_runs, run_config_dict, run_id_for
+from saekit.train.identity import grid_runs, run_config_dict
 from saekit.train.loop import TrainState, make_state, train_lockstep
 from saekit.train.plan import EnsemblePlan, memory_limit, memory_refusal
 from saekit.train.role import Role, role_for
@@ -146,7 +146,7 @@ def _plan(
     """The source and this process's ensembles, checked on every rank (source, memory, the language model of
     the downstream loss) before anything is written."""
     source = _make_source_on_ranks(cfg, out, device, role)
-    specs, run_ids = grid_runs(cfg) if specs is None else (specs, [run_id_for(cfg, spec) for spec in specs])
+    specs, run_ids = grid_runs(cfg, specs)
     plans = role.plans(specs, run_ids, skip=_done_runs(out, role))
     eval_batch = eval_batch_size(cfg.train.batch_size) if role.writes else 0
     limit = memory_limit(max_memory, device, role.env)
