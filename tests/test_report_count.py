@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from saekit.archspec import TOPK
 from saekit.report import figures, render_report, write_report
 from saekit.report.html import count_curve_points, esc
+from test_report import assert_valid_page
 
 SIZES = [128, 256, 512, 1024]
 SENTENCE = "saturated at 480 features (450-510): the counts at 512 and 1024 latents agree"
@@ -83,34 +83,6 @@ def make_estimate() -> dict:
     }
 
 
-class _TagBalance(HTMLParser):
-    """Records unclosed or stray non-void tags."""
-
-    VOID = {"meta", "img", "br", "hr", "input", "link", "col", "source", "wbr"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-        self.errors: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag not in self.VOID:
-            self.stack.append(tag)
-
-    def handle_endtag(self, tag):
-        if not self.stack or self.stack[-1] != tag:
-            self.errors.append(f"stray </{tag}>")
-        else:
-            self.stack.pop()
-
-
-def assert_balanced(text: str) -> None:
-    parser = _TagBalance()
-    parser.feed(text)
-    parser.close()
-    assert parser.errors == [] and parser.stack == [], (parser.errors, parser.stack)
-
-
 def section(text: str) -> str:
     match = re.search(r'<section id="count">.*?</section>', text, re.DOTALL)
     assert match, "no count section"
@@ -140,7 +112,7 @@ def test_count_curve_points_only_for_a_curve() -> None:
 def test_report_shows_the_count_curve(tmp_path: Path) -> None:
     runs = make_runs()
     text = write_report(tmp_path, runs, {}, make_estimate()).read_text(encoding="utf-8")
-    assert_balanced(text)
+    assert_valid_page(text)
     block = section(text)
     # near the top: right after the header, before the first figure section, and linked from the nav
     assert text.index("</header>") < text.index('<section id="count">') < text.index('<section id="recovery">')
@@ -171,7 +143,7 @@ def test_count_curve_without_a_fit_or_runs() -> None:
     estimate = make_estimate()
     estimate.update(fit=None, reasons=[], curve=estimate["curve"][:1])
     text = render_report([], None, estimate)
-    assert_balanced(text)
+    assert_valid_page(text)
     block = section(text)
     assert '<figure data-figure="count-curve">' in block and "N·m/(m + h)" not in block
     assert "Reasons:" not in block and block.count("<tr>") == 2  # header row and one point
