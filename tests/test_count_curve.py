@@ -166,7 +166,15 @@ def test_a_count_that_falls_with_size_is_not_called_growing():
     verdict = describe_curve([point(128, 106), point(256, 164), point(512, 114)])
     assert verdict["state"] == "falling" and verdict["n_features"] == 164 and verdict["dict_size"] == 256
     assert verdict["beta"] == pytest.approx(math.log2(114 / 164))
-    assert verdict["sentence"].startswith("not settled: the count falls with size (m^-0.52 at m = 512)")
+    assert verdict["sentence"].startswith("not settled: the count falls with size (114 at m = 512)")
+
+
+def test_two_sizes_that_agree_below_a_larger_count_are_not_saturated():
+    # 126 at 256 latents, then 60 and 62 at 512 and 1024: the last two agree and have room, but a smaller dictionary
+    # counted twice as many, so 62 is not the plateau; the most counted is the lower bound
+    verdict = describe_curve([point(128, 100), point(256, 126), point(512, 60, n_saes=4), point(1024, 62)])
+    assert verdict["state"] == "falling" and verdict["n_features"] == 126
+    assert verdict["reasons"][0] == "the count fell from 126 at 256 latents to 62 at 1024"
 
 
 def test_a_small_drop_is_level_not_falling():

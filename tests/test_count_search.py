@@ -19,13 +19,15 @@ from saekit.errors import InputError
 
 class FakeTraining:
     """Stands in for run_config: L0 = 4 / (l1 per latent x 1000), so L0 = 8 at l1 = 0.5 m / 1000; FVU = 0.1 unless
-    the L1 is so large that L0 < 1 (collapsed). The count at size m comes from `counts`."""
+    the L1 is so large that L0 < 1 (collapsed). The count at size m comes from `counts`: a number, or
+    {samples: number} for a size whose count depends on how long it trained."""
 
     def __init__(self, counts: dict[int, int], seconds: float = 1.0) -> None:
-        self.counts, self.seconds, self.calls = counts, seconds, []
+        self.counts, self.seconds, self.calls, self.sized_calls = counts, seconds, [], []
 
     def __call__(self, cfg, folder, specs):
         self.calls.append((Path(folder).name, [(s.dict_size, s.sparsity, s.seed) for s in specs]))
+        self.sized_calls.append((*self.calls[-1], cfg.train.samples))
         rows = []
         for s in specs:
             l0 = 4.0 / (s.sparsity / s.dict_size * 1000)
@@ -39,19 +41,21 @@ class FakeTraining:
                     "dead_fraction": 0.0,
                     "status": "done",
                     "seconds": self.seconds,
+                    "samples": cfg.train.samples,
                 }
             )
         return rows, []
 
     def point(self, ctx, size, value, rows):
         n = self.counts[size]
+        n = n[rows[0]["samples"]] if isinstance(n, dict) else n
         return CurvePoint(size, n, n, n, value, n, self.seconds, len(rows))
 
 
 def run(tmp_path, monkeypatch, counts, budget=None, max_size=4096, seconds=1.0):
     fake = FakeTraining(counts, seconds)
     monkeypatch.setattr(search_module, "curve_point", fake.point)
-    cfg = parse_config({"source": {"kind": "toy", "d": 64, "n_features": 128}})
+    cfg = parse_config({"source": {"kind": "toy", "d": 64, "n_features": 128}, "train": {"samples": 10**6}})
     settings = SearchSettings(probe_samples=500, start_size=32, max_size=max_size, budget_seconds=budget)
     ctx = SearchContext(cfg, tmp_path, 64, ARCH_SPECS["relu"], 1, settings, fake, lambda text: None)
     return run_search(ctx), fake
@@ -91,6 +95,24 @@ def test_the_search_stops_before_a_size_that_would_pass_the_budget(tmp_path, mon
     counts = {m: m for m in (32, 64, 128, 256, 512, 1024, 2048, 4096)}
     result, _ = run(tmp_path, monkeypatch, counts, budget=1e-6, seconds=1.0)
     assert result["stopped"] == "budget" and [p["dict_size"] for p in result["curve"]] == [32]
+
+
+def test_a_size_whose_count_falls_trains_again_on_more_samples_and_the_larger_sizes_keep_them(tmp_path, monkeypatch):
+    # 256 latents count 126 on 1M samples; 512 count 60 on 1M, 100 on 2M (still more than 15% below 126), 128 on 4M
+    counts = {32: 30, 64: 60, 128: 100, 256: 126, 512: {1_000_000: 60, 2_000_000: 100, 4_000_000: 128}, 1024: 130}
+    result, fake = run(tmp_path, monkeypatch, counts)
+    trained = [(specs[0][0], s) for name, specs, s in fake.sized_calls if name != "probes"]
+    assert trained == [(32, 10**6), (64, 10**6), (128, 10**6), (256, 10**6), (512, 10**6), (512, 2 * 10**6), (512, 4 * 10**6)]
+    assert result["state"] == "saturated" and result["n_features"] == 128
+    assert [p["samples"] for p in result["curve"]] == [10**6] * 4 + [4 * 10**6]
+
+
+def test_a_falling_count_is_trained_at_most_eight_times_as_long(tmp_path, monkeypatch):
+    counts = {32: 30, 64: 60, 128: 100, 256: 126, 512: 60, 1024: 60}
+    result, fake = run(tmp_path, monkeypatch, counts, max_size=1024)
+    samples = [s for name, specs, s in fake.sized_calls if name != "probes" and specs[0][0] >= 512]
+    assert samples == [10**6, 2 * 10**6, 4 * 10**6, 8 * 10**6, 8 * 10**6]  # 1024 starts where 512 ended and stays
+    assert result["state"] == "falling" and result["n_features"] == 126
 
 
 def test_a_size_trains_the_pair_and_where_asked_two_neighbours():
@@ -168,7 +190,7 @@ def test_the_search_stops_at_the_memory_limit(tmp_path, monkeypatch):
     counts = {m: m for m in (32, 64, 128, 256, 512)}
     fake = FakeTraining(counts)
     monkeypatch.setattr(search_module, "curve_point", fake.point)
-    cfg = parse_config({"source": {"kind": "toy", "d": 64, "n_features": 128}})
+    cfg = parse_config({"source": {"kind": "toy", "d": 64, "n_features": 128}, "train": {"samples": 10**6}})
     settings = SearchSettings(probe_samples=500, start_size=32, max_size=4096)
     ctx = SearchContext(cfg, tmp_path, 64, ARCH_SPECS["relu"], 1, settings, fake, lambda text: None, lambda n, m: m < 128)
     result = run_search(ctx)

@@ -32,6 +32,8 @@ class CurvePoint:
     seconds: float = 0.0  # what training this size took
     n_saes: int = 2  # SAEs trained at this size: the seed pair, plus one per neighbouring knob value
     most_value: float | None = None  # the knob value whose pair shared the most features (the centre on ties)
+    centre: int | None = None  # the centre pair's count (count_late is its count at 80% of training)
+    samples: int = 0  # training samples of each SAE at this size
 
     @property
     def roomy(self) -> bool:
@@ -86,8 +88,9 @@ def point_settled(point: CurvePoint, tolerance: float = TOLERANCE) -> tuple[bool
         reasons.append(f"at {point.dict_size} latents the two seeds share no feature")
     elif point.high - point.low > 2 * tolerance * point.count:
         reasons.append(f"at {point.dict_size} latents neighbouring knob values give {point.low}-{point.high}")
-    if point.count_late is not None and abs(point.count_late - point.count) > tolerance * max(point.count, 1):
-        reasons.append(f"at {point.dict_size} latents the count moved from {point.count_late} to {point.count} in the last 20% of training")
+    final = point.count if point.centre is None else point.centre
+    if point.count_late is not None and abs(point.count_late - final) > tolerance * max(final, 1):
+        reasons.append(f"at {point.dict_size} latents the count moved from {point.count_late} to {final} in the last 20% of training")
     return not reasons, reasons
 
 
@@ -119,24 +122,26 @@ def verdict(
 def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> dict[str, Any]:
     """{state, n_features, low, high, dict_size, fit, beta, next_size, next_seconds, reasons, sentence} for the curve so far.
 
-    state is "saturated" (the last two sizes with room agree, and their counts are settled), "growing" (a lower
-    bound), "falling" (the last size counted fewer: the most counted is a lower bound) or "empty" (no size yet)."""
+    state is "saturated" (the last two sizes with room agree, their counts are settled, and no smaller size counted
+    more), "growing" (a lower bound), "falling" (the last size counted fewer than a smaller one: the most counted is a
+    lower bound) or "empty" (no size yet)."""
     if not points:
         return verdict("empty", "no dictionary trained yet")
     last = points[-1]
     fit = saturating_fit([p.dict_size for p in points], [p.count for p in points])
     settled, reasons = _settled_pair(points[-2], last, tolerance) if len(points) >= 2 else point_settled(last, tolerance)
     beta = growth_exponent(points[-2], last) if len(points) >= 2 else None
-    if saturated(points, tolerance) and settled:
+    top = max(points, key=lambda p: p.count)
+    fell = last.count < (1 - tolerance) * top.count
+    if saturated(points, tolerance) and settled and not fell:
         a = points[-2]
         low, high = min(a.low, last.low), max(a.high, last.high)
         sentence = f"saturated at {last.count} features ({low}-{high}): the counts at {a.dict_size} and {last.dict_size} latents agree"
         return verdict("saturated", sentence, last, low, high, fit=fit, beta=beta)
-    if beta is not None and last.count < (1 - tolerance) * points[-2].count:
-        top = max(points, key=lambda p: p.count)
-        reasons.insert(0, f"the count fell from {points[-2].count} at {points[-2].dict_size} latents to {last.count} at {last.dict_size}")
+    if fell:
+        reasons.insert(0, f"the count fell from {top.count} at {top.dict_size} latents to {last.count} at {last.dict_size}")
         sentence = (
-            f"not settled: the count falls with size (m^{beta:.2f} at m = {last.dict_size}); the most counted, "
+            f"not settled: the count falls with size ({last.count} at m = {last.dict_size}); the most counted, "
             f"{top.count} features at {top.dict_size} latents, is a lower bound; train longer (train.samples) before going larger"
         )
         return verdict("falling", sentence, top, fit=fit, beta=beta, reasons=reasons)

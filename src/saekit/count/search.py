@@ -29,6 +29,7 @@ PROBE_DIR = "probes"
 PROBE_SIZE_PER_D = 1  # probes train d latents
 PROBE_ROUNDS = 3  # the probe grid is extended past its edge at most this many times
 NEIGHBOURS_FROM_FILL = 0.8
+MAX_SAMPLE_FACTOR = 8  # a size whose count falls is trained again on 2x, 4x, ... at most 8x cfg.train.samples
 MAX_KNOB_MOVE = 2**0.5  # per size, a penalty falls at most this factor below its scaling with size (and never rises above it)
 SEEDS = (0, 1)  # the pair at the chosen value; each neighbour trains one more seed, paired with one of these
 NEIGHBOUR_SEED = 2
@@ -68,27 +69,56 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
     cal = calibrate(ctx)
     value = value_at_size(ctx.spec, cal.value, ctx.power, cal.size, s.start_size)
     points: list[CurvePoint] = []
-    verdict, size, errors, last_members = describe_curve(points, s.tolerance), s.start_size, [], 1
+    verdict, size, errors, last_members, factor = describe_curve(points, s.tolerance), s.start_size, [], 1, 1
     while True:
         specs = size_specs(ctx.spec, size, value, with_neighbours=wants_neighbours(points))
         stop = _limit(ctx, size, specs, points, last_members, time.perf_counter() - started)
         if stop is not None:
             break
-        ctx.say(f"training {size} latents: {len(specs)} SAEs around {ctx.spec.knob} = {value:g}")
-        rows, errs = ctx.train(ctx.cfg, ctx.out, specs)
-        errors += errs
-        points.append(curve_point(ctx, size, value, rows))
+        point, rows, factor = _train_size(ctx, points, size, value, specs, factor, errors, started)
+        points.append(point)
         verdict = describe_curve(points, s.tolerance)
-        ctx.say(f"{size} latents: {points[-1].count} features ({points[-1].low}-{points[-1].high}); {verdict['sentence']}")
+        ctx.say(f"{size} latents: {point.count} features ({point.low}-{point.high}); {verdict['sentence']}")
         _write(ctx, _result(ctx, points, cal, verdict, "running", time.perf_counter() - started, errors))
         if verdict["state"] == "saturated":
             stop = "saturated"
             break
-        hit, cal = _next_value(ctx, cal, points[-1], value, [r for r in rows if r.get("status") == "done"])
+        hit, cal = _next_value(ctx, cal, point, value, [r for r in rows if r.get("status") == "done"])
         value, size, last_members = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size), 2 * size, len(specs)
     result = _result(ctx, points, cal, verdict, stop, time.perf_counter() - started, errors)
     _write(ctx, result)
     return result
+
+
+def _train_size(
+    ctx: SearchContext,
+    points: list[CurvePoint],
+    size: int,
+    value: float,
+    specs: list[RunSpec],
+    factor: int,
+    errors: list[str],
+    started: float,
+) -> tuple[CurvePoint, list[dict[str, Any]], int]:
+    """One size's SAEs trained on `factor` x cfg.train.samples each, and trained again on twice as many while its
+    count falls below a smaller size's (a larger dictionary needs longer to settle: its spare latents die late),
+    up to MAX_SAMPLE_FACTOR and within the budget. Returns its point, its rows and the factor it ended with (the
+    next sizes start from it)."""
+    while True:
+        samples = factor * ctx.cfg.train.samples
+        cfg = ctx.cfg.model_copy(update={"train": ctx.cfg.train.model_copy(update={"samples": samples})})
+        ctx.say(f"training {size} latents: {len(specs)} SAEs around {ctx.spec.knob} = {value:g}, {samples:,} samples each")
+        rows, errs = ctx.train(cfg, ctx.out, specs)
+        errors += errs
+        point = replace(curve_point(ctx, size, value, rows), samples=samples)
+        best = max(points, key=lambda p: p.count, default=None)
+        if best is None or point.count >= (1 - ctx.settings.tolerance) * best.count or factor >= MAX_SAMPLE_FACTOR:
+            return point, rows, factor
+        budget = ctx.settings.budget_seconds
+        if budget is not None and time.perf_counter() - started + 2 * point.seconds > budget:
+            return point, rows, factor
+        ctx.say(f"{size} latents counted {point.count}, fewer than {best.count} at {best.dict_size}: training them on twice the samples")
+        factor *= 2
 
 
 def _next_value(
@@ -196,7 +226,7 @@ def curve_point(ctx: SearchContext, size: int, value: float, rows: list[dict[str
     knob_values = sorted({v for v, _ in runs})
     centre = [runs.get((value, seed)) for seed in SEEDS]
     if any(r is None for r in centre):
-        return CurvePoint(size, 0, 0, 0, value, None, _seconds(rows), len(rows))
+        return CurvePoint(size, 0, 0, 0, value, None, _seconds(rows), len(rows), centre=0)
     a, b = (sweep.live_directions(r) for r in centre)
     by_value = {value: consensus_count(a, b)}
     for v, partner in zip([v for v in knob_values if v != value], (a, b)):
@@ -207,7 +237,7 @@ def curve_point(ctx: SearchContext, size: int, value: float, rows: list[dict[str
     ordered = sorted(by_value.values())
     most = max(by_value, key=lambda v: (by_value[v], v == value))  # ties go to the centre
     n = len(ordered)
-    return CurvePoint(size, ordered[n // 2], ordered[0], ordered[-1], value, late, _seconds(rows), len(rows), most)
+    return CurvePoint(size, ordered[n // 2], ordered[0], ordered[-1], value, late, _seconds(rows), len(rows), most, by_value[value])
 
 
 def _seconds(rows: list[dict[str, Any]]) -> float:
