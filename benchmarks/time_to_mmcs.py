@@ -1,7 +1,7 @@
 """Time to MMCS >= 0.99 with < 10% dead latents: saekit's trainer, a plain PyTorch loop and SAELens, in one run.
 
 Usage: python benchmarks/time_to_mmcs.py [--threads 2] [--trainers saekit,plain,saelens] [--max-samples N]
-           [--check-every 51200] [--set key=value ...] [--json]
+           [--check-every 51200] [--set key=value ...] [--peers-at recipe|report] [--json]
 
 One ReLU SAE on the report's toy data (configs/toy.yaml: d=256, G=512; 1024 latents), trained by each trainer in
 turn until a check first finds MMCS (mean over the true features of the best cosine with any decoder direction)
@@ -11,10 +11,12 @@ the source's eval stream), or until --max-samples. Checks run every --check-ever
            train.lr=3e-3 train.lr_decay=linear train.matmul_precision=medium sae.l1=0.4, then any --set; it generates
            each batch in its loop, inside the clock.
   plain    a plain PyTorch loop: c = relu(W_e x + b_e), x_hat = W_d c, loss = MSE (mean) + l1 * mean |c|, torch.optim.Adam,
-           decoder rows renormalised after each step; saekit's init; the recipe's lr, lr schedule, batch size and l1.
+           decoder rows renormalised after each step; saekit's init; the peers' lr and lr schedule, the recipe's batch size and l1.
   saelens  SAELens's StandardTrainingSAE trained by its SAETrainer.fit (only when `import sae_lens` works): its own
            loss (summed MSE, L1 weighted by decoder norms; l1_coefficient = l1 * d / m, the same objective up to a
-           factor d), init, trained b_dec and gradient clipping; the recipe's lr, schedule and batch size.
+           factor d), init, trained b_dec and gradient clipping; the peers' lr and schedule, the recipe's batch size.
+The peers' lr and schedule are the recipe's (--peers-at recipe, the default) or the report's, lr 1e-3 without decay
+(--peers-at report: each library as a user of the report's setup runs it).
 plain and saelens read batches of the same source's training stream generated before the clock starts (a pool of
 --pool-samples, cycled). The recipe's train.samples is replaced by --max-samples (default: the recipe's), so the lr
 schedule spans it. Ratios are each trainer's seconds to the target over the fastest peer's (plain or saelens).
@@ -45,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from saekit.config import Config, expand_grid, load_config  # noqa: E402
+from saekit.config import Config, TrainConfig, expand_grid, load_config  # noqa: E402
 from saekit.device import resolve_device  # noqa: E402
 from saekit.metrics import mmcs  # noqa: E402
 from saekit.sae.geometric_median import geometric_median  # noqa: E402
@@ -58,6 +60,7 @@ TOY = ROOT / "configs" / "toy.yaml"
 RECIPE = ["train.lr=3e-3", "train.lr_decay=linear", "train.matmul_precision=medium", "sae.l1=0.4"]
 TRAINERS = ("saekit", "plain", "saelens")
 PEERS = ("plain", "saelens")
+REPORT_TRAIN = {"lr": 1e-3, "lr_decay": "none", "lr_warmup": 0.0}  # the report's Adam setup, for --peers-at report
 EVAL_CHUNK = 4096  # held-out rows encoded at once by a check
 
 Encode = Callable[[torch.Tensor], torch.Tensor]  # (N, d) -> codes (N, m)
@@ -101,6 +104,11 @@ class Setup:
     target: float
     max_dead: float
     pool: torch.Tensor | None = None  # (P, B, d) pre-generated training batches for the peers
+    peer_train: TrainConfig | None = None  # the peers' train settings (default: the recipe's)
+
+    @property
+    def peers(self) -> TrainConfig:
+        return self.peer_train or self.cfg.train
 
     @property
     def batch_size(self) -> int:
@@ -218,8 +226,8 @@ class PlainReluSAE(nn.Module):
 
 
 def run_plain(setup: Setup) -> dict[str, Any]:
-    """The plain loop on the pre-generated batches, with the recipe's lr (and schedule), batch size and l1."""
-    tc, sae_cfg = setup.cfg.train, setup.cfg.sae
+    """The plain loop on the pre-generated batches, with the peers' lr (and schedule), the recipe's batch size and l1."""
+    tc, sae_cfg = setup.peers, setup.cfg.sae
     torch.manual_seed(tc.seed)
     model = PlainReluSAE(setup.source.d, sae_cfg.dict_size, tc.seed).to(setup.device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
@@ -275,7 +283,7 @@ def run_saelens(setup: Setup) -> dict[str, Any]:
     from sae_lens.training import sae_trainer
     from tqdm.auto import tqdm
 
-    tc, sae_cfg, n = setup.cfg.train, setup.cfg.sae, setup.n_steps
+    tc, sae_cfg, n = setup.peers, setup.cfg.sae, setup.n_steps
     d, m = setup.source.d, sae_cfg.dict_size
     # saekit's loss x d is SAELens's: summed MSE + l1_coefficient * sum_j |c_j| ||W_d,j||, with unit decoder rows
     l1_coefficient = float(sae_cfg.l1) * d / (m if sae_cfg.l1_reduction == "mean" else 1)
@@ -341,6 +349,8 @@ def make_setup(cfg: Config, args: argparse.Namespace, peers: bool) -> Setup:
         target=args.target_mmcs,
         max_dead=args.max_dead,
     )
+    if args.peers_at == "report":
+        setup.peer_train = cfg.train.model_copy(update=REPORT_TRAIN)
     if peers:
         n_pool = min(n_steps, math.ceil(args.pool_samples / B))
         setup.pool = torch.empty(n_pool, B, source.d, device=device)  # filled in place: no second copy of the pool
@@ -391,6 +401,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "train": cfg.train.model_dump(),
             "sae": cfg.sae.relevant(),
         },
+        "peers_at": args.peers_at,
+        "peer_train": {k: getattr(setup.peers, k) for k in ("lr", "lr_decay", "lr_decay_fraction", "lr_warmup")},
         "data": {"d": setup.source.d, "n_features": setup.truth.shape[0], "eval_samples": setup.x_eval.shape[0]},
         "target": {"mmcs": args.target_mmcs, "dead_fraction_below": args.max_dead},
         "max_samples": setup.n_steps * setup.batch_size,
@@ -413,6 +425,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pool-samples", type=int, default=1_000_000, help="pre-generated training samples for plain and saelens (cycled)")
     ap.add_argument("--target-mmcs", type=float, default=0.99)
     ap.add_argument("--max-dead", type=float, default=0.10, help="the dead fraction must be below this")
+    ap.add_argument(
+        "--peers-at",
+        choices=("recipe", "report"),
+        default="recipe",
+        help="the peers' lr and schedule: saekit's recipe (lr 3e-3, linear decay) or the report's (lr 1e-3, constant)",
+    )
     ap.add_argument("--json", action="store_true")
     return ap.parse_args(argv)
 
