@@ -201,7 +201,7 @@ def test_run_config_without_dist_env_refuses_to_run_as_one_of_several(tmp_path, 
     """`saekit reproduce` or `compare` under torchrun would run N copies of one sweep into one folder: refused."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(InputError, match="only `saekit train` shares its work"):
+    with pytest.raises(InputError, match="only `saekit train` and `saekit count` share their work"):
         run_config(Config.model_validate({"source": SOURCE}), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

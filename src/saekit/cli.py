@@ -169,8 +169,9 @@ def reproduce(
     from saekit.outlock import hold_out_dir
     from saekit.pipeline import analyse_and_report
     from saekit.presets import describe, preset_config
-    from saekit.train.run import run_config
+    from saekit.train.run import refuse_several_processes, run_config
 
+    refuse_several_processes()  # before OUT is held, so that every rank stops with this line
     if preset in ("lm", "quick"):
         with hold_out_dir(out, wait=wait):
             run = _reproduce_lm if preset == "lm" else _reproduce_search
@@ -206,16 +207,20 @@ def count(
     wait: Annotated[bool, typer.Option("--wait", help="if another saekit process is using --out, wait for it instead of refusing")] = False,
 ) -> None:
     """How many features the data holds: an adaptive search over dictionary size (seed pairs at doubling sizes, the
-    sparsity knob calibrated by probes) that stops when the count curve saturates, and its verdict in one sentence."""
-    from saekit.count import count_config, count_features, parse_duration
+    sparsity knob calibrated by probes) that stops when the count curve saturates, and its verdict in one sentence.
 
+    Under torchrun the ranks share each size's SAEs (docs/guides/count.md); rank 0 prints."""
+    from saekit.count import count_config, count_features, parse_duration
+    from saekit.distributed import distributed_env
+
+    env = distributed_env()
     cfg = count_config(target, set_ or [])
     seconds = None if budget is None else parse_duration(budget)
     log = _stderr("saekit count: ")
     result = count_features(cfg, out, budget_seconds=seconds, progress=progress, max_memory=_memory_limit(max_memory), wait=wait, log=log)
-    if as_json:
+    if as_json and env.is_main:
         _print_json(result)
-    else:
+    elif env.is_main:
         print(result["sentence"])
         print(f"curve: {out / 'count.json'}")
     if result["errors"]:

@@ -35,12 +35,14 @@ def reproduce_search(
 ) -> dict[str, Any]:
     """`saekit reproduce --preset quick`: the adaptive feature-count search (`saekit.count`) on the data the overrides
     describe (the report's toy data by default), then OUT/report.html with its curve.
-    Returns {"estimate" (the search's result), "report", "runs", "errors"}."""
+    Returns {"estimate" (the search's result), "report", "runs", "errors"}. Refused under torchrun (the report is
+    one process's)."""
     from saekit.count import count_features
     from saekit.presets import search_config
     from saekit.store import RunStore
-    from saekit.train.run import result_row
+    from saekit.train.run import refuse_several_processes, result_row
 
+    refuse_several_processes()
     cfg = search_config(overrides)
     result = count_features(cfg, out_dir, progress=progress, max_memory=max_memory, log=log)
     _, report_path = analyse_and_report(out_dir, result)

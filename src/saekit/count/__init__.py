@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from saekit.config import Config, load_config
+import torch
+
+from saekit.config import Config, RunSpec, load_config
 from saekit.count.search import RESULT_FILE, SearchContext, SearchSettings, read_result, run_search
+from saekit.distributed import DistEnv, broadcast_object, device_for_rank, distributed_env, process_group
 from saekit.errors import InputError
 
 __all__ = [
@@ -134,32 +138,100 @@ def count_features(
     wait: bool = False,
     log: Any = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the search on `cfg`'s data into `out`; returns the result `saekit count --json` prints."""
+    """Run (or resume) the search on `cfg`'s data into `out`; returns the result `saekit count --json` prints.
+
+    Under torchrun (`saekit.distributed.distributed_env()`) rank 0 holds OUT, runs the search, writes count.json and
+    logs; each call of `run_config` shares its SAEs among the ranks as `cfg.train.parallel` says, the other ranks
+    training what rank 0 sends them (`RankTraining`). Every rank returns the result."""
+    from saekit.train.run import hold_on_main
+
+    out = Path(out)
+    env = distributed_env()
+    training = RankTraining(env, progress, max_memory)
+    with process_group(env, _device(cfg, env)), hold_on_main(out, env, wait):
+        if not env.is_main:
+            return training.follow()
+        return training.lead(lambda: _search(cfg, out, settings, budget_seconds, max_memory, training, log))
+
+
+def _search(
+    cfg: Config,
+    out: Path,
+    settings: SearchSettings | None,
+    budget_seconds: float | None,
+    max_memory: int | None,
+    train: RankTraining,
+    log: Any,
+) -> dict[str, Any]:
+    """The search itself (`run_search`), training through `train`."""
     from saekit.archspec import ARCH_SPECS
     from saekit.count.knob import size_power
-    from saekit.outlock import hold_out_dir
     from saekit.sources.shape import data_shape
-    from saekit.train.run import run_config
 
-    say = log or (lambda text: None)
-    out = Path(out)
     d = data_shape(cfg.source).d
     settings = settings or default_settings(cfg, d, budget_seconds)
+    spec = ARCH_SPECS[cfg.sae.arch]
+    power = size_power(spec.name, getattr(cfg.sae, "l1_reduction", "mean"))
+    fits = _memory_check(cfg, d, max_memory)
+    say = log or (lambda text: None)
+    return run_search(SearchContext(cfg, out, d, spec, power, settings, train, say, fits))
 
-    def train(run_cfg: Config, folder: Path, specs: list) -> tuple[list[dict[str, Any]], list[str]]:
-        return run_config(run_cfg, folder, progress=progress, max_memory=max_memory, specs=specs)
 
-    with hold_out_dir(out, wait=wait):
-        spec = ARCH_SPECS[cfg.sae.arch]
-        power = size_power(spec.name, getattr(cfg.sae, "l1_reduction", "mean"))
-        fits = _memory_check(cfg, d, max_memory)
-        return run_search(SearchContext(cfg, out, d, spec, power, settings, train, say, fits))
+class RankTraining:
+    """`run_config` for the search on every rank. Rank 0 runs the search: each call sends the config, folder and SAEs
+    to the other ranks, which train their share alongside (`follow`) until rank 0 sends the result or its error
+    (`lead`). In a single process it is `run_config` alone."""
+
+    def __init__(self, env: DistEnv, progress: bool, max_memory: int | None) -> None:
+        self.env, self.progress, self.max_memory = env, progress, max_memory
+        self.in_run = False  # an error raised in run_config stops every rank there: nothing to send
+
+    def __call__(self, cfg: Config, folder: Path, specs: list[RunSpec]) -> tuple[list[dict[str, Any]], list[str]]:
+        """Rank 0's call: every rank trains `specs` into `folder`; the rows (every SAE's) are rank 0's."""
+        broadcast_object(("train", (cfg, folder, specs)), self.env)
+        return self._run(cfg, folder, specs)
+
+    def _run(self, cfg: Config, folder: Path, specs: list[RunSpec]) -> tuple[list[dict[str, Any]], list[str]]:
+        from saekit.train.run import run_config
+
+        self.in_run = True
+        done = run_config(cfg, folder, progress=self.progress, max_memory=self.max_memory, dist_env=self.env, specs=specs)
+        self.in_run = False
+        return done
+
+    def lead(self, search: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Rank 0: the search's result, sent to the other ranks; an error outside training, sent as one line."""
+        try:
+            result = search()
+        except Exception as err:
+            if not self.in_run:
+                broadcast_object(("failed", (str(err), isinstance(err, InputError))), self.env)
+            raise
+        broadcast_object(("done", result), self.env)
+        return result
+
+    def follow(self) -> dict[str, Any]:
+        """Another rank: train what rank 0 sends until it sends the result (returned) or its error (raised)."""
+        while True:
+            kind, payload = broadcast_object(None, self.env)
+            if kind == "done":
+                return payload
+            if kind == "failed":
+                message, bad_input = payload
+                raise (InputError if bad_input else RuntimeError)(message)
+            self._run(*payload)
+
+
+def _device(cfg: Config, env: DistEnv) -> torch.device:
+    """This rank's training device (the process group's backend follows it)."""
+    from saekit.device import resolve_device
+
+    return device_for_rank(resolve_device(cfg.train.device, "train.device"), env)
 
 
 def _memory_check(cfg: Config, d: int, max_memory: int | None) -> Any:
     """fits(n_members, dict_size) -> whether one size's ensemble fits the memory limit (as `saekit train` checks it)."""
     from saekit.device import resolve_device
-    from saekit.distributed import DistEnv
     from saekit.train.evaluate import eval_batch_size
     from saekit.train.plan import ensemble_memory_bytes, evaluation_memory_bytes, memory_limit
 

@@ -54,6 +54,9 @@ LATE_FRACTION = 0.8
 SOURCE_CACHE = "sources"  # trained models of `tms` and `compute` sources, by config hash
 SOURCE_INFO = "source.json"  # what the source says of itself (e.g. how many features its model represents)
 
+# The refusal of a command that runs in one process, started by torchrun among several.
+ONE_PROCESS = "this command runs in one process; under torchrun only `saekit train` and `saekit count` share their work between processes"
+
 BIAS_INIT_SAMPLES = 8192  # the decoder bias's geometric median is taken on this many samples of Stream.BIAS_INIT
 
 Row = dict[str, Any]
@@ -100,7 +103,7 @@ def run_config(
     OUT is held for the call (`saekit.outlock`): another process on it is refused in one line, or, with `wait`,
     waited for."""
     role, device = _launch(cfg, dist_env)
-    with process_group(role.env, device), _exclusive(Path(out_dir), role, wait):
+    with process_group(role.env, device), hold_on_main(Path(out_dir), role.env, wait):
         sweep = _plan(cfg, Path(out_dir), role, device, max_memory, specs)
         errors: list[str] = []
         with _session(sweep.out, role) as (store, states):
@@ -114,23 +117,29 @@ def run_config(
 
 
 @contextmanager
-def _exclusive(out: Path, role: Role, wait: bool) -> Iterator[None]:
-    """OUT held by the main process of this command; a refusal there stops every rank alike."""
+def hold_on_main(out: Path, env: DistEnv, wait: bool) -> Iterator[None]:
+    """OUT held by the main process of this command (`saekit.outlock`); a refusal there stops every rank alike."""
     with ExitStack() as held:
         message = None
-        if role.env.is_main:
+        if env.is_main:
             try:
                 held.enter_context(hold_out_dir(out, wait=wait))
             except InputError as err:
                 message = str(err)
-        raise_if_any(message, role.env)
+        raise_if_any(message, env)
         yield
+
+
+def refuse_several_processes() -> None:
+    """InputError in a process torchrun started among several, for a command that runs in one process."""
+    if distributed_env().enabled:
+        raise InputError(ONE_PROCESS)
 
 
 def _launch(cfg: Config, dist_env: DistEnv | None) -> tuple[Role, torch.device]:
     """This process's role and training device (one GPU per rank; a batch that splits evenly for data parallelism)."""
-    if dist_env is None and distributed_env().enabled:
-        raise InputError("this command runs in one process; under torchrun only `saekit train` shares its work between processes")
+    if dist_env is None:
+        refuse_several_processes()
     role = role_for(dist_env or DistEnv(), cfg.train.parallel)
     device = resolve_device(cfg.train.device, "train.device")
     if role.env.enabled:
