@@ -115,6 +115,16 @@ def test_a_falling_count_is_trained_at_most_eight_times_as_long(tmp_path, monkey
     assert result["state"] == "falling" and result["n_features"] == 126
 
 
+def test_a_point_keeps_the_pair_s_mean_held_out_metrics_where_both_have_them():
+    # store rows: fvu and l0 as columns, the downstream loss in `metrics`; (0.1 + 0.2) / 2 = 0.15, (10 + 20) / 2 = 15,
+    # KL (0.04 + 0.06) / 2 = 0.05; the CE recovered only one of them has, and a NaN, are left out
+    pair = [
+        {"fvu": 0.1, "l0": 10.0, "dead_fraction": 0.0, "mmcs": float("nan"), "metrics": {"kl_div": 0.04, "ce_loss_recovered": 0.9}},
+        {"fvu": 0.2, "l0": 20.0, "dead_fraction": 0.5, "mmcs": 0.99, "metrics": {"kl_div": 0.06}},
+    ]
+    assert search_module.pair_metrics(pair) == pytest.approx({"fvu": 0.15, "l0": 15.0, "dead_fraction": 0.25, "kl_div": 0.05})
+
+
 def test_a_size_trains_the_pair_and_where_asked_two_neighbours():
     specs = size_specs(ARCH_SPECS["topk"], 256, 16.0)
     assert [(s.sparsity, s.seed) for s in specs] == [(16, 0), (16, 1), (11, 2), (24, 2)]

@@ -44,8 +44,10 @@ def make_runs() -> list[dict]:
     ]
 
 
-def curve_point(m: int, count: int, low: int, high: int, late: int | None) -> dict:
+def curve_point(m: int, count: int, low: int, high: int, late: int | None, metrics: dict | None = None) -> dict:
     return {
+        "samples": 1_000_000,
+        "metrics": metrics or {},
         "dict_size": m,
         "count": count,
         "low": low,
@@ -77,8 +79,8 @@ def make_estimate() -> dict:
         "curve": [
             curve_point(128, 60, 55, 64, 58),
             curve_point(256, 330, 300, 420, None),
-            curve_point(512, 470, 450, 490, 465),
-            curve_point(1024, 480, 460, 510, 478),
+            curve_point(512, 470, 450, 490, 465, {"fvu": 0.2, "l0": 16.0, "dead_fraction": 0.01, "kl_div": 0.05}),
+            curve_point(1024, 480, 460, 510, 478, {"fvu": 0.15, "l0": 16.0, "dead_fraction": 0.02, "kl_div": 0.04}),
         ],
     }
 
@@ -126,12 +128,14 @@ def test_report_shows_the_count_curve(tmp_path: Path) -> None:
     table = re.search(r'<table[^>]*id="count-table".*?</table>', block, re.DOTALL).group(0)
     rows = re.findall(r"<tr>(.*?)</tr>", table.split("<tbody>")[1])
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]
+    # then samples per SAE, seconds, and the centre pair's metrics that some size has (no MMCS or CE here: no column)
     assert cells == [
-        ["128", "60", "55–64", "16", "58", "4", "1.5"],
-        ["256", "330", "300–420", "16", "—", "4", "3"],
-        ["512", "470", "450–490", "16", "465", "4", "6"],
-        ["1024", "480", "460–510", "16", "478", "4", "12"],
+        ["128", "60", "55–64", "16", "58", "4", "1000000", "1.5", "—", "—", "—", "—"],
+        ["256", "330", "300–420", "16", "—", "4", "1000000", "3", "—", "—", "—", "—"],
+        ["512", "470", "450–490", "16", "465", "4", "1000000", "6", "0.2", "16", "0.01", "0.05"],
+        ["1024", "480", "460–510", "16", "478", "4", "1000000", "12", "0.15", "16", "0.02", "0.04"],
     ]
+    assert "KL (nats)" in table and "MMCS" not in table and "CE loss recovered" not in table
     assert '<th scope="col" class="num">k</th>' in table and "count at 80% of training" in table
     # the verdict and its reasons as text, escaped
     assert f"<strong>Verdict (saturated):</strong> {esc(SENTENCE)}" in block

@@ -11,12 +11,15 @@ size m^beta fitted on its last two points: a lower bound.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 TOLERANCE = 0.15  # counts within 15% of each other agree (as the estimate's stability checks)
+# Held-out metrics of each size's centre pair, averaged over the pair (those its rows have): reconstruction, sparsity,
+# dead latents and, on a causal language model's activations, the downstream loss.
+POINT_METRICS = ("fvu", "l0", "dead_fraction", "mmcs", "ce_loss_recovered", "kl_div")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class CurvePoint:
     most_value: float | None = None  # the knob value whose pair shared the most features (the centre on ties)
     centre: int | None = None  # the centre pair's count (count_late is its count at 80% of training)
     samples: int = 0  # training samples of each SAE at this size
+    metrics: dict[str, float] = field(default_factory=dict)  # the centre pair's mean fvu, l0, dead_fraction, ... (POINT_METRICS)
 
     @property
     def roomy(self) -> bool:

@@ -11,13 +11,14 @@ so a killed search resumes: sizes already trained are read back, and the choices
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from saekit.analysis.curve import TOLERANCE, CurvePoint, describe_curve
+from saekit.analysis.curve import POINT_METRICS, TOLERANCE, CurvePoint, describe_curve
 from saekit.archspec import ArchSpec
 from saekit.atomic import atomic_write_bytes
 from saekit.config import Config, RunSpec
@@ -31,6 +32,13 @@ PROBE_ROUNDS = 3  # the probe grid is extended past its edge at most this many t
 NEIGHBOURS_FROM_FILL = 0.8
 MAX_SAMPLE_FACTOR = 8  # a size whose count falls is trained again on 2x, 4x, ... at most 8x cfg.train.samples
 MAX_KNOB_MOVE = 2**0.5  # per size, a penalty falls at most this factor below its scaling with size (and never rises above it)
+METRIC_FORMATS = {  # how a size's metrics are logged
+    "fvu": "FVU {:.3f}",
+    "l0": "L0 {:.1f}",
+    "dead_fraction": "{:.1%} dead",
+    "ce_loss_recovered": "CE recovered {:.3f}",
+    "kl_div": "KL {:.3f}",
+}
 SEEDS = (0, 1)  # the pair at the chosen value; each neighbour trains one more seed, paired with one of these
 NEIGHBOUR_SEED = 2
 
@@ -78,7 +86,7 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
         point, rows, factor = _train_size(ctx, points, size, value, specs, factor, errors, started)
         points.append(point)
         verdict = describe_curve(points, s.tolerance)
-        ctx.say(f"{size} latents: {point.count} features ({point.low}-{point.high}); {verdict['sentence']}")
+        ctx.say(f"{size} latents: {point.count} features ({point.low}-{point.high}){_metrics_text(point)}; {verdict['sentence']}")
         _write(ctx, _result(ctx, points, cal, verdict, "running", time.perf_counter() - started, errors))
         if verdict["state"] == "saturated":
             stop = "saturated"
@@ -237,7 +245,23 @@ def curve_point(ctx: SearchContext, size: int, value: float, rows: list[dict[str
     ordered = sorted(by_value.values())
     most = max(by_value, key=lambda v: (by_value[v], v == value))  # ties go to the centre
     n = len(ordered)
-    return CurvePoint(size, ordered[n // 2], ordered[0], ordered[-1], value, late, _seconds(rows), len(rows), most, by_value[value])
+    point = CurvePoint(size, ordered[n // 2], ordered[0], ordered[-1], value, late, _seconds(rows), len(rows), most, by_value[value])
+    return replace(point, metrics=pair_metrics(centre))
+
+
+def _metrics_text(point: CurvePoint) -> str:
+    """', FVU 0.150, L0 15.0, 2.0% dead, CE recovered 0.990, KL 0.050' for the metrics the point has."""
+    return "".join(", " + text.format(point.metrics[key]) for key, text in METRIC_FORMATS.items() if key in point.metrics)
+
+
+def pair_metrics(pair: list[dict[str, Any]]) -> dict[str, float]:
+    """The mean over the pair (rows of the run store) of each POINT_METRICS value both SAEs have (finite)."""
+    means = {}
+    for key in POINT_METRICS:
+        values = [r.get(key, (r.get("metrics") or {}).get(key)) for r in pair]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            means[key] = float(sum(values)) / len(values)
+    return means
 
 
 def _seconds(rows: list[dict[str, Any]]) -> float:

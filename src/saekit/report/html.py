@@ -324,11 +324,23 @@ COUNT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("knob_value", "knob value"),
     ("count_late", "count at 80% of training"),
     ("n_saes", "SAEs trained"),
+    ("samples", "samples per SAE"),
     ("seconds", "seconds (s)"),
+)
+# The centre pair's held-out metrics (a curve point's `metrics`), shown where any size has them.
+COUNT_METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("fvu", "FVU"),
+    ("l0", "L0"),
+    ("dead_fraction", "dead fraction"),
+    ("mmcs", "MMCS"),
+    ("ce_loss_recovered", "CE loss recovered"),
+    ("kl_div", "KL (nats)"),
 )
 
 
 def _count_cell(point: dict[str, Any], key: str) -> str:
+    if key in dict(COUNT_METRIC_COLUMNS):
+        return f'<td class="num">{esc(fmt_number((point.get("metrics") or {}).get(key)))}</td>'
     if key == "range":
         low, high = point.get("low"), point.get("high")
         text = "—" if low is None and high is None else f"{fmt_number(low)}–{fmt_number(high)}"
@@ -337,10 +349,13 @@ def _count_cell(point: dict[str, Any], key: str) -> str:
 
 
 def _count_table(points: list[dict[str, Any]], knob: Any) -> str:
-    """One row per size of the curve: size, count, its range, the knob's value, the late count, SAEs trained, seconds."""
+    """One row per size of the curve: size, count, its range, the knob's value, the late count, SAEs trained, samples,
+    seconds, and the centre pair's held-out metrics that any size has."""
     labels = {"knob_value": _knob_label(knob)}
-    head = "".join(f'<th scope="col" class="num">{esc(labels.get(key, label))}</th>' for key, label in COUNT_COLUMNS)
-    rows = "".join(f"<tr>{''.join(_count_cell(p, key) for key, _ in COUNT_COLUMNS)}</tr>" for p in points)
+    present = {key for p in points for key in (p.get("metrics") or {})}
+    columns = COUNT_COLUMNS + tuple(c for c in COUNT_METRIC_COLUMNS if c[0] in present)
+    head = "".join(f'<th scope="col" class="num">{esc(labels.get(key, label))}</th>' for key, label in columns)
+    rows = "".join(f"<tr>{''.join(_count_cell(p, key) for key, _ in columns)}</tr>" for p in points)
     return f'<table class="signals count-curve" id="count-table"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
