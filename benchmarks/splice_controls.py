@@ -128,7 +128,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     row = run_row(args.out, args.run_id)
-    cfg = parse_config(json.loads(row["config"]))
+    stored = row["config"]
+    source_keys = {k: v for k, v in stored["source"].items() if k != "d"}  # the width comes from the folder
+    cfg = parse_config({"source": source_keys, "sae": stored["sae"], "train": stored["train"]})
     source = make_source(cfg.source)
     manifest = source.manifest
     lm = load_model(str(manifest["model"]))
