@@ -1,6 +1,6 @@
 """Why can splicing an SAE's reconstruction into a language model lower its next-token loss? Controls, measured.
 
-Usage: python benchmarks/splice_controls.py OUT RUN_ID [--tokens 16384] [--threads 2] [--json]
+Usage: python benchmarks/splice_controls.py OUT RUN_ID [--tokens 16384] [--threads 2] [--scales 0.8,0.9 [--only-scales]] [--json]
 
 OUT is a sweep or count folder trained on a causal model's activations (`source.kind: activations`), RUN_ID one of
 its SAEs. On held-out windows of the source (the same windows the downstream evaluation uses, but more of them), the
@@ -11,6 +11,7 @@ layer's activations x at the scored positions are replaced by:
   sae_renorm    x_hat rescaled per token to the norm of x (the SAE's directions without its shrinkage)
   shrink        x scaled by the SAE's mean shrinkage, mean |x_hat| / mean |x| (its shrinkage without its directions)
   noise         x plus Gaussian noise of the SAE's FVU (an error of the same size in random directions)
+  scale_f       f·x for each factor f of --scales (how the loss depends on the stream's scale alone)
 
 and the script prints, for each, the mean cross-entropy (nats), its difference from the clean loss with a standard
 error over windows (paired: the same tokens), and the mean KL(P_clean || P_spliced). Massive activations (norm over
@@ -51,7 +52,7 @@ def run_row(out: Path, run_id: str) -> dict:
     return rows[0]
 
 
-def splices(sae, scale: float, threshold: float, x_sample: torch.Tensor) -> dict[str, Splice]:
+def splices(sae, scale: float, threshold: float, x_sample: torch.Tensor, factors: list[float] = ()) -> dict[str, Splice]:
     """The controls, each (n, d) raw activations -> (n, d); rows over `threshold` pass through unchanged."""
 
     def recon(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +87,7 @@ def splices(sae, scale: float, threshold: float, x_sample: torch.Tensor) -> dict
         "sae_renorm": renorm,
         "shrink": lambda x: x * shrink,
         "noise": lambda x: x + noise_std * torch.randn(x.shape, generator=generator),
+        **{f"scale_{f:g}": (lambda x, f=f: x * f) for f in factors},
     }
     print(f"SAE on {kept.shape[0]} sampled tokens: FVU {fvu:.3f}, mean norm ratio |x_hat|/|x| {shrink:.3f}", file=sys.stderr)
     return {name: guard(fn) for name, fn in table.items()}
@@ -124,6 +126,8 @@ def main() -> None:
     parser.add_argument("run_id")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scales", default="", help="comma list of extra factors f: x replaced by f·x (e.g. 0.8,0.9)")
+    parser.add_argument("--only-scales", action="store_true", help="run only identity and the --scales controls")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,7 +143,10 @@ def main() -> None:
     scale = float(read_cfg(row["checkpoint"]).get("input_scale", 1.0))
     layer, site, skip = int(manifest["layer"]), str(manifest["site"]), source.skip_positions
     x_sample = source.batch(8192, 0, Stream.EVAL).cpu() / source.input_scale  # held-out ordinary rows, raw scale
-    controls = splices(sae, scale, source.norm_threshold, x_sample)
+    factors = [float(f) for f in args.scales.split(",") if f.strip()]
+    controls = splices(sae, scale, source.norm_threshold, x_sample, factors)
+    if args.only_scales:
+        controls = {name: fn for name, fn in controls.items() if name == "identity" or name.startswith("scale_")}
     clean, clean_lp = per_window_losses(lm, windows, layer, site, skip, None)
     tokens = sum(n for _, _, n in clean)
     report = {"run_id": args.run_id, "windows": int(windows.shape[0]), "tokens": tokens, "ce_clean": sum(c for c, _, _ in clean) / tokens}
