@@ -15,6 +15,7 @@ a headline column existed get it added, empty for their runs (`add_headline_colu
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -307,3 +308,20 @@ def _row_dict(row: sqlite3.Row) -> dict[str, Any]:
     d["config"] = json.loads(d["config"])
     d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else None
     return d
+
+
+def finite(v: Any) -> float | None:
+    """`v` as a float, or None when missing or not finite."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def run_value(row: dict[str, Any], key: str) -> float | None:
+    """A run's metric as a finite float: the row's own column, else its `metrics` dict (where non-headline metrics live)."""
+    v = finite(row.get(key))
+    return v if v is not None else finite((row.get("metrics") or {}).get(key))

@@ -11,7 +11,6 @@ so a killed search resumes: sizes already trained are read back, and the choices
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +23,7 @@ from saekit.atomic import atomic_write_bytes
 from saekit.config import Config, RunSpec
 from saekit.count.knob import best_value, default_value, extend_grid, l0_slope, mean_l0, neighbours, probe_grid, value_at_size, value_for_l0
 from saekit.errors import InputError
+from saekit.store import run_value
 
 RESULT_FILE = "count.json"
 PROBE_DIR = "probes"
@@ -258,9 +258,9 @@ def pair_metrics(pair: list[dict[str, Any]]) -> dict[str, float]:
     """The mean over the pair (rows of the run store) of each POINT_METRICS value both SAEs have (finite)."""
     means = {}
     for key in POINT_METRICS:
-        values = [r.get(key, (r.get("metrics") or {}).get(key)) for r in pair]
-        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            means[key] = float(sum(values)) / len(values)
+        values = [run_value(r, key) for r in pair]
+        if None not in values:
+            means[key] = sum(values) / len(values)
     return means
 
 

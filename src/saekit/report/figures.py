@@ -23,6 +23,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, NullLoc
 
 from saekit.archspec import ARCH_SPECS, RELU, ArchSpec
 from saekit.metrics import DEAD_THRESHOLD
+from saekit.store import finite, run_value
 
 # Okabe & Ito (2008), safe for the common colour-vision deficiencies; yellow last (weak on white).
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
@@ -43,23 +44,6 @@ class FigureBlock:
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-
-
-def finite(v: Any) -> float | None:
-    """`v` as a float, or None when missing or not finite."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def run_value(row: dict[str, Any], key: str) -> float | None:
-    """A run's metric as a finite float: the row's own column, else its `metrics` dict (where non-headline metrics live)."""
-    v = finite(row.get(key))
-    return v if v is not None else finite((row.get("metrics") or {}).get(key))
 
 
 def mean_by(rows: Iterable[dict[str, Any]], keys: Sequence[str], value: str) -> dict[tuple, float]:
