@@ -12,11 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from saekit.config import Config, RunSpec, load_config
 from saekit.count.search import RESULT_FILE, SearchContext, SearchSettings, read_result, run_search
-from saekit.distributed import DistEnv, broadcast_object, device_for_rank, distributed_env, process_group
+from saekit.distributed import DistEnv, broadcast_object, distributed_env, process_group
 from saekit.errors import InputError
 
 __all__ = [
@@ -143,12 +141,12 @@ def count_features(
     Under torchrun (`saekit.distributed.distributed_env()`) rank 0 holds OUT, runs the search, writes count.json and
     logs; each call of `run_config` shares its SAEs among the ranks as `cfg.train.parallel` says, the other ranks
     training what rank 0 sends them (`RankTraining`). Every rank returns the result."""
-    from saekit.train.run import hold_on_main
+    from saekit.train.run import hold_on_main, training_device
 
     out = Path(out)
     env = distributed_env()
     training = RankTraining(env, progress, max_memory)
-    with process_group(env, _device(cfg, env)), hold_on_main(out, env, wait):
+    with process_group(env, training_device(cfg, env)), hold_on_main(out, env, wait):
         if not env.is_main:
             return training.follow()
         return training.lead(lambda: _search(cfg, out, settings, budget_seconds, max_memory, training, log))
@@ -220,13 +218,6 @@ class RankTraining:
                 message, bad_input = payload
                 raise (InputError if bad_input else RuntimeError)(message)
             self._run(*payload)
-
-
-def _device(cfg: Config, env: DistEnv) -> torch.device:
-    """This rank's training device (the process group's backend follows it)."""
-    from saekit.device import resolve_device
-
-    return device_for_rank(resolve_device(cfg.train.device, "train.device"), env)
 
 
 def _memory_check(cfg: Config, d: int, max_memory: int | None) -> Any:

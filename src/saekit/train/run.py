@@ -136,14 +136,17 @@ def refuse_several_processes() -> None:
         raise InputError(ONE_PROCESS)
 
 
+def training_device(cfg: Config, env: DistEnv) -> torch.device:
+    """`train.device` resolved, and under torchrun this rank's own GPU (`device_for_rank`)."""
+    return device_for_rank(resolve_device(cfg.train.device, "train.device"), env)
+
+
 def _launch(cfg: Config, dist_env: DistEnv | None) -> tuple[Role, torch.device]:
     """This process's role and training device (one GPU per rank; a batch that splits evenly for data parallelism)."""
     if dist_env is None:
         refuse_several_processes()
     role = role_for(dist_env or DistEnv(), cfg.train.parallel)
-    device = resolve_device(cfg.train.device, "train.device")
-    if role.env.enabled:
-        device = device_for_rank(device, role.env)
+    device = training_device(cfg, role.env)
     if role.data_parallel:
         check_data_parallel(cfg.train.batch_size, role.env)
     return role, device
