@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -49,7 +50,8 @@ class FakeTraining:
     def point(self, ctx, size, value, rows):
         n = self.counts[size]
         n = n[rows[0]["samples"]] if isinstance(n, dict) else n
-        return CurvePoint(size, n, n, n, value, n, self.seconds, len(rows))
+        late, n = n if isinstance(n, tuple) else (n, n)  # (count at 80% of training, at the end)
+        return CurvePoint(size, n, n, n, value, late, self.seconds, len(rows))
 
 
 def run(tmp_path, monkeypatch, counts, budget=None, max_size=4096, seconds=1.0):
@@ -113,6 +115,45 @@ def test_a_falling_count_is_trained_at_most_eight_times_as_long(tmp_path, monkey
     samples = [s for name, specs, s in fake.sized_calls if name != "probes" and specs[0][0] >= 512]
     assert samples == [10**6, 2 * 10**6, 4 * 10**6, 8 * 10**6, 8 * 10**6]  # 1024 starts where 512 ended and stays
     assert result["state"] == "falling" and result["n_features"] == 126
+
+
+def test_a_size_where_the_curve_levels_off_while_still_learning_trains_again_on_more_samples(tmp_path, monkeypatch):
+    # 512 latents: 110 at 80% and 130 at the end of 1M samples (18%, still learning), 128 -> 131 on 2M (2.3%)
+    counts = {32: 30, 64: 60, 128: 100, 256: 126, 512: {1_000_000: (110, 130), 2_000_000: (128, 131)}, 1024: 132}
+    result, fake = run(tmp_path, monkeypatch, counts)
+    trained = [(specs[0][0], s) for name, specs, s in fake.sized_calls if name != "probes"]
+    assert trained[-2:] == [(512, 10**6), (512, 2 * 10**6)]
+    assert result["state"] == "saturated" and result["stopped"] == "saturated" and result["n_features"] == 131
+
+
+def test_a_size_still_learning_after_eight_times_the_samples_stops_the_search_with_a_lower_bound(tmp_path, monkeypatch):
+    counts = {32: 30, 64: 60, 128: 100, 256: 126, 512: (110, 130), 1024: 132}
+    result, fake = run(tmp_path, monkeypatch, counts)
+    samples = [s for name, specs, s in fake.sized_calls if name != "probes" and specs[0][0] >= 512]
+    assert samples == [10**6, 2 * 10**6, 4 * 10**6, 8 * 10**6]  # and 1024 is not trained
+    assert result["state"] == "learning" and result["stopped"] == "learning" and result["lower_bound"]
+    assert result["n_features"] == 130 and "still learning" in result["sentence"]
+
+
+def test_a_size_still_learning_is_not_trained_longer_past_the_budget(tmp_path, monkeypatch):
+    clock = [0.0]  # each training call takes 1 s of this clock; the search reads it
+    monkeypatch.setattr(search_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class TimedTraining(FakeTraining):
+        def __call__(self, cfg, folder, specs):
+            clock[0] += self.seconds
+            return super().__call__(cfg, folder, specs)
+
+    fake = TimedTraining({32: 30, 64: 60, 128: 100, 256: 126, 512: (110, 130), 1024: 132})
+    monkeypatch.setattr(search_module, "curve_point", fake.point)
+    cfg = parse_config({"source": {"kind": "toy", "d": 64, "n_features": 128}, "train": {"samples": 10**6}})
+    # 2 probe rounds + 32..256 + 512 once = 7 s; training 512 again is guessed at 2 s: 7 + 2 fits in 9.5, 8 + 2 does not
+    settings = SearchSettings(probe_samples=500, start_size=32, max_size=4096, budget_seconds=9.5)
+    result = run_search(SearchContext(cfg, tmp_path, 64, ARCH_SPECS["relu"], 1, settings, fake, lambda text: None))
+    assert sum(name == "probes" for name, *_ in fake.sized_calls) == 2
+    samples = [s for name, specs, s in fake.sized_calls if name != "probes" and specs[0][0] >= 512]
+    assert samples == [10**6, 2 * 10**6]
+    assert result["state"] == "learning" and result["stopped"] == "learning"
 
 
 def test_a_point_keeps_the_pair_s_mean_held_out_metrics_where_both_have_them():

@@ -17,6 +17,10 @@ from typing import Any
 import numpy as np
 
 TOLERANCE = 0.15  # counts within 15% of each other agree (as the estimate's stability checks)
+# A pair's count may move at most this much in its last 20% of training for the size to count as trained to the end:
+# the last sizes of the toy validation curves moved 0-4.6%; SmolLM2's 1M-sample pairs 8-16%, and their count rose a
+# further 23% on twice the samples.
+LEARNING_TOLERANCE = 0.075
 # Held-out metrics of each size's centre pair, averaged over the pair (those its rows have): reconstruction, sparsity,
 # dead latents and, on a causal language model's activations, the downstream loss.
 POINT_METRICS = ("fvu", "l0", "dead_fraction", "mmcs", "ce_loss_recovered", "kl_div")
@@ -31,7 +35,7 @@ class CurvePoint:
     low: int
     high: int
     knob_value: float  # the knob's value the count was centred on
-    count_late: int | None = None  # the centre pair's count at 80% of training
+    count_late: int | None = None  # the centre pair's count at 80% of training (LATE_FRACTION)
     seconds: float = 0.0  # what training this size took
     n_saes: int = 2  # SAEs trained at this size: the seed pair, plus one per neighbouring knob value
     most_value: float | None = None  # the knob value whose pair shared the most features (the centre on ties)
@@ -43,6 +47,16 @@ class CurvePoint:
     def roomy(self) -> bool:
         """The dictionary has at least twice as many latents as the features it counts."""
         return 0 < 2 * self.count <= self.dict_size
+
+    @property
+    def final(self) -> int:
+        """The centre pair's count at the end of training (the count where the centre is not kept)."""
+        return self.count if self.centre is None else self.centre
+
+    @property
+    def still_learning(self) -> bool:
+        """The centre pair's count moved more than LEARNING_TOLERANCE in the last 20% of training."""
+        return self.count_late is not None and abs(self.final - self.count_late) > LEARNING_TOLERANCE * max(self.final, 1)
 
 
 def saturating_fit(sizes: list[int], counts: list[int]) -> dict[str, float] | None:
@@ -92,9 +106,8 @@ def point_settled(point: CurvePoint, tolerance: float = TOLERANCE) -> tuple[bool
         reasons.append(f"at {point.dict_size} latents the two seeds share no feature")
     elif point.high - point.low > 2 * tolerance * point.count:
         reasons.append(f"at {point.dict_size} latents neighbouring knob values give {point.low}-{point.high}")
-    final = point.count if point.centre is None else point.centre
-    if point.count_late is not None and abs(point.count_late - final) > tolerance * max(final, 1):
-        reasons.append(f"at {point.dict_size} latents the count moved from {point.count_late} to {final} in the last 20% of training")
+    if point.count_late is not None and abs(point.count_late - point.final) > tolerance * max(point.final, 1):
+        reasons.append(f"at {point.dict_size} latents the count moved from {point.count_late} to {point.final} in the last 20% of training")
     return not reasons, reasons
 
 
@@ -126,9 +139,10 @@ def verdict(
 def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> dict[str, Any]:
     """{state, n_features, low, high, dict_size, fit, beta, next_size, next_seconds, reasons, sentence} for the curve so far.
 
-    state is "saturated" (the last two sizes with room agree, their counts are settled, and no smaller size counted
-    more), "growing" (a lower bound), "falling" (the last size counted fewer than a smaller one: the most counted is a
-    lower bound) or "empty" (no size yet)."""
+    state is "saturated" (the last two sizes with room agree, their counts are settled, the last one's also in
+    training, and no smaller size counted more), "learning" (saturated but for the last size's count still moving in
+    its last 20% of training: a lower bound until that size is trained longer), "growing" (a lower bound), "falling"
+    (the last size counted fewer than a smaller one: the most counted is a lower bound) or "empty" (no size yet)."""
     if not points:
         return verdict("empty", "no dictionary trained yet")
     last = points[-1]
@@ -137,9 +151,11 @@ def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> di
     beta = growth_exponent(points[-2], last) if len(points) >= 2 else None
     top = max(points, key=lambda p: p.count)
     fell = last.count < (1 - tolerance) * top.count
-    if saturated(points, tolerance) and settled and not fell:
+    if saturated(points, tolerance) and not fell and (settled or last.still_learning):
         a = points[-2]
         low, high = min(a.low, last.low), max(a.high, last.high)
+        if last.still_learning:  # the last size is trained longer before anything else is judged
+            return _learning(last, low, high, fit=fit, beta=beta)
         sentence = f"saturated at {last.count} features ({low}-{high}): the counts at {a.dict_size} and {last.dict_size} latents agree"
         return verdict("saturated", sentence, last, low, high, fit=fit, beta=beta)
     if fell:
@@ -163,6 +179,17 @@ def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> di
         f"train {next_size} latents next, about {format_seconds(next_seconds)} on this machine"
     )
     return verdict("growing", sentence, last, fit=fit, beta=beta, next_size=next_size, next_seconds=next_seconds, reasons=reasons)
+
+
+def _learning(last: CurvePoint, low: int, high: int, **extra: Any) -> dict[str, Any]:
+    """The verdict on a curve that levels off while its last size was still learning at the end of training."""
+    moved = f"at {last.dict_size} latents the count moved from {last.count_late} to {last.final} in the last 20% of training"
+    sentence = (
+        f"levelling off, but still learning: {moved}; {last.count} features is a lower bound; "
+        f"train {last.dict_size} latents on twice the samples (train.samples) next, "
+        f"about {format_seconds(2 * last.seconds)} on this machine"
+    )
+    return verdict("learning", sentence, last, low, high, next_size=last.dict_size, next_seconds=2 * last.seconds, reasons=[moved], **extra)
 
 
 def format_seconds(seconds: float) -> str:

@@ -3,7 +3,8 @@
 It calibrates the sparsity knob with short probes (OUT/probes), then trains, at doubling dictionary sizes, one
 ensemble per size: two init seeds at the chosen knob value and one more seed at each neighbouring value. After each
 size it computes the seed-consensus count (`saekit.analysis.curve`) and stops when the curve has saturated (the last
-two sizes had room for their counts and agree, across the knob's neighbours and since 80% of training), or when
+two sizes had room for their counts and agree, across the knob's neighbours and since 80% of training; a size whose
+count falls, or at which the curve levels off while the count still moves in training, is first trained longer), or when
 the next size would pass the time budget, the memory limit or the largest size. Every SAE lives in OUT's run store,
 so a killed search resumes: sizes already trained are read back, and the choices made from them come out the same.
 """
@@ -88,8 +89,8 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
         verdict = describe_curve(points, s.tolerance)
         ctx.say(f"{size} latents: {point.count} features ({point.low}-{point.high}){_metrics_text(point)}; {verdict['sentence']}")
         _write(ctx, _result(ctx, points, cal, verdict, "running", time.perf_counter() - started, errors))
-        if verdict["state"] == "saturated":
-            stop = "saturated"
+        if verdict["state"] in ("saturated", "learning"):  # learning: not trained longer for the budget or MAX_SAMPLE_FACTOR
+            stop = verdict["state"]
             break
         hit, cal = _next_value(ctx, cal, point, value, [r for r in rows if r.get("status") == "done"])
         value, size, last_members = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size), 2 * size, len(specs)
@@ -109,9 +110,10 @@ def _train_size(
     started: float,
 ) -> tuple[CurvePoint, list[dict[str, Any]], int]:
     """One size's SAEs trained on `factor` x cfg.train.samples each, and trained again on twice as many while its
-    count falls below a smaller size's (a larger dictionary needs longer to settle: its spare latents die late),
-    up to MAX_SAMPLE_FACTOR and within the budget. Returns its point, its rows and the factor it ended with (the
-    next sizes start from it)."""
+    count falls below a smaller size's (a larger dictionary needs longer to settle: its spare latents die late) or
+    the curve levels off at it with its count still moving at the end of training (a plateau of training length,
+    not of features), up to MAX_SAMPLE_FACTOR and within the budget. Returns its point, its rows and the factor it
+    ended with (the next sizes start from it)."""
     while True:
         samples = factor * ctx.cfg.train.samples
         cfg = ctx.cfg.model_copy(update={"train": ctx.cfg.train.model_copy(update={"samples": samples})})
@@ -119,14 +121,26 @@ def _train_size(
         rows, errs = ctx.train(cfg, ctx.out, specs)
         errors += errs
         point = replace(curve_point(ctx, size, value, rows), samples=samples)
-        best = max(points, key=lambda p: p.count, default=None)
-        if best is None or point.count >= (1 - ctx.settings.tolerance) * best.count or factor >= MAX_SAMPLE_FACTOR:
+        why = _why_train_longer(points, point, ctx.settings.tolerance)
+        if why is None or factor >= MAX_SAMPLE_FACTOR:
             return point, rows, factor
         budget = ctx.settings.budget_seconds
         if budget is not None and time.perf_counter() - started + 2 * point.seconds > budget:
             return point, rows, factor
-        ctx.say(f"{size} latents counted {point.count}, fewer than {best.count} at {best.dict_size}: training them on twice the samples")
+        ctx.say(f"{why}: training them on twice the samples")
         factor *= 2
+
+
+def _why_train_longer(points: list[CurvePoint], point: CurvePoint, tolerance: float) -> str | None:
+    """Why a new size is trained again on twice the samples, or None: its count fell more than `tolerance` below a
+    smaller size's, or the curve levels off at it while its count still moved at the end of training."""
+    state = describe_curve([*points, point], tolerance)["state"]
+    if state == "falling":
+        best = max(points, key=lambda p: p.count)
+        return f"{point.dict_size} latents counted {point.count}, fewer than {best.count} at {best.dict_size}"
+    if state == "learning":
+        return f"{point.dict_size} latents counted {point.count_late} at 80% of training and {point.final} at the end"
+    return None
 
 
 def _next_value(
