@@ -104,7 +104,7 @@ def test_free_decoder_is_not_renormalised_and_unit_decoder_is():
 
 
 def test_free_decoder_gradient_matches_finite_differences():
-    """The autograd path used for the free decoder, checked in float64 against finite differences."""
+    """The fused path of the free decoder (the L1 term weighted by row norms), in float64 against finite differences."""
     sae = ReluSAE(d=3, dict_size=4, seeds=[1], l1=[0.5], decoder_norm="free", decoder_bias=True).double()
     x = torch.rand(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
 

@@ -31,13 +31,16 @@ def test_loss_terms_hand_computed():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("decoder_bias", [False, True])
 @pytest.mark.parametrize("members", [1, 3])
-def test_fused_training_loss_matches_autograd(reduction, decoder_bias, members):
+@pytest.mark.parametrize("decoder_norm", ["unit", "free"])
+def test_fused_training_loss_matches_autograd(reduction, decoder_bias, members, decoder_norm):
     torch.manual_seed(0)
-    sae = ReluSAE(12, 20, list(range(members)), [0.05 * (k + 1) for k in range(members)], reduction, decoder_bias).double()
+    sae = ReluSAE(12, 20, list(range(members)), [0.05 * (k + 1) for k in range(members)], reduction, decoder_bias, decoder_norm).double()
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         if decoder_bias:
             sae.b_dec.normal_(0, 0.3)
+        if decoder_norm == "free":  # rows of norms 0.5 .. 2, so the weighting matters
+            sae.W_dec.mul_(torch.rand(members, 20, 1, dtype=torch.float64) * 1.5 + 0.5)
     x = torch.randn(16, 12, dtype=torch.float64, requires_grad=True)
     fused = sae.training_loss(x)
     fused["loss"].sum().backward()

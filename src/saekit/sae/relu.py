@@ -27,34 +27,44 @@ class _FusedReluLoss(torch.autograd.Function):
     (K, B, m) code tensors, which on a CPU cost about as much as a matmul each:
     bias and ReLU are applied in place, the constant L1 gradient is added in
     place to the decoder-gradient matmul, and the ReLU mask is one threshold_backward.
+    With `weighted` (the free decoder) each latent's |c_j| is weighted by its decoder row's norm ||W_d,j||: the L1
+    gradient on c becomes a (K, 1, m) row added in place, and W_d gets the norm's gradient, a (K, m) scale of its rows.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, sum_over_latents: bool):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, sum_over_latents: bool, weighted: bool = False):
         K, d, m = W_enc.shape
         xc = (x if b_dec is None else x - b_dec[:, None, :]).expand(K, -1, d)  # (K, B, d)
         B = xc.shape[1]
         c = bmm(xc, W_enc).add_(b_enc[:, None, :]).relu_()  # (K, B, m)
         err = bmm(c, W_dec).sub_(xc)  # x_hat - x: (K, B, d)
         reconstruction = err.pow(2).mean(dim=(1, 2))
-        sparsity = c.sum(dim=(1, 2)) / (B if sum_over_latents else B * m)
-        ctx.save_for_backward(xc, c, err, W_enc, W_dec)
-        ctx.has_b_dec, ctx.l1_scale, ctx.x_shared = b_dec is not None, (1.0 / B if sum_over_latents else 1.0 / (B * m)), x.ndim == 2
+        l1_scale = 1.0 / B if sum_over_latents else 1.0 / (B * m)
+        norms = W_dec.norm(dim=2) if weighted else None  # (K, m)
+        c_sum = c.sum(dim=1)  # (K, m)
+        sparsity = (c_sum if norms is None else c_sum * norms).sum(dim=1) * l1_scale
+        ctx.save_for_backward(xc, c, err, W_enc, W_dec, norms, c_sum)
+        ctx.has_b_dec, ctx.l1_scale, ctx.x_shared = b_dec is not None, l1_scale, x.ndim == 2
         ctx.mark_non_differentiable(c)
         ctx.set_materialize_grads(False)  # no (K, B, m) tensor of zeros for c's gradient
         return reconstruction, sparsity, c
 
     @staticmethod
     def backward(ctx, g_rec, g_sp, _g_c):
-        xc, c, err, W_enc, W_dec = ctx.saved_tensors
+        xc, c, err, W_enc, W_dec, norms, c_sum = ctx.saved_tensors
         K, B, m = c.shape
         d = err.shape[2]
         g_rec = torch.zeros(K, device=c.device) if g_rec is None else g_rec
         g_sp = torch.zeros(K, device=c.device) if g_sp is None else g_sp
         g_err = err * (g_rec * (2.0 / (B * d)))[:, None, None]  # dLoss/dx_hat: (K, B, d)
         g_W_dec = bmm(c.transpose(1, 2), g_err)
-        # dLoss/dc = g_err W_dec^T + g_sp * l1_scale (|c| = c on the ReLU's support), then the ReLU mask.
-        g_c = bmm(g_err, W_dec.transpose(1, 2)).add_((g_sp * ctx.l1_scale)[:, None, None])
+        # dLoss/dc = g_err W_dec^T + g_sp * l1_scale (|c| = c on the ReLU's support; times ||W_d,j|| when weighted),
+        # then the ReLU mask.
+        g_l1 = (g_sp * ctx.l1_scale)[:, None]  # (K, 1)
+        if norms is not None:  # d/dW_d,j of c_sum_j * ||W_d,j|| = c_sum_j * W_d,j / ||W_d,j||
+            g_W_dec.addcmul_(W_dec, (g_l1 * c_sum / norms.clamp_min(1e-12))[:, :, None])
+            g_l1 = g_l1 * norms  # (K, m)
+        g_c = bmm(g_err, W_dec.transpose(1, 2)).add_(g_l1[:, None, :])
         g_pre = torch.ops.aten.threshold_backward.grad_input(g_c, c, 0.0, grad_input=g_c)  # in place: (K, B, m)
         g_W_enc = bmm(xc.transpose(1, 2), g_pre)  # (K, d, m)
         g_b_enc = g_pre.sum(dim=1)
@@ -66,7 +76,7 @@ class _FusedReluLoss(torch.autograd.Function):
             g_x = bmm(g_pre, W_enc.transpose(1, 2)) - g_err
             if ctx.x_shared:
                 g_x = g_x.sum(dim=0)
-        return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None
+        return g_x, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None
 
 
 class ReluSAE(SparseAutoencoder):
@@ -136,11 +146,9 @@ class ReluSAE(SparseAutoencoder):
         return l1.mean(dim=(1, 2)) if self.l1_reduction == "mean" else l1.sum(dim=2).mean(dim=1)
 
     def training_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Like `loss_terms(x, *self(x))` plus 'codes', computed with a fused backward (see _FusedReluLoss)
-        for the unit-norm decoder, with autograd for the free one."""
-        if not self.unit_decoder:
-            return super().training_loss(x)
-        reconstruction, sparsity, c = _FusedReluLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_reduction == "sum")
+        """Like `loss_terms(x, *self(x))` plus 'codes', computed with a fused backward (see _FusedReluLoss)."""
+        sum_over_latents, weighted = self.l1_reduction == "sum", not self.unit_decoder
+        reconstruction, sparsity, c = _FusedReluLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, sum_over_latents, weighted)
         loss = reconstruction + (self.sparsity_scale * self.l1_coef) * sparsity
         return {"reconstruction": reconstruction, "sparsity": sparsity, "loss": loss, "codes": c}
 
