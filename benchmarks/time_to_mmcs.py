@@ -3,15 +3,17 @@
 Usage: python benchmarks/time_to_mmcs.py [--threads 2] [--trainers saekit,plain,saelens] [--max-samples N]
            [--check-every 51200] [--set key=value ...] [--peers-at recipe|report] [--json]
 
-One ReLU SAE on the report's toy data (configs/toy.yaml: d=256, G=512; 1024 latents), trained by each trainer in
+One ReLU SAE on the report's toy data (d=256, G=512; 1024 latents), trained by each trainer in
 turn until a check first finds MMCS (mean over the true features of the best cosine with any decoder direction)
 >= --target-mmcs and fewer than --max-dead of its latents dead (never firing on --eval-samples held-out samples of
 the source's eval stream), or until --max-samples. Checks run every --check-every samples with the clock stopped.
-  saekit   saekit's own loop (saekit.train.loop.train) on the recipe: configs/toy.yaml with the overrides
-           train.lr=3e-3 train.lr_decay=linear train.matmul_precision=medium sae.l1=0.4, then any --set; it generates
-           each batch in its loop, inside the clock.
-  plain    a plain PyTorch loop: c = relu(W_e x + b_e), x_hat = W_d c, loss = MSE (mean) + l1 * mean |c|, torch.optim.Adam,
-           decoder rows renormalised after each step; saekit's init; the peers' lr and lr schedule, the recipe's batch size and l1.
+  saekit   saekit's own loop (saekit.train.loop.train) on the recipe: --config (default configs/toy_fast.yaml,
+           saekit's fast recipe: the L1 weighted by decoder norms with a free decoder, lr 2e-3 with a linear decay,
+           bfloat16 products), then any --set; it generates each batch in its loop, inside the clock.
+  plain    a plain PyTorch loop: c = relu(W_e x + b_e), x_hat = W_d c, loss = MSE (mean) + l1 * mean |c| (each |c_j|
+           times ||W_d,j|| when the recipe's decoder is free, except with --peers-at report; else decoder rows
+           renormalised after each step),
+           torch.optim.Adam; saekit's init; the peers' lr and lr schedule, the recipe's batch size and l1.
   saelens  SAELens's StandardTrainingSAE trained by its SAETrainer.fit (only when `import sae_lens` works): its own
            loss (summed MSE, L1 weighted by decoder norms; l1_coefficient = l1 * d / m, the same objective up to a
            factor d), init, trained b_dec and gradient clipping; the peers' lr and schedule, the recipe's batch size.
@@ -56,8 +58,7 @@ from saekit.train.loop import TrainingDiverged, lr_factor, make_state, matmul_pr
 from saekit.train.plan import EnsemblePlan  # noqa: E402
 from saekit.train.run import BIAS_INIT_SAMPLES, build_ensemble  # noqa: E402
 
-TOY = ROOT / "configs" / "toy.yaml"
-RECIPE = ["train.lr=3e-3", "train.lr_decay=linear", "train.matmul_precision=medium", "sae.l1=0.4"]
+FAST = ROOT / "configs" / "toy_fast.yaml"
 TRAINERS = ("saekit", "plain", "saelens")
 PEERS = ("plain", "saelens")
 REPORT_TRAIN = {"lr": 1e-3, "lr_decay": "none", "lr_warmup": 0.0}  # the report's Adam setup, for --peers-at report
@@ -203,15 +204,22 @@ def run_saekit(setup: Setup) -> dict[str, Any]:
 
 
 class PlainReluSAE(nn.Module):
-    """c = relu(x W_e + b_e), x_hat = c W_d; decoder rows start as saekit's (unit rows from `seed`), W_e = W_d^T."""
+    """c = relu(x W_e + b_e), x_hat = c W_d; decoder rows start as saekit's (unit rows from `seed`), W_e = W_d^T.
+    With `free`, the L1 term weighs each |c_j| by ||W_d,j|| and the rows are not renormalised."""
 
-    def __init__(self, d: int, m: int, seed: int) -> None:
+    def __init__(self, d: int, m: int, seed: int, free: bool = False) -> None:
         super().__init__()
         w = torch.randn(m, d, generator=torch.Generator().manual_seed(seed))
         w = w / w.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w)  # (m, d)
         self.W_enc = nn.Parameter(w.T.contiguous())  # (d, m)
         self.b_enc = nn.Parameter(torch.zeros(m))
+        self.free = free
+
+    def l1(self, c: torch.Tensor, mean: bool) -> torch.Tensor:
+        """mean over latents (or sum) of |c|, each times its decoder row's norm when free; mean over the batch."""
+        a = c.abs() * self.W_dec.norm(dim=1) if self.free else c.abs()
+        return a.mean() if mean else a.sum(dim=1).mean()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x @ self.W_enc + self.b_enc)
@@ -222,14 +230,16 @@ class PlainReluSAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+        if not self.free:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
 
 
 def run_plain(setup: Setup) -> dict[str, Any]:
     """The plain loop on the pre-generated batches, with the peers' lr (and schedule), the recipe's batch size and l1."""
     tc, sae_cfg = setup.peers, setup.cfg.sae
     torch.manual_seed(tc.seed)
-    model = PlainReluSAE(setup.source.d, sae_cfg.dict_size, tc.seed).to(setup.device)
+    free = sae_cfg.decoder_norm == "free" and setup.peer_train is None  # at the report's setup, the report's unit rows
+    model = PlainReluSAE(setup.source.d, sae_cfg.dict_size, tc.seed, free).to(setup.device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     l1 = float(sae_cfg.l1)
     mean_l1 = sae_cfg.l1_reduction == "mean"
@@ -241,7 +251,7 @@ def run_plain(setup: Setup) -> dict[str, Any]:
             group["lr"] = tc.lr * lr_factor(t, setup.n_steps, tc)
         x = pool[t % pool.shape[0]]
         x_hat, c = model(x)
-        sparsity = c.abs().mean() if mean_l1 else c.abs().sum(dim=1).mean()
+        sparsity = model.l1(c, mean_l1)
         loss = (x_hat - x).pow(2).mean() + l1 * warmup_factor(t, setup.n_steps, tc.l1_warmup) * sparsity
         opt.zero_grad()
         loss.backward()
@@ -322,7 +332,7 @@ def run_saelens(setup: Setup) -> dict[str, Any]:
 
 def recipe(config: str, overrides: list[str], max_samples: int | None) -> Config:
     """The saekit config of the one ReLU SAE all trainers train; train.samples = max_samples when given."""
-    cfg = load_config(config, [*RECIPE, *overrides])
+    cfg = load_config(config, overrides)
     if max_samples is not None:
         cfg.train.samples = max_samples
     if len(expand_grid(cfg)) != 1 or cfg.sae.arch != "relu":
@@ -397,7 +407,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(setup.device),
         "recipe": {
             "config": str(args.config),
-            "overrides": [*RECIPE, *args.set],
+            "overrides": list(args.set),
             "train": cfg.train.model_dump(),
             "sae": cfg.sae.relevant(),
         },
@@ -417,7 +427,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--trainers", default=",".join(TRAINERS), help="comma-separated among saekit, plain, saelens")
-    ap.add_argument("--config", default=str(TOY), help="saekit config the recipe starts from")
+    ap.add_argument("--config", default=str(FAST), help="saekit config of the recipe (default: saekit's fast recipe)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override after the defaults (repeatable)")
     ap.add_argument("--max-samples", type=int, default=None, help="training samples at most (default: the recipe's train.samples)")
     ap.add_argument("--check-every", type=int, default=51_200, help="samples between checks (rounded to whole batches)")
@@ -429,7 +439,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peers-at",
         choices=("recipe", "report"),
         default="recipe",
-        help="the peers' lr and schedule: saekit's recipe (lr 3e-3, linear decay) or the report's (lr 1e-3, constant)",
+        help="the peers' lr and schedule: the recipe's (configs/toy_fast.yaml: lr 2e-3, linear decay) or the report's (lr 1e-3, constant)",
     )
     ap.add_argument("--json", action="store_true")
     return ap.parse_args(argv)

@@ -21,9 +21,28 @@ TOLERANCE = 0.15  # counts within 15% of each other agree (as the estimate's sta
 # the last sizes of the toy validation curves moved 0-4.6%; SmolLM2's 1M-sample pairs 8-16%, and their count rose a
 # further 23% on twice the samples.
 LEARNING_TOLERANCE = 0.075
+
+
+@dataclass(frozen=True)
+class PointMetric:
+    """A held-out metric kept at each size: its run-store key, its column heading, and how the search's log shows it
+    (None: not logged)."""
+
+    key: str
+    label: str
+    log: str | None = None
+
+
 # Held-out metrics of each size's centre pair, averaged over the pair (those its rows have): reconstruction, sparsity,
 # dead latents and, on a causal language model's activations, the downstream loss.
-POINT_METRICS = ("fvu", "l0", "dead_fraction", "mmcs", "ce_loss_recovered", "kl_div")
+POINT_METRICS: tuple[PointMetric, ...] = (
+    PointMetric("fvu", "FVU", "FVU {:.3f}"),
+    PointMetric("l0", "L0", "L0 {:.1f}"),
+    PointMetric("dead_fraction", "dead fraction", "{:.1%} dead"),
+    PointMetric("mmcs", "MMCS"),
+    PointMetric("ce_loss_recovered", "CE loss recovered", "CE recovered {:.3f}"),
+    PointMetric("kl_div", "KL (nats)", "KL {:.3f}"),
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +60,7 @@ class CurvePoint:
     most_value: float | None = None  # the knob value whose pair shared the most features (the centre on ties)
     centre: int | None = None  # the centre pair's count (count_late is its count at 80% of training)
     samples: int = 0  # training samples of each SAE at this size
-    metrics: dict[str, float] = field(default_factory=dict)  # the centre pair's mean fvu, l0, dead_fraction, ... (POINT_METRICS)
+    metrics: dict[str, float] = field(default_factory=dict)  # the centre pair's mean of each POINT_METRICS key it has
 
     @property
     def roomy(self) -> bool:

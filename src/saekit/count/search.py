@@ -33,13 +33,6 @@ PROBE_ROUNDS = 3  # the probe grid is extended past its edge at most this many t
 NEIGHBOURS_FROM_FILL = 0.8
 MAX_SAMPLE_FACTOR = 8  # a size whose count falls is trained again on 2x, 4x, ... at most 8x cfg.train.samples
 MAX_KNOB_MOVE = 2**0.5  # per size, a penalty falls at most this factor below its scaling with size (and never rises above it)
-METRIC_FORMATS = {  # how a size's metrics are logged
-    "fvu": "FVU {:.3f}",
-    "l0": "L0 {:.1f}",
-    "dead_fraction": "{:.1%} dead",
-    "ce_loss_recovered": "CE recovered {:.3f}",
-    "kl_div": "KL {:.3f}",
-}
 SEEDS = (0, 1)  # the pair at the chosen value; each neighbour trains one more seed, paired with one of these
 NEIGHBOUR_SEED = 2
 
@@ -265,16 +258,16 @@ def curve_point(ctx: SearchContext, size: int, value: float, rows: list[dict[str
 
 def _metrics_text(point: CurvePoint) -> str:
     """', FVU 0.150, L0 15.0, 2.0% dead, CE recovered 0.990, KL 0.050' for the metrics the point has."""
-    return "".join(", " + text.format(point.metrics[key]) for key, text in METRIC_FORMATS.items() if key in point.metrics)
+    return "".join(", " + m.log.format(point.metrics[m.key]) for m in POINT_METRICS if m.log and m.key in point.metrics)
 
 
 def pair_metrics(pair: list[dict[str, Any]]) -> dict[str, float]:
     """The mean over the pair (rows of the run store) of each POINT_METRICS value both SAEs have (finite)."""
     means = {}
-    for key in POINT_METRICS:
-        values = [run_value(r, key) for r in pair]
+    for metric in POINT_METRICS:
+        values = [run_value(r, metric.key) for r in pair]
         if None not in values:
-            means[key] = sum(values) / len(values)
+            means[metric.key] = sum(values) / len(values)
     return means
 
 

@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from typing import Any
 
+from saekit.analysis.curve import POINT_METRICS
 from saekit.archspec import spec_for_knob
 from saekit.report.figures import FigureBlock, finite, run_value
 
@@ -328,14 +329,7 @@ COUNT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("seconds", "seconds (s)"),
 )
 # The centre pair's held-out metrics (a curve point's `metrics`), shown where any size has them.
-COUNT_METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("fvu", "FVU"),
-    ("l0", "L0"),
-    ("dead_fraction", "dead fraction"),
-    ("mmcs", "MMCS"),
-    ("ce_loss_recovered", "CE loss recovered"),
-    ("kl_div", "KL (nats)"),
-)
+COUNT_METRIC_COLUMNS: tuple[tuple[str, str], ...] = tuple((m.key, m.label) for m in POINT_METRICS)
 
 
 def _count_cell(point: dict[str, Any], key: str) -> str:
