@@ -8,11 +8,11 @@ turn until a check first finds MMCS (mean over the true features of the best cos
 >= --target-mmcs and fewer than --max-dead of its latents dead (never firing on --eval-samples held-out samples of
 the source's eval stream), or until --max-samples. Checks run every --check-every samples with the clock stopped.
   saekit   saekit's own loop (saekit.train.loop.train) on the recipe: --config (default configs/toy_fast.yaml,
-           saekit's fast recipe: the L1 weighted by decoder norms with a free decoder, lr 2e-3 with a linear decay,
-           bfloat16 products), then any --set; it generates each batch in its loop, inside the clock.
+           saekit's fast recipe: the L1 weighted by decoder norms with a free decoder started at norm 0.1, lr 2e-3
+           with a linear decay, bfloat16 products), then any --set; it generates each batch in its loop, inside the clock.
   plain    a plain PyTorch loop: c = relu(W_e x + b_e), x_hat = W_d c, loss = MSE (mean) + l1 * mean |c| (each |c_j|
-           times ||W_d,j|| when the recipe's decoder is free, except with --peers-at report; else decoder rows
-           renormalised after each step),
+           times ||W_d,j|| and rows started at the recipe's decoder_init_norm when its decoder is free, except with
+           --peers-at report; else unit decoder rows renormalised after each step),
            torch.optim.Adam; saekit's init; the peers' lr and lr schedule, the recipe's batch size and l1.
   saelens  SAELens's StandardTrainingSAE trained by its SAETrainer.fit (only when `import sae_lens` works): its own
            loss (summed MSE, L1 weighted by decoder norms; l1_coefficient = l1 * d / m, the same objective up to a
@@ -204,13 +204,13 @@ def run_saekit(setup: Setup) -> dict[str, Any]:
 
 
 class PlainReluSAE(nn.Module):
-    """c = relu(x W_e + b_e), x_hat = c W_d; decoder rows start as saekit's (unit rows from `seed`), W_e = W_d^T.
-    With `free`, the L1 term weighs each |c_j| by ||W_d,j|| and the rows are not renormalised."""
+    """c = relu(x W_e + b_e), x_hat = c W_d; decoder rows start as saekit's (rows of norm `init_norm` from `seed`),
+    W_e = W_d^T. With `free`, the L1 term weighs each |c_j| by ||W_d,j|| and the rows are not renormalised."""
 
-    def __init__(self, d: int, m: int, seed: int, free: bool = False) -> None:
+    def __init__(self, d: int, m: int, seed: int, free: bool = False, init_norm: float = 1.0) -> None:
         super().__init__()
         w = torch.randn(m, d, generator=torch.Generator().manual_seed(seed))
-        w = w / w.norm(dim=1, keepdim=True)
+        w = init_norm * w / w.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w)  # (m, d)
         self.W_enc = nn.Parameter(w.T.contiguous())  # (d, m)
         self.b_enc = nn.Parameter(torch.zeros(m))
@@ -239,7 +239,7 @@ def run_plain(setup: Setup) -> dict[str, Any]:
     tc, sae_cfg = setup.peers, setup.cfg.sae
     torch.manual_seed(tc.seed)
     free = sae_cfg.decoder_norm == "free" and setup.peer_train is None  # at the report's setup, the report's unit rows
-    model = PlainReluSAE(setup.source.d, sae_cfg.dict_size, tc.seed, free).to(setup.device)
+    model = PlainReluSAE(setup.source.d, sae_cfg.dict_size, tc.seed, free, sae_cfg.decoder_init_norm if free else 1.0).to(setup.device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     l1 = float(sae_cfg.l1)
     mean_l1 = sae_cfg.l1_reduction == "mean"

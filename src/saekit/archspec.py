@@ -101,7 +101,7 @@ RELU = ArchSpec(
     # l1 0.3 (with the mean reduction, 1024 latents, 3M samples) reached MMCS >= 0.996 on fresh seeds with every true
     # feature recovered at cosine 0.9; 0.1 and 1.0 were both worse (MMCS 0.986, 0.982). With the mean reduction the
     # effective penalty per latent shrinks as 1/dict_size.
-    defaults={"l1": 0.3, "l1_reduction": "mean", "decoder_norm": "unit"},
+    defaults={"l1": 0.3, "l1_reduction": "mean", "decoder_norm": "unit", "decoder_init_norm": 1.0},
     decoder_bias=False,
     description="the report's SAE: c = ReLU(W_e x + b_e), x_hat = W_d c, loss MSE + α·L1 (Sharkey et al. 2022)",
     impl="saekit.sae.relu:ReluSAE",

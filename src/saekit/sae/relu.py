@@ -88,7 +88,8 @@ class ReluSAE(SparseAutoencoder):
     |c| over latents and batch (`l1_reduction="mean"`, the report) or its sum
     over latents averaged over the batch (`"sum"`). With `decoder_norm="free"`
     the decoder rows are unconstrained and each |c_j| is weighted by ||W_d,j||
-    (Anthropic's 2024 update), so shrinking a row cannot buy a smaller penalty.
+    (Anthropic's 2024 update), so shrinking a row cannot buy a smaller penalty;
+    its rows (and the encoder's columns) may then start at `decoder_init_norm`.
     """
 
     arch = "relu"
@@ -103,6 +104,7 @@ class ReluSAE(SparseAutoencoder):
         l1_reduction: Literal["mean", "sum"] = DEFAULTS["l1_reduction"],
         decoder_bias: bool = DEFAULTS["decoder_bias"],
         decoder_norm: Literal["unit", "free"] = DEFAULTS["decoder_norm"],
+        decoder_init_norm: float = DEFAULTS["decoder_init_norm"],
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
@@ -112,9 +114,15 @@ class ReluSAE(SparseAutoencoder):
             raise ValueError(f"l1_reduction must be 'mean' or 'sum', got {l1_reduction!r}")
         if decoder_norm not in ("unit", "free"):
             raise ValueError(f"decoder_norm must be 'unit' or 'free', got {decoder_norm!r}")
-        self.l1_reduction, self.decoder_norm = l1_reduction, decoder_norm
+        if not decoder_init_norm > 0 or (decoder_norm == "unit" and decoder_init_norm != 1):
+            raise ValueError(f"decoder_init_norm must be > 0, and 1 with a unit decoder; got {decoder_init_norm!r}")
+        self.l1_reduction, self.decoder_norm, self.decoder_init_norm = l1_reduction, decoder_norm, float(decoder_init_norm)
         self.unit_decoder = decoder_norm == "unit"
         self.init_dictionary(d, dict_size, seeds, decoder_bias, device)
+        if self.decoder_init_norm != 1:
+            with torch.no_grad():
+                self.W_dec.mul_(self.decoder_init_norm)
+                self.W_enc.mul_(self.decoder_init_norm)
         self.l1_values = [float(a) for a in l1]
         self.register_buffer("l1_coef", torch.tensor(l1, dtype=torch.float32, device=device))  # (K,)
 
@@ -127,6 +135,7 @@ class ReluSAE(SparseAutoencoder):
             "l1_reduction": self.l1_reduction,
             "decoder_bias": self.b_dec is not None,
             "decoder_norm": self.decoder_norm,
+            "decoder_init_norm": self.decoder_init_norm,
         }
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
