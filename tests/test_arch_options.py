@@ -31,10 +31,15 @@ def test_run_ids_of_earlier_versions_are_kept():
 def test_new_options_change_the_run_id():
     base = load_config(TOY)
     ids = {run_id_for(base, expand_grid(base)[0])}
-    for extra in ("sae.decoder_norm=free", "train.lr_warmup=0.05", "train.l1_warmup=0.05"):
-        cfg = load_config(TOY, [extra])
+    for extra in (
+        ["sae.decoder_norm=free"],
+        ["train.lr_warmup=0.05"],
+        ["train.l1_warmup=0.05"],
+        ["sae.decoder_norm=free", "sae.decoder_init_norm=0.1"],
+    ):
+        cfg = load_config(TOY, extra)
         ids.add(run_id_for(cfg, expand_grid(cfg)[0]))
-    assert len(ids) == 4
+    assert len(ids) == 5
 
 
 @pytest.mark.parametrize(
@@ -49,6 +54,9 @@ def test_new_options_change_the_run_id():
         ({"arch": "relu", "l0_coef": 0.1}, "sae.l0_coef applies to jumprelu only"),
         ({"arch": "topk", "l1": 0.5}, "sae.l1 applies to relu, gated only"),
         ({"arch": "gated", "decoder_norm": "free"}, "sae.decoder_norm applies to relu only"),
+        ({"arch": "topk", "decoder_init_norm": 0.1}, "sae.decoder_init_norm applies to relu only"),
+        ({"arch": "relu", "decoder_init_norm": 0.1}, "sae.decoder_init_norm 0.1 needs sae.decoder_norm: free"),
+        ({"arch": "relu", "decoder_norm": "free", "decoder_init_norm": 0.0}, "decoder_init_norm"),
         ({"arch": "topk", "k": 0}, "k must be positive"),
         ({"arch": "topk", "k": 64, "dict_size": 32}, "k (64) is larger than dict_size (32)"),
         ({"arch": "jumprelu", "l0_coef": -1.0}, "l0_coef must be a finite number >= 0"),
@@ -91,6 +99,17 @@ def test_free_decoder_weights_the_l1_term_by_decoder_norms():
     # reconstruction: x_hat = (2, 12), error (1, 8), mean square = 65 / 2
     assert terms["reconstruction"].item() == pytest.approx(32.5)
     assert sae.directions()[0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_a_free_decoder_starts_at_its_init_norm_with_the_encoder_its_transpose():
+    sae = ReluSAE(d=8, dict_size=16, seeds=[0, 1], l1=[0.1, 0.1], decoder_norm="free", decoder_init_norm=0.1)
+    torch.testing.assert_close(sae.W_dec.norm(dim=2), torch.full((2, 16), 0.1))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.transpose(1, 2))
+    unit = ReluSAE(d=8, dict_size=16, seeds=[0, 1], l1=[0.1, 0.1])
+    torch.testing.assert_close(sae.directions(), unit.directions())  # the same directions, a tenth of the length
+    assert sae.init_kwargs()["decoder_init_norm"] == 0.1
+    with pytest.raises(ValueError, match="decoder_init_norm"):
+        ReluSAE(d=8, dict_size=16, seeds=[0], l1=[0.1], decoder_init_norm=0.5)  # unit rows start at 1
 
 
 def test_free_decoder_is_not_renormalised_and_unit_decoder_is():

@@ -385,8 +385,6 @@ class SAEConfig(_Section):
     def _check(self) -> SAEConfig:
         if self.decoder_bias_init != "zeros" and not self.decoder_bias:
             raise ValueError(f"sae.decoder_bias_init {self.decoder_bias_init!r} needs sae.decoder_bias: true")
-        if self.decoder_init_norm != 1 and self.decoder_norm == "unit":
-            raise ValueError(f"sae.decoder_init_norm {self.decoder_init_norm:g} needs sae.decoder_norm: free (unit rows start at norm 1)")
         # keys of another architecture are refused when set to anything but their default (so full dumps reload)
         fields = type(self).model_fields
         defaults = {**{k: fields[k].default for k in _ALL_ARCH_KEYS}, **ARCH_DEFAULTS.get(self.arch, {})}
@@ -394,6 +392,8 @@ class SAEConfig(_Section):
             if key in self.model_fields_set and key not in ARCH_KEYS[self.arch] and getattr(self, key) != defaults[key]:
                 users = [a for a, keys in ARCH_KEYS.items() if key in keys]
                 raise ValueError(f"sae.{key} applies to {', '.join(users)} only, not {self.arch!r}")
+        if self.decoder_init_norm != 1 and self.decoder_norm == "unit":
+            raise ValueError(f"sae.decoder_init_norm {self.decoder_init_norm:g} needs sae.decoder_norm: free (unit rows start at norm 1)")
         for size in _as_list(self.k):
             if "k" in ARCH_KEYS[self.arch] and size > _smallest_size(self.dict_size):
                 raise ValueError(f"k ({size}) is larger than dict_size ({_smallest_size(self.dict_size)})")
