@@ -1,11 +1,11 @@
 """Time to a feature count on the report's toy data: the commands a user runs, timed in one run.
 
-Usage: python benchmarks/time_to_estimate.py [--threads 2] [--repeats 1] [--with-quick] [--json]
+Usage: python benchmarks/time_to_estimate.py [--threads 2] [--repeats 1] [--with-grid] [--json]
 
 Times, each as a fresh `saekit` process in a new folder, one after the other:
   train   `saekit train configs/toy.yaml` (one 1024-latent SAE, 3M samples): the yardstick
   count   `saekit count configs/toy.yaml` (the adaptive search)
-  quick   `saekit reproduce --preset quick` (the fixed grid; only with --with-quick, it takes ~10 minutes)
+  grid    `saekit reproduce --preset grid` (the fixed grid the search replaced; only with --with-grid, ~10 minutes)
 and prints each one's wall time, its ratio to `train` measured in the same repeat, and the count with its error
 against the data's 512 true features. Medians over repeats. OMP/torch threads are set to --threads for every
 process.
@@ -39,7 +39,7 @@ def timed(args: list[str], threads: int) -> tuple[float, dict | list | None]:
     return seconds, json.loads(done.stdout)
 
 
-def one_repeat(threads: int, with_quick: bool) -> dict[str, dict]:
+def one_repeat(threads: int, with_grid: bool) -> dict[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         train_s, _ = timed(["train", str(TOY), "--out", f"{tmp}/train"], threads)
         count_s, count = timed(["count", str(TOY), "--out", f"{tmp}/count"], threads)
@@ -53,9 +53,9 @@ def one_repeat(threads: int, with_quick: bool) -> dict[str, dict]:
                 "curve": [(p["dict_size"], p["count"], p["low"], p["high"]) for p in count["curve"]],
             },
         }
-        if with_quick:
-            quick_s, quick = timed(["reproduce", "--preset", "quick", "--out", f"{tmp}/quick"], threads)
-            rows["quick"] = {"seconds": quick_s, "n_features": (quick.get("estimate") or {}).get("n_features")}
+        if with_grid:
+            grid_s, grid = timed(["reproduce", "--preset", "grid", "--out", f"{tmp}/grid"], threads)
+            rows["grid"] = {"seconds": grid_s, "n_features": (grid.get("estimate") or {}).get("n_features")}
     for row in rows.values():
         row["ratio_to_train"] = row["seconds"] / train_s
         if row.get("n_features") is not None:
@@ -67,10 +67,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--with-quick", action="store_true")
+    ap.add_argument("--with-grid", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    repeats = [one_repeat(args.threads, args.with_quick) for _ in range(args.repeats)]
+    repeats = [one_repeat(args.threads, args.with_grid) for _ in range(args.repeats)]
     summary = {
         name: {
             "median_seconds": statistics.median(r[name]["seconds"] for r in repeats),
