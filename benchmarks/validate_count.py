@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from time_to_estimate import timed  # benchmarks/ is on sys.path when a script in it runs
 
 # name -> (source overrides, true number of features); the report's data is d = 256, G = 512
 CONFIGS: dict[str, tuple[list[str], int]] = {
@@ -37,16 +37,10 @@ CONFIGS: dict[str, tuple[list[str], int]] = {
 def run_one(name: str, folder: Path, threads: int) -> dict:
     """Wall seconds, the search's result and the recommended SAE's MMCS per seed for one configuration."""
     overrides, truth = CONFIGS[name]
-    args = ["reproduce", "--preset", "quick", "--out", str(folder), "--json", "--no-progress"]
+    args = ["reproduce", "--preset", "quick", "--out", str(folder)]
     for item in overrides:
         args += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "saekit", *args], capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{name}: saekit {' '.join(args)} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-    out = json.loads(done.stdout)
+    seconds, out = timed(args, threads)
     est = out["estimate"]
     knob = est.get("knob", "l1")
     trained = {p["dict_size"]: p.get("samples") for p in est["curve"]}  # a size trained again keeps its last length
