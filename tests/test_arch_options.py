@@ -1,4 +1,4 @@
-"""The architecture-independent training options (issue 6): sparsity knobs as grid axes, keys of other
+"""The architecture-independent training options: sparsity knobs as grid axes, keys of other
 architectures refused, run ids of earlier versions kept, relu's free decoder, lr and L1 warm-up, and
 MMCS tracked over training."""
 

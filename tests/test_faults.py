@@ -1,4 +1,4 @@
-"""Fault tests (issue 7): saekit fails safe when it is killed, when the disk fills up, when a checkpoint rots and
+"""Fault tests: saekit fails safe when it is killed, when the disk fills up, when a checkpoint rots and
 when a file from outside is malformed or hostile.
 
 Each fault is injected as low as Python reaches (a real SIGKILL; the write or the safetensors writer failing as
