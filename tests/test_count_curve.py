@@ -92,6 +92,14 @@ def test_describe_curve_gives_a_lower_bound_the_exponent_and_the_next_size_while
     assert describe_curve([])["state"] == "empty"
 
 
+def test_the_next_sizes_time_scales_with_the_saes_it_trains():
+    # 4 SAEs of 1024 latents took 60 s; 2 SAEs of 2048 latents are as many latents: 60 s, not 120 s.
+    curve = [point(512, 200, seconds=30), point(1024, 400, seconds=60, n_saes=4)]
+    assert describe_curve(curve, next_saes=2)["next_seconds"] == pytest.approx(60)
+    assert describe_curve(curve, next_saes=4)["next_seconds"] == pytest.approx(120)
+    assert describe_curve(curve)["next_seconds"] == pytest.approx(120)
+
+
 def test_a_saturated_curve_needs_one_of_its_two_sizes_checked_at_neighbouring_knob_values():
     assert describe_curve([point(1024, 500, n_saes=2), point(2048, 510, n_saes=4)])["state"] == "saturated"
     assert describe_curve([point(1024, 500, n_saes=4), point(2048, 510, n_saes=2)])["state"] == "saturated"

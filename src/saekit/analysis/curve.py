@@ -155,8 +155,11 @@ def verdict(
     }
 
 
-def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> dict[str, Any]:
+def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE, next_saes: int | None = None) -> dict[str, Any]:
     """{state, n_features, low, high, dict_size, fit, beta, next_size, next_seconds, reasons, sentence} for the curve so far.
+
+    next_seconds, the time the next size would take, is the last size's time for twice the latents, scaled from its
+    n_saes SAEs to `next_saes` (the same number when not given).
 
     state is "saturated" (the last two sizes with room agree, their counts are settled, the last one's also in
     training, and no smaller size counted more), "learning" (saturated but for the last size's count still moving in
@@ -192,7 +195,7 @@ def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE) -> di
         reasons.insert(0, f"{last.dict_size} latents had no room for twice the {last.count} features counted")
     elif len(points) >= 2 and not saturated(points, tolerance):
         reasons.insert(0, f"the count moved from {points[-2].count} at {points[-2].dict_size} latents to {last.count}")
-    next_size, next_seconds = 2 * last.dict_size, 2 * last.seconds
+    next_size, next_seconds = 2 * last.dict_size, 2 * last.seconds * (next_saes or last.n_saes) / max(last.n_saes, 1)
     sentence = (
         f"{shape} at m = {last.dict_size}: {last.count} features is a lower bound; "
         f"train {next_size} latents next, about {format_seconds(next_seconds)} on this machine"

@@ -79,7 +79,8 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
             break
         point, rows, factor = _train_size(ctx, points, size, value, specs, factor, errors, started)
         points.append(point)
-        verdict = describe_curve(points, s.tolerance)
+        next_saes = len(size_specs(ctx.spec, 2 * size, value, with_neighbours=wants_neighbours(points)))
+        verdict = describe_curve(points, s.tolerance, next_saes)
         ctx.say(f"{size} latents: {point.count} features ({point.low}-{point.high}){_metrics_text(point)}; {verdict['sentence']}")
         _write(ctx, _result(ctx, points, cal, verdict, "running", time.perf_counter() - started, errors))
         if verdict["state"] in ("saturated", "learning"):  # learning: not trained longer for the budget or MAX_SAMPLE_FACTOR
