@@ -155,11 +155,16 @@ def verdict(
     }
 
 
+def next_size_seconds(last: CurvePoint, next_saes: int | None = None) -> float:
+    """The guess for training the size after `last`: its time for twice the latents, scaled from its n_saes SAEs to
+    `next_saes` (the same number when not given)."""
+    return 2 * last.seconds * (next_saes or last.n_saes) / max(last.n_saes, 1)
+
+
 def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE, next_saes: int | None = None) -> dict[str, Any]:
     """{state, n_features, low, high, dict_size, fit, beta, next_size, next_seconds, reasons, sentence} for the curve so far.
 
-    next_seconds, the time the next size would take, is the last size's time for twice the latents, scaled from its
-    n_saes SAEs to `next_saes` (the same number when not given).
+    next_seconds is next_size_seconds of the last point, for `next_saes` SAEs.
 
     state is "saturated" (the last two sizes with room agree, their counts are settled, the last one's also in
     training, and no smaller size counted more), "learning" (saturated but for the last size's count still moving in
@@ -195,7 +200,7 @@ def describe_curve(points: list[CurvePoint], tolerance: float = TOLERANCE, next_
         reasons.insert(0, f"{last.dict_size} latents had no room for twice the {last.count} features counted")
     elif len(points) >= 2 and not saturated(points, tolerance):
         reasons.insert(0, f"the count moved from {points[-2].count} at {points[-2].dict_size} latents to {last.count}")
-    next_size, next_seconds = 2 * last.dict_size, 2 * last.seconds * (next_saes or last.n_saes) / max(last.n_saes, 1)
+    next_size, next_seconds = 2 * last.dict_size, next_size_seconds(last, next_saes)
     sentence = (
         f"{shape} at m = {last.dict_size}: {last.count} features is a lower bound; "
         f"train {next_size} latents next, about {format_seconds(next_seconds)} on this machine"

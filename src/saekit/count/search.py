@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from saekit.analysis.curve import POINT_METRICS, TOLERANCE, CurvePoint, describe_curve
+from saekit.analysis.curve import POINT_METRICS, TOLERANCE, CurvePoint, describe_curve, next_size_seconds
 from saekit.archspec import ArchSpec
 from saekit.atomic import atomic_write_bytes
 from saekit.config import Config, RunSpec
@@ -71,10 +71,10 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
     cal = calibrate(ctx)
     value = value_at_size(ctx.spec, cal.value, ctx.power, cal.size, s.start_size)
     points: list[CurvePoint] = []
-    verdict, size, errors, last_members, factor = describe_curve(points, s.tolerance), s.start_size, [], 1, 1
+    verdict, size, errors, factor = describe_curve(points, s.tolerance), s.start_size, [], 1
     while True:
         specs = size_specs(ctx.spec, size, value, with_neighbours=wants_neighbours(points))
-        stop = _limit(ctx, size, specs, points, last_members, time.perf_counter() - started)
+        stop = _limit(ctx, size, specs, points, time.perf_counter() - started)
         if stop is not None:
             break
         point, rows, factor = _train_size(ctx, points, size, value, specs, factor, errors, started)
@@ -87,7 +87,7 @@ def run_search(ctx: SearchContext) -> dict[str, Any]:
             stop = verdict["state"]
             break
         hit, cal = _next_value(ctx, cal, point, value, [r for r in rows if r.get("status") == "done"])
-        value, size, last_members = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size), 2 * size, len(specs)
+        value, size = value_at_size(ctx.spec, hit, ctx.power, size, 2 * size), 2 * size
     result = _result(ctx, points, cal, verdict, stop, time.perf_counter() - started, errors)
     _write(ctx, result)
     return result
@@ -161,7 +161,7 @@ def _bounded(hit: float | None, value: float, integer: bool) -> float:
     return min(max(hit, value / MAX_KNOB_MOVE), value)
 
 
-def _limit(ctx: SearchContext, size: int, specs: list[RunSpec], points: list[CurvePoint], last_members: int, elapsed: float) -> str | None:
+def _limit(ctx: SearchContext, size: int, specs: list[RunSpec], points: list[CurvePoint], elapsed: float) -> str | None:
     """Why the search cannot train `specs` at `size` (max_size, memory, budget), or None. The next size's time is
     guessed from the last one's: twice the latents, times the change in SAEs."""
     if size > ctx.settings.max_size:
@@ -169,7 +169,7 @@ def _limit(ctx: SearchContext, size: int, specs: list[RunSpec], points: list[Cur
     if not ctx.fits(len(specs), size):
         return "memory"
     budget = ctx.settings.budget_seconds
-    if budget is not None and points and elapsed + 2 * points[-1].seconds * len(specs) / last_members > budget:
+    if budget is not None and points and elapsed + next_size_seconds(points[-1], len(specs)) > budget:
         return "budget"
     return None
 
